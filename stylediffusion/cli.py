@@ -1,0 +1,300 @@
+"""Command line: train a StyleDiffusion inversion for an image, or edit it (training it first if needed).
+
+Compatible with the authors' README (``--is_train True --idx 2 --num_inner_steps 20``), plus a direct
+mode (``--image_path --prompt --target --outdir``) and the model/device options of current diffusers.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def str2bool(text: str) -> bool:
+    """Parse a boolean word. (``type=bool`` would turn the string "False" into True.)"""
+    value = str(text).strip().lower()
+    if value in ("true", "1", "yes", "y", "on"):
+        return True
+    if value in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def fraction_or_dict(text: str):
+    """``0.6`` or a per-word dict literal such as ``{'default_': 0.6, 'wooden': 0.2}``."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError) as err:
+        raise argparse.ArgumentTypeError(f"expected a number or a dict literal, got {text!r}") from err
+    if not isinstance(value, (int, float, dict)):
+        raise argparse.ArgumentTypeError(f"expected a number or a dict literal, got {text!r}")
+    return value
+
+
+def literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError) as err:
+        raise argparse.ArgumentTypeError(f"not a Python literal: {text!r}") from err
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .models import DEFAULT_IMAGE_ENCODER, DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(
+        prog="edit_w_ptp_v_clip.py",
+        description="StyleDiffusion: prompt-embedding inversion and P2Plus editing of real images.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("what to do")
+    g.add_argument("--is_train", type=str2bool, default=False, metavar="True|False",
+                   help="train the inversion only (True) or edit, training first if needed (False)")
+    g.add_argument("--idx", type=int, default=None, help="case_number of a row of the data index (default 0)")
+    g.add_argument("--data_dir", type=Path, default=None, help="folder holding the index CSVs and images")
+    g.add_argument("--image_path", type=Path, help="direct mode: the image to invert/edit")
+    g.add_argument("--prompt", help="direct mode: caption of the image (source prompt)")
+    g.add_argument("--target", help="direct mode: the edited prompt")
+    g.add_argument("--outdir", type=Path, default=Path("outputs"), help="where images and reports are written")
+
+    g = p.add_argument_group("models")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="hub id or local diffusers folder; 'testbed' = bundled test-bed model, 'tiny' = untrained")
+    g.add_argument("--image_encoder", default=None,
+                   help=f"CLIP vision tower, hub id or folder (default: the model's image_encoder/ or {DEFAULT_IMAGE_ENCODER})")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
+    g.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the frozen UNet and encoders")
+    g.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("inversion (training)")
+    g.add_argument("--num_ddim_steps", type=int, default=30, help="T")
+    g.add_argument("--num_inner_steps", type=int, default=100, help="K: iterations at the first step, K_i = ceil(K e^-0.1i)")
+    g.add_argument("--guidance_scale", type=float, default=7.5)
+    g.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate at step 0 (decays as 1 - i/100)")
+    g.add_argument("--variant", choices=("modulate", "replace"), default="modulate",
+                   help="mapping network: released code's c*gamma+beta (modulate) or the paper's direct value (replace)")
+    g.add_argument("--attention_loss", type=str2bool, default=True, metavar="True|False")
+    g.add_argument("--early_stop", type=str2bool, default=True, metavar="True|False")
+    g.add_argument("--checkpoint", type=Path, default=None, help="inversion file (default: <checkpoint_dir>/<case>_<model>_T<T>.safetensors)")
+    g.add_argument("--checkpoint_dir", type=Path, default=Path("checkpoints"))
+    g.add_argument("--retrain", action="store_true", help="train again even if a matching checkpoint exists")
+
+    g = p.add_argument_group("editing (Prompt-to-Prompt + P2Plus); unset values come from the index row or the README defaults")
+    g.add_argument("--edit_type", choices=("Replacement", "Refinement", "Reweight"), default=None)
+    g.add_argument("--tau_v", type=float, default=None, help="fraction of steps the target uses the learned values (0.5)")
+    g.add_argument("--tau_c", type=fraction_or_dict, default=None, help="cross-attention replacement fraction or per-word dict (0.6)")
+    g.add_argument("--tau_s", type=float, default=None, help="self-attention replacement fraction, conditional branch (0.6)")
+    g.add_argument("--tau_u", type=float, default=None, help="P2Plus: self-attention replacement in the unconditional branch (0.0)")
+    g.add_argument("--blend_word", default=None, help="LocalBlend words: \"cat tiger\" or \"('cat', 'tiger')\"")
+    g.add_argument("--eq_params", type=literal, default=None, help="re-weighting: \"{'words': ['red'], 'values': [2]}\"")
+    g.add_argument("--progress", type=str2bool, default=True, metavar="True|False", help="show progress bars")
+    return p
+
+
+@dataclass
+class Job:
+    """One image with its source prompt, and the edits to make of it (empty when only training)."""
+
+    name: str
+    image_path: Path
+    prompt: str
+    edits: list  # list[EditSpec]
+
+
+def _blend_words(value) -> tuple[str, str] | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        value = value.strip()
+        value = literal(value) if value.startswith(("(", "[")) else tuple(value.split())
+    return tuple(value)
+
+
+def _spec(args, source: str, target: str, row=None):
+    from .editing import EditSpec
+
+    def pick(name, default):
+        value = getattr(args, name)
+        if value is not None:
+            return value
+        return getattr(row, name) if row is not None and getattr(row, name) is not None else default
+
+    edit_type = pick("edit_type", None)
+    if edit_type is None:
+        edit_type = "Replacement" if len(source.split()) == len(target.split()) else "Refinement"
+    blend = args.blend_word if args.blend_word is not None else (row.blend_word if row is not None else None)
+    return EditSpec(source=source, target=target, edit_type=edit_type, tau_v=pick("tau_v", 0.5),
+                    tau_c=pick("tau_c", 0.6), tau_s=pick("tau_s", 0.6), tau_u=pick("tau_u", 0.0),
+                    blend_words=_blend_words(blend), eq_params=pick("eq_params", None),
+                    guidance_scale=args.guidance_scale)
+
+
+def resolve_jobs(args) -> list[Job]:
+    from . import data_index
+
+    data_dir = args.data_dir or data_index.DEFAULT_DATA_DIR
+    if args.image_path is not None or args.prompt is not None:
+        if args.image_path is None or args.prompt is None:
+            raise UserError("direct mode needs both --image_path and --prompt (the caption of the image).")
+        edits = []
+        if not args.is_train:
+            if not args.target:
+                raise UserError("editing needs --target (the edited prompt), or use --is_train True to only train.")
+            edits = [_spec(args, args.prompt, args.target)]
+        return [Job(args.image_path.stem, args.image_path, args.prompt, edits)]
+    idx = 0 if args.idx is None else args.idx
+    if args.is_train:
+        row = data_index.image_row(idx, data_dir)
+        return [Job(f"case{idx}", row.image_path, row.prompt, [])]
+    rows = data_index.edit_rows(idx, data_dir)
+    edits = [_spec(args, r.prompt, args.target or r.target, r) for r in rows]
+    if args.target:  # one explicit target replaces the index's edits
+        edits = edits[:1]
+    return [Job(f"case{idx}", rows[0].image_path, rows[0].prompt, edits)]
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu.")
+    return name
+
+
+def checkpoint_path(args, job: Job, model_id: str) -> Path:
+    if args.checkpoint is not None:
+        return args.checkpoint
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", model_id).strip("-")
+    return args.checkpoint_dir / f"{job.name}_{slug}_T{args.num_ddim_steps}.safetensors"
+
+
+def _check_image_readable(path: Path) -> None:
+    from .image_io import load_image
+
+    load_image(path, 8)  # cheap: raises a UserError for a missing or unreadable file before any model loads
+
+
+def run(args, log=print) -> list[Path]:
+    import torch
+
+    from .ddim import DDIMSchedule
+    from .editing import build_controller, run_edit
+    from .encoders import clip_image_features, decode_latent
+    from .image_io import image_grid, load_image, save_atomic, tensor_to_pil
+    from .inversion import load_inversion, train_inversion
+    from .models import load_models
+    from .training import TrainConfig
+    from .visualize import save_attention_figure
+
+    if args.num_ddim_steps < 1 or args.num_inner_steps < 1:
+        raise UserError("--num_ddim_steps and --num_inner_steps must be at least 1.")
+    jobs = resolve_jobs(args)
+    for job in jobs:
+        _check_image_readable(job.image_path)
+        for spec in job.edits:
+            spec.validate()
+    torch.manual_seed(args.seed)
+    bundle = load_models(args.model, args.image_encoder, device=_device(args.device),
+                         dtype=getattr(torch, args.dtype), seed=args.seed)
+    if bundle.untrained:
+        log("note: --model tiny has random, untrained weights: outputs show the mechanics, not real edits.")
+    T = args.num_ddim_steps
+    controllers = [[build_controller(spec, bundle.tokenizer, T) for spec in job.edits] for job in jobs]
+    cfg = TrainConfig(num_inner_steps=args.num_inner_steps, guidance_scale=args.guidance_scale, lr=args.lr,
+                      attention_loss=args.attention_loss, early_stop=args.early_stop)
+    written: list[Path] = []
+    for job, job_controllers in zip(jobs, controllers):
+        image, notes = load_image(job.image_path, bundle.image_size)
+        for note in notes:
+            log(f"note: {note}")
+        ckpt = checkpoint_path(args, job, bundle.model_id)
+        t0 = time.perf_counter()
+        must_train = args.is_train or args.retrain or not ckpt.is_file()
+        if must_train:
+            if not args.is_train:
+                log(f"no trained inversion at {ckpt}: training it first (T={T}, K={args.num_inner_steps})")
+            elif ckpt.is_file() and not args.retrain:
+                must_train = False
+        if must_train:
+            torch.manual_seed(args.seed)
+            inversion = train_inversion(bundle, image, job.prompt, T, cfg, ckpt, variant=args.variant,
+                                        progress=args.progress, log=log)
+            log(f"trained {T} mapping networks ({inversion.metadata['inner_iterations']} inner iterations) in "
+                f"{time.perf_counter() - t0:.1f}s -> {ckpt}")
+            written.append(ckpt)
+        else:
+            inversion = load_inversion(bundle, ckpt, image, job.prompt, T)
+            log(f"loaded inversion {ckpt}" if not args.is_train else f"{ckpt} is already trained (use --retrain)")
+        if not job.edits:
+            continue
+        schedule = DDIMSchedule(bundle.scheduler, T)
+        features = clip_image_features(bundle, image)
+        for k, (spec, controller) in enumerate(zip(job.edits, job_controllers)):
+            t1 = time.perf_counter()
+            result = run_edit(bundle, schedule, inversion.z_T, spec, inversion.mappers, features, controller,
+                              progress=args.progress)
+            pixels = decode_latent(bundle, result.latents)
+            edit_seconds = time.perf_counter() - t1
+            outdir = args.outdir if len(job.edits) == 1 else args.outdir / f"{job.name}_edit{k}"
+            written += save_edit_outputs(outdir, image, pixels, result, spec, bundle, T, edit_seconds)
+            log(f"edit '{spec.source}' -> '{spec.target}' ({spec.edit_type}) in {edit_seconds:.1f}s -> {outdir}")
+    return written
+
+
+def save_edit_outputs(outdir: Path, image, pixels, result, spec, bundle, T: int, seconds: float) -> list[Path]:
+    from .image_io import image_grid, save_atomic, tensor_to_pil
+    from .visualize import save_attention_figure
+
+    source_img, recon, edited = tensor_to_pil(image), tensor_to_pil(pixels[0]), tensor_to_pil(pixels[1])
+    tag = " (untrained model)" if bundle.untrained else ""
+    files = {
+        "edited.png": edited,
+        "reconstruction.png": recon,
+        "grid.png": image_grid([source_img, recon, edited], ["input", "reconstruction" + tag, "edit"]),
+    }
+    paths = []
+    for name, img in files.items():
+        save_atomic(img, outdir / name)
+        paths.append(outdir / name)
+    maps = result.controller.average_maps()
+    if maps is not None:
+        h, w = result.latents.shape[-2:]
+        save_attention_figure(maps[0], spec.source, bundle.tokenizer, (h // 4, w // 4), source_img,
+                              outdir / "attention_maps.png")
+        paths.append(outdir / "attention_maps.png")
+    report = {"source": spec.source, "target": spec.target, "edit_type": spec.edit_type, "tau_v": spec.tau_v,
+              "tau_c": spec.tau_c, "tau_s": spec.tau_s, "tau_u": spec.tau_u, "blend_words": spec.blend_words,
+              "eq_params": spec.eq_params, "guidance_scale": spec.guidance_scale, "num_ddim_steps": T,
+              "model": bundle.model_id, "untrained_model": bundle.untrained, "edit_seconds": round(seconds, 3)}
+    tmp = outdir / ".edit.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(outdir / "edit.json")
+    return paths + [outdir / "edit.json"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: a partial inversion is kept and the next run resumes it.", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

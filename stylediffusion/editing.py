@@ -1,0 +1,145 @@
+"""Prompt-to-Prompt editing of an inverted image, with StyleDiffusion's value embeddings and P2Plus.
+
+Batch layout: rows [uncond source, uncond target, cond source, cond target]; both prompts start
+from z*_T. The source row is the reconstruction; the target row is the edit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+import seq_aligner
+from ptp_utils import (BatchLayout, LocalBlend, PromptToPromptController, RefinementEdit, ReplacementEdit,
+                       ReweightEdit, controlled, install_attention_control)
+
+from .ddim import DDIMSchedule, guided
+from .encoders import encode_prompts
+from .errors import UserError
+from .mapping import MappingNetworks
+from .models import ModelBundle
+from .sampling import predict
+
+EDIT_TYPES = ("Replacement", "Refinement", "Reweight")
+
+
+def num_steps_for(tau: float, num_steps: int) -> int:
+    """How many of the first steps a fraction tau covers (P2P's int(tau * T), robust to 0.29*100)."""
+    return int(tau * num_steps + 1e-9)
+
+
+@dataclass
+class EditSpec:
+    source: str
+    target: str
+    edit_type: str = "Replacement"
+    tau_v: float = 0.5
+    tau_c: float | dict = 0.6
+    tau_s: float = 0.6
+    tau_u: float = 0.0
+    blend_words: tuple[str, str] | None = None
+    eq_params: dict | None = None
+    guidance_scale: float = 7.5
+    blend_threshold: float = 0.3
+    notes: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.edit_type not in EDIT_TYPES:
+            raise UserError(f"--edit_type {self.edit_type!r} is not one of {', '.join(EDIT_TYPES)}.")
+        taus = {"tau_v": self.tau_v, "tau_s": self.tau_s, "tau_u": self.tau_u}
+        if isinstance(self.tau_c, dict):
+            taus.update({f"tau_c[{k}]": v for k, v in self.tau_c.items()})
+        else:
+            taus["tau_c"] = self.tau_c
+        for name, value in taus.items():
+            if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+                raise UserError(f"{name} = {value!r} is outside [0, 1]: it is a fraction of the DDIM steps.")
+        if self.edit_type == "Reweight" and not self.eq_params:
+            raise UserError("a Reweight edit needs --eq_params, e.g. \"{'words': ['red'], 'values': [2]}\".")
+
+
+def cross_alpha(spec: EditSpec, tokenizer, num_steps: int) -> torch.Tensor:
+    """(T, 1, tokens): 1 where the target token's cross-attention is replaced at that step."""
+    max_len = tokenizer.model_max_length
+    tau = spec.tau_c if isinstance(spec.tau_c, dict) else {"default_": spec.tau_c}
+    alpha = torch.zeros(num_steps, 1, max_len)
+    alpha[: num_steps_for(float(tau.get("default_", 1.0)), num_steps)] = 1.0
+    for word, value in tau.items():
+        if word == "default_":
+            continue
+        idx = seq_aligner.word_token_indices(spec.target, word, tokenizer)
+        alpha[:, 0, idx] = 0.0
+        alpha[: num_steps_for(float(value), num_steps), 0, idx] = 1.0
+    return alpha
+
+
+def cross_attention_edit(spec: EditSpec, tokenizer):
+    max_len = tokenizer.model_max_length
+    same_words = len(seq_aligner.words(spec.source)) == len(seq_aligner.words(spec.target))
+    if spec.edit_type == "Replacement":
+        base = ReplacementEdit(seq_aligner.replacement_mapper(spec.source, spec.target, tokenizer, max_len)[None])
+    elif spec.edit_type == "Refinement" or not same_words:
+        mapper, alphas = seq_aligner.refinement_mapper(spec.source, spec.target, tokenizer, max_len)
+        base = RefinementEdit(mapper[None], alphas[None])
+    elif spec.source == spec.target:
+        base = None  # a pure re-weighting of the source's own maps
+    else:
+        base = ReplacementEdit(seq_aligner.replacement_mapper(spec.source, spec.target, tokenizer, max_len)[None])
+    if spec.eq_params:
+        return ReweightEdit(seq_aligner.reweight_vector(spec.target, spec.eq_params, tokenizer, max_len)[None], base)
+    return base
+
+
+def build_controller(spec: EditSpec, tokenizer, num_steps: int) -> PromptToPromptController:
+    """Validate the edit and turn it into the attention controller (all user errors surface here)."""
+    spec.validate()
+    local_blend = None
+    if spec.blend_words:
+        if len(spec.blend_words) != 2:
+            raise UserError(f"--blend_word needs two words (source word, target word), got {spec.blend_words!r}.")
+        word_tokens = torch.zeros(2, tokenizer.model_max_length)
+        for p, (prompt, word) in enumerate(zip((spec.source, spec.target), spec.blend_words)):
+            word_tokens[p, seq_aligner.word_token_indices(prompt, word, tokenizer)] = 1.0
+        local_blend = LocalBlend(word_tokens, num_steps, threshold=spec.blend_threshold)
+    return PromptToPromptController(
+        num_steps, cross_attention_edit(spec, tokenizer), cross_alpha(spec, tokenizer, num_steps),
+        self_steps=num_steps_for(spec.tau_s, num_steps), uncond_self_steps=num_steps_for(spec.tau_u, num_steps),
+        local_blend=local_blend,
+    )
+
+
+@dataclass
+class EditResult:
+    latents: torch.Tensor  # (2, C, h, w): source (reconstruction) and target (edit)
+    controller: PromptToPromptController
+
+
+@torch.no_grad()
+def run_edit(bundle: ModelBundle, schedule: DDIMSchedule, z_T: torch.Tensor, spec: EditSpec,
+             mappers: MappingNetworks | None = None, image_features: torch.Tensor | None = None,
+             controller: PromptToPromptController | None = None, progress: bool = True) -> EditResult:
+    """P2P/P2Plus edit from z*_T. With ``mappers`` the conditional rows use learned value inputs:
+    the source row at every step, the target row for steps < tau_v*T (then its plain embedding)."""
+    T = schedule.num_steps
+    controller = controller or build_controller(spec, bundle.tokenizer, T)
+    state = install_attention_control(bundle.unet)
+    layout = BatchLayout.guided(2)
+    cond = encode_prompts(bundle, [spec.source, spec.target])
+    uncond = encode_prompts(bundle, [""]).expand(2, -1, -1)
+    text = torch.cat([uncond, cond])
+    value_steps = num_steps_for(spec.tau_v, T)
+    z = z_T.to(bundle.device).expand(2, -1, -1, -1).clone()
+    if mappers is not None:
+        mappers.to(bundle.device).eval()
+    with controlled(state, controller):
+        for i in tqdm(range(T), desc="P2Plus edit", disable=not progress, leave=False):
+            values = None
+            if mappers is not None:
+                v_src = mappers[i](image_features, cond[:1])
+                v_tgt = mappers[i](image_features, cond[1:]) if i < value_steps else cond[1:]
+                values = torch.cat([uncond, v_src, v_tgt])
+            eps_u, eps_c = predict(bundle, schedule, torch.cat([z, z]), i, text, layout, values=values).chunk(2)
+            z = schedule.sample_step(guided(eps_u, eps_c, spec.guidance_scale), z, i)
+            z = controller.after_step(z, state)
+    return EditResult(z, controller)

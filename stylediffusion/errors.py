@@ -1,0 +1,9 @@
+"""The one exception type that means "the user asked for something we cannot do".
+
+The CLI turns it into a single line on stderr and exit code 2; library callers can catch it like
+any ``ValueError``. Everything else that escapes is a bug and keeps its traceback.
+"""
+
+
+class UserError(ValueError):
+    """Bad input or missing resources, with a message that says what to do about it."""

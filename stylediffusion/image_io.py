@@ -1,0 +1,89 @@
+"""Reading the user's image into the model's pixel space, and writing pictures back out."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import UserError
+
+
+def load_image(path: str | Path, size: int) -> tuple[torch.Tensor, list[str]]:
+    """Image file -> (1, 3, size, size) tensor in [-1, 1], plus notes on every conversion made.
+
+    Grayscale/palette/RGBA images are converted to RGB (alpha composited on white) and non-square
+    images are centre-cropped: the method needs a square RGB input, and silently changing the
+    picture would surprise the user, so each change is reported.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"image '{path}' does not exist: pass an existing file with --image_path (or fix the index row).")
+    try:
+        img = Image.open(path)
+        img.load()
+    except (UnidentifiedImageError, OSError) as err:
+        raise UserError(f"image '{path}' cannot be read as a picture ({err}): pass a PNG or JPEG file.") from err
+    notes = []
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba).convert("RGB")
+        notes.append(f"{path.name}: had an alpha channel; composited on white")
+    elif img.mode != "RGB":
+        notes.append(f"{path.name}: mode {img.mode} converted to RGB")
+        img = img.convert("RGB")
+    w, h = img.size
+    if w != h:
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+        notes.append(f"{path.name}: {w}x{h} is not square; centre-cropped to {side}x{side}")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC)
+    return pil_to_tensor(img), notes
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous()
+
+
+def tensor_to_pil(x: torch.Tensor) -> Image.Image:
+    """(1|3, H, W) or (1, 3, H, W) tensor in [-1, 1] -> PIL image."""
+    if x.ndim == 4:
+        x = x[0]
+    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)
+
+
+def image_sha256(x: torch.Tensor) -> str:
+    """Hash of the preprocessed pixels: the same picture gives the same hash whatever its file format."""
+    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
+    return hashlib.sha256(arr.tobytes()).hexdigest()
+
+
+def image_grid(images: list[Image.Image], labels: list[str] | None = None, pad: int = 4) -> Image.Image:
+    """Side-by-side strip of equally sized images with optional captions under each."""
+    from PIL import ImageDraw
+
+    w, h = images[0].size
+    text_h = 14 if labels else 0
+    grid = Image.new("RGB", (len(images) * (w + pad) + pad, h + 2 * pad + text_h), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, im in enumerate(images):
+        x = pad + k * (w + pad)
+        grid.paste(im.resize((w, h)), (x, pad))
+        if labels:
+            draw.text((x, pad + h + 1), labels[k], fill="black")
+    return grid
+
+
+def save_atomic(img: Image.Image, path: Path) -> None:
+    """Write a picture so that a crash never leaves a half-written file under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    img.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG")
+    tmp.replace(path)

@@ -1,0 +1,116 @@
+"""A StyleDiffusion inversion of one image: train it (resumably), save it, load it back safely."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import check_identity, read_checkpoint, save_checkpoint
+from .ddim import DDIMSchedule
+from .encoders import clip_image_features, encode_latent, encode_prompts
+from .errors import UserError
+from .image_io import image_sha256
+from .mapping import MappingConfig, MappingNetworks
+from .models import ModelBundle
+from .sampling import ddim_inversion
+from .training import TrainConfig, train_mapping_networks
+
+
+@dataclass
+class Inversion:
+    """What an edit needs: the learned M_i, z*_T, and the identity of what they were trained for."""
+
+    mappers: MappingNetworks
+    z_T: torch.Tensor
+    metadata: dict
+
+
+def identity(bundle: ModelBundle, image: torch.Tensor, prompt: str, num_steps: int) -> dict:
+    return {"image_sha256": image_sha256(image), "prompt": prompt, "model_id": bundle.model_id,
+            "model_fingerprint": bundle.fingerprint, "num_ddim_steps": num_steps}
+
+
+def mapping_config(bundle: ModelBundle, features: torch.Tensor, text: torch.Tensor, variant: str) -> MappingConfig:
+    """Token counts and widths from the encoders themselves (197x768 and 77x768 for SD1 + ViT-B/16)."""
+    return MappingConfig(image_tokens=features.shape[1], image_width=features.shape[2], text_tokens=text.shape[1],
+                         text_width=text.shape[2], variant=variant)
+
+
+def _tensors(mappers: MappingNetworks, z_T: torch.Tensor, pivot: torch.Tensor | None, trained: int) -> dict:
+    tensors = {f"mappers.{k}": v for k, v in mappers.state_dict().items()
+               if int(k.split(".")[1]) < trained}
+    tensors["z_T"] = z_T
+    if pivot is not None:
+        tensors["pivot"] = pivot
+    return tensors
+
+
+def train_inversion(bundle: ModelBundle, image: torch.Tensor, prompt: str, num_steps: int, cfg: TrainConfig,
+                    checkpoint: Path, variant: str = "modulate", resume: bool = True, progress: bool = True,
+                    log=print) -> Inversion:
+    """Invert, train M_0..M_{T-1}, and save. A partial checkpoint from an interrupted run is resumed.
+
+    After each DDIM step the progress so far (trained M_i and the pivot latent) is written to
+    ``<checkpoint>.partial.safetensors``; the final file appears only when training is complete.
+    """
+    schedule = DDIMSchedule(bundle.scheduler, num_steps)
+    ident = identity(bundle, image, prompt, num_steps)
+    z0 = encode_latent(bundle, image)
+    cond = encode_prompts(bundle, [prompt])
+    uncond = encode_prompts(bundle, [""])
+    features = clip_image_features(bundle, image)
+    mappers = MappingNetworks(mapping_config(bundle, features, cond, variant), num_steps)
+
+    partial = checkpoint.with_name(checkpoint.stem + ".partial.safetensors")
+    start, pivot = 0, None
+    if resume and partial.is_file():
+        tensors, meta = read_checkpoint(partial)
+        same = all(meta.get(k) == v for k, v in ident.items()) and meta.get("train_config") == cfg.to_dict() \
+            and meta.get("mapping_config") == mappers.cfg.to_dict()
+        if same:
+            start = int(meta["trained_steps"])
+            mappers.load_state_dict({k[len("mappers."):]: v for k, v in tensors.items() if k.startswith("mappers.")},
+                                    strict=False)
+            pivot = tensors["pivot"]
+            log(f"resuming training from {partial} at DDIM step {start}/{num_steps}")
+        else:
+            log(f"ignoring {partial}: it was made for another image, prompt, model or setting")
+
+    t0 = time.perf_counter()
+    trajectory = ddim_inversion(bundle, schedule, z0, cond, record_maps=cfg.attention_loss, progress=progress)
+    meta = {**ident, "image_encoder_id": bundle.image_encoder_id, "variant": variant,
+            "mapping_config": mappers.cfg.to_dict(), "train_config": cfg.to_dict(), "untrained_model": bundle.untrained}
+
+    def save_progress(i: int, z: torch.Tensor) -> None:
+        if i + 1 < num_steps:
+            save_checkpoint(partial, _tensors(mappers, trajectory.z_T, z, i + 1), {**meta, "trained_steps": i + 1})
+
+    reports = train_mapping_networks(bundle, schedule, trajectory, features, cond, uncond, mappers, cfg,
+                                     start_step=start, z_start=pivot, on_step_done=save_progress, progress=progress)
+    seconds = time.perf_counter() - t0
+    meta.update(trained_steps=num_steps, train_seconds=round(seconds, 3),
+                inner_iterations=sum(r.iterations for r in reports),
+                final_losses=[float(f"{r.loss:.4g}") for r in reports])
+    save_checkpoint(checkpoint, _tensors(mappers, trajectory.z_T, None, num_steps), meta)
+    if partial.exists():
+        partial.unlink()
+        partial.with_suffix(".json").unlink(missing_ok=True)
+    return Inversion(mappers.eval(), trajectory.z_T, meta)
+
+
+def load_inversion(bundle: ModelBundle, checkpoint: Path, image: torch.Tensor, prompt: str, num_steps: int) -> Inversion:
+    """Load a finished inversion, refusing one made for another image, prompt, model or T."""
+    tensors, meta = read_checkpoint(checkpoint)
+    check_identity(meta, identity(bundle, image, prompt, num_steps), checkpoint)
+    if int(meta.get("trained_steps", -1)) != num_steps:
+        raise UserError(f"checkpoint '{checkpoint}' is incomplete ({meta.get('trained_steps')}/{num_steps} steps); "
+                        f"finish it with --is_train True.")
+    try:
+        mappers = MappingNetworks(MappingConfig(**meta["mapping_config"]), num_steps)
+        mappers.load_state_dict({k[len("mappers."):]: v for k, v in tensors.items() if k.startswith("mappers.")})
+        z_T = tensors["z_T"]
+    except (KeyError, TypeError, RuntimeError) as err:
+        raise UserError(f"checkpoint '{checkpoint}' is damaged: its tensors do not match its metadata ({err}).") from err
+    return Inversion(mappers.to(bundle.device).eval(), z_T.to(bundle.device), meta)

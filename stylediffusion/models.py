@@ -1,0 +1,176 @@
+"""Loading the frozen components: a hub id, a local diffusers folder, or a built-in name.
+
+``tiny`` is an SD-shaped pipeline with seeded random weights and the real SD v1 tokenizer, for tests
+and smoke runs (its outputs are noise-like: it is untrained). ``testbed`` is the project's own small
+model trained on the synthetic world (``stylediffusion.testbed``), shipped in ``assets``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModel
+
+from .ddim import make_ddim_scheduler
+from .errors import UserError
+
+ASSETS = Path(__file__).parent / "assets"
+TOKENIZER_DIR = ASSETS / "clip_tokenizer"
+TESTBED_DIR = ASSETS / "testbed_model"
+DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+DEFAULT_IMAGE_ENCODER = "openai/clip-vit-base-patch16"
+BUILTIN_MODELS = ("tiny", "testbed")
+
+SD_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+)
+
+
+@dataclass
+class ModelBundle:
+    """The frozen pieces StyleDiffusion needs, plus what identifies them in a checkpoint."""
+
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDIMScheduler
+    image_encoder: CLIPVisionModel
+    model_id: str
+    image_encoder_id: str
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    untrained: bool = False
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_size(self) -> int:
+        """Pixel size the model is meant for: UNet sample size times the VAE factor (512 for SD1)."""
+        return int(self.unet.config.sample_size) * self.vae_scale
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def fingerprint(self) -> str:
+        """Short hash of the component configs, so a checkpoint can tell two models with one name apart."""
+        cfg = {k: dict(getattr(self, k).config) for k in ("vae", "unet")}
+        cfg["text"] = self.text_encoder.config.to_dict()
+        blob = json.dumps(cfg, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def sd_tokenizer() -> CLIPTokenizer:
+    """The real SD v1 tokenizer, built from the committed BPE files (no download)."""
+    return CLIPTokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=77)
+
+
+def tiny_components(seed: int = 0):
+    """Small SD-shaped components with seeded random weights: 64 px images, 16x16x4 latents.
+
+    Same topology as SD1 (3 cross-attention down blocks, a plain one, cross-attention mid block,
+    mirrored up path), so the 'mid-low' resolution latent/4 exists with 1 down and 2 up layers.
+    The vision width (48) differs from the text width (32) on purpose: it exercises the bridge.
+    """
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 32, 64, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=8, sample_size=64, layers_per_block=1,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    ))
+    image_encoder = CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
+    ))
+    # Random weights behave unlike a trained model in two ways that would make every test measure
+    # the weights instead of the method: the VAE's latents are tiny (scale them to unit variance,
+    # which is what SD's scaling_factor does), and the UNet's noise predictions are large and
+    # erratic (shrink its output layer so DDIM inversion is as self-consistent as a trained model's).
+    with torch.no_grad():
+        probe = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        vae.register_to_config(scaling_factor=float(1.0 / vae.encode(probe).latent_dist.mean.std()))
+        unet.conv_out.weight.mul_(0.3)
+        unet.conv_out.bias.mul_(0.3)
+    scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG)
+    return dict(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=sd_tokenizer(), scheduler=scheduler,
+                image_encoder=image_encoder)
+
+
+def _missing_weights(what: str, name: str, flag: str, err: Exception) -> UserError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    how = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached or the repo lacks it"
+    return UserError(
+        f"cannot load the {what} '{name}' ({how}; {type(err).__name__}). Supply it with {flag} /path/to/a/local/"
+        f"diffusers-or-transformers folder, or download it once with network (huggingface-cli download {name}); "
+        f"for a smoke run without weights use --model testbed or --model tiny."
+    )
+
+
+def _load_pretrained(model: str, image_encoder: str | None):
+    local = Path(model)
+    if local.exists() and not (local / "unet").is_dir():
+        raise UserError(f"'{model}' exists but is not a diffusers model folder (no unet/ inside): pass a folder saved "
+                        f"by save_pretrained, or a hub id such as {DEFAULT_MODEL}.")
+    try:
+        parts = dict(
+            vae=AutoencoderKL.from_pretrained(model, subfolder="vae"),
+            unet=UNet2DConditionModel.from_pretrained(model, subfolder="unet"),
+            text_encoder=CLIPTextModel.from_pretrained(model, subfolder="text_encoder"),
+            tokenizer=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer"),
+            scheduler=make_ddim_scheduler(DDIMScheduler.load_config(model, subfolder="scheduler")),
+        )
+    except (OSError, ValueError) as err:
+        raise _missing_weights("Stable Diffusion model", model, "--model", err) from err
+    if image_encoder is None:
+        image_encoder = str(local / "image_encoder") if (local / "image_encoder").is_dir() else DEFAULT_IMAGE_ENCODER
+    try:
+        parts["image_encoder"] = CLIPVisionModel.from_pretrained(image_encoder)
+    except (OSError, ValueError) as err:
+        raise _missing_weights("CLIP image encoder", image_encoder, "--image_encoder", err) from err
+    return parts, image_encoder
+
+
+def load_models(model: str = DEFAULT_MODEL, image_encoder: str | None = None, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32, seed: int = 0) -> ModelBundle:
+    """Load (or build) every frozen component, move it to ``device``/``dtype`` and freeze it."""
+    untrained = model == "tiny"
+    if model == "tiny":
+        parts, image_encoder_id = tiny_components(seed), f"tiny-vision(seed={seed})"
+        model_id = f"tiny(seed={seed})"
+    else:
+        if model == "testbed":
+            if not (TESTBED_DIR / "unet").is_dir():
+                raise UserError(f"the test-bed model is not in {TESTBED_DIR}; train it with "
+                                f"'python -m stylediffusion.testbed.train --stage all' or use --model tiny.")
+            model = str(TESTBED_DIR)
+        parts, image_encoder_id = _load_pretrained(model, image_encoder)
+        model_id = "testbed" if Path(model) == TESTBED_DIR else model
+    device = torch.device(device)
+    for key in ("vae", "unet", "text_encoder", "image_encoder"):
+        module = parts[key]
+        module.requires_grad_(False)
+        module.eval()
+        # The VAE stays fp32: fp16 SD VAEs overflow, and it runs only twice per image.
+        target_dtype = torch.float32 if key == "vae" else dtype
+        module.to(device) if target_dtype == torch.float32 else module.to(device=device, dtype=target_dtype)
+    return ModelBundle(**parts, model_id=model_id, image_encoder_id=image_encoder_id, device=device, dtype=dtype,
+                       untrained=untrained)

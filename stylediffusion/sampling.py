@@ -1,0 +1,73 @@
+"""UNet calls with explicit attention state, DDIM inversion, and plain guided sampling."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ptp_utils import BatchLayout, CrossAttentionRecorder, controlled, install_attention_control
+
+from .ddim import DDIMSchedule, guided
+from .models import ModelBundle
+
+
+def predict(bundle: ModelBundle, schedule: DDIMSchedule, latents: torch.Tensor, i: int, text: torch.Tensor,
+            layout: BatchLayout, values: torch.Tensor | None = None) -> torch.Tensor:
+    """UNet output (fp32) at sampling step i; ``values`` replaces the cross-attention value input per row."""
+    state = install_attention_control(bundle.unet)
+    state.set(step=i, layout=layout, latent_hw=tuple(latents.shape[-2:]), num_steps=schedule.num_steps)
+    dt = bundle.dtype
+    kwargs = {"value_states": values.to(dt)} if values is not None else None
+    t = schedule.timesteps[i].to(bundle.device)
+    out = bundle.unet(latents.to(dt), t, encoder_hidden_states=text.to(dt), cross_attention_kwargs=kwargs).sample
+    return out.float()
+
+
+@dataclass
+class InversionTrajectory:
+    """z*_0 ... z*_T of a DDIM inversion (index k = k steps of noise) and the reference maps A*.
+
+    ``maps[i]`` holds, for sampling step i, the mid-low cross-attention maps of the conditional
+    branch recorded when the inversion evaluated the UNet at that step's timestep.
+    """
+
+    latents: list[torch.Tensor]
+    maps: dict[int, list[torch.Tensor]]
+
+    @property
+    def z_T(self) -> torch.Tensor:
+        return self.latents[-1]
+
+    def target_for_step(self, i: int) -> torch.Tensor:
+        """The latent sampling step i should land on: z*_{T-i-1}."""
+        return self.latents[len(self.latents) - 2 - i]
+
+
+@torch.no_grad()
+def ddim_inversion(bundle: ModelBundle, schedule: DDIMSchedule, z0: torch.Tensor, cond: torch.Tensor,
+                   record_maps: bool = True, progress: bool = True) -> InversionTrajectory:
+    """Invert z0 with the source prompt at guidance 1 (conditional branch only, no learned values)."""
+    state = install_attention_control(bundle.unet)
+    recorder = CrossAttentionRecorder() if record_maps else None
+    latents, z = [z0], z0
+    T = schedule.num_steps
+    with controlled(state, recorder):
+        for i in tqdm(range(T - 1, -1, -1), desc="DDIM inversion", disable=not progress, leave=False):
+            eps = predict(bundle, schedule, z, i, cond, BatchLayout.single())
+            z = schedule.invert_step(eps, z, i)
+            latents.append(z)
+    return InversionTrajectory(latents, recorder.maps if recorder else {})
+
+
+@torch.no_grad()
+def guided_sampling(bundle: ModelBundle, schedule: DDIMSchedule, z_T: torch.Tensor, cond: torch.Tensor,
+                    uncond: torch.Tensor, guidance_scale: float, progress: bool = False) -> torch.Tensor:
+    """Plain classifier-free-guided DDIM sampling from z_T (one row per prompt); no attention control."""
+    n = cond.shape[0]
+    z = z_T.expand(n, -1, -1, -1) if z_T.shape[0] == 1 else z_T
+    text = torch.cat([uncond.expand(n, -1, -1), cond])
+    for i in tqdm(range(schedule.num_steps), desc="sampling", disable=not progress, leave=False):
+        eps_u, eps_c = predict(bundle, schedule, torch.cat([z, z]), i, text, BatchLayout.guided(n)).chunk(2)
+        z = schedule.sample_step(guided(eps_u, eps_c, guidance_scale), z, i)
+    return z

@@ -1,0 +1,132 @@
+"""StyleDiffusion training: one mapping network per DDIM step, fitted along the inversion trajectory.
+
+For step i (0 = noisiest), starting from the pivot z~_t (z*_T at i = 0):
+  eps_u = UNet(z~_t, t, c_uncond)                        once, no grad
+  repeat K_i = ceil(K exp(-0.1 i)) times (fresh Adam, lr 1e-2 (1 - i/100)):
+      v     = M_i(E(x), c)                               value input of every cross-attention layer
+      eps_c = UNet(z~_t, t, keys from c, values from v)
+      z~    = DDIM(eps_u + w (eps_c - eps_u), z~_t)
+      loss  = MSE(z~, z*_{t-1}) + sum over mid-low layers MSE(A_i, A*_i)
+      stop early when loss < 1e-5 + 2e-5 i
+  z~_{t-1} = DDIM step with the learned M_i (no grad)
+Only M_i has gradients; every pretrained weight is frozen.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ptp_utils import BatchLayout, CrossAttentionRecorder, controlled, install_attention_control
+
+from .ddim import DDIMSchedule, guided
+from .errors import UserError
+from .mapping import MappingNetworks
+from .models import ModelBundle
+from .sampling import InversionTrajectory, predict
+
+
+@dataclass
+class TrainConfig:
+    num_inner_steps: int = 100  # K
+    guidance_scale: float = 7.5
+    lr: float = 1e-2
+    attention_loss: bool = True
+    attention_weight: float = 1.0
+    early_stop: bool = True
+    warm_start: bool = True  # M_i starts as a copy of M_{i-1} (released code)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def inner_steps(num_inner_steps: int, i: int) -> int:
+    """K_i = ceil(K exp(-0.1 i)): later (less noisy) steps need fewer iterations."""
+    return math.ceil(num_inner_steps * math.exp(-0.1 * i))
+
+
+def step_lr(lr: float, i: int) -> float:
+    return lr * (1 - i / 100)
+
+
+def early_stop_threshold(i: int) -> float:
+    return 1e-5 + i * 2e-5
+
+
+def attention_loss(maps: list[torch.Tensor], reference: list[torch.Tensor]) -> torch.Tensor:
+    if len(maps) != len(reference):
+        raise RuntimeError(f"{len(maps)} mid-low maps recorded but {len(reference)} reference maps")
+    return sum(F.mse_loss(a.float(), r.to(a.device, torch.float32)) for a, r in zip(maps, reference))
+
+
+@dataclass
+class StepReport:
+    step: int
+    iterations: int
+    loss: float
+
+
+def train_mapping_networks(
+    bundle: ModelBundle, schedule: DDIMSchedule, trajectory: InversionTrajectory, image_features: torch.Tensor,
+    cond: torch.Tensor, uncond: torch.Tensor, mappers: MappingNetworks, cfg: TrainConfig, *,
+    start_step: int = 0, z_start: torch.Tensor | None = None,
+    on_step_done: Callable[[int, torch.Tensor], None] | None = None, progress: bool = True,
+) -> list[StepReport]:
+    """Fit ``mappers[start_step:]`` in order; ``z_start`` is the pivot latent when resuming."""
+    state = install_attention_control(bundle.unet)
+    recorder = CrossAttentionRecorder(keep_grad=True)
+    layout = BatchLayout.single()
+    T = schedule.num_steps
+    mappers.to(bundle.device).train()
+    z = (trajectory.z_T if z_start is None else z_start).to(bundle.device)
+    reports = []
+    total = sum(inner_steps(cfg.num_inner_steps, i) for i in range(start_step, T))
+    bar = tqdm(total=total, desc="StyleDiffusion training", disable=not progress)
+    for i in range(start_step, T):
+        mapper = mappers[i]
+        if cfg.warm_start and i > 0:
+            mapper.load_state_dict(mappers[i - 1].state_dict())
+        mapper.requires_grad_(True)
+        optimizer = torch.optim.Adam(mapper.parameters(), lr=step_lr(cfg.lr, i))
+        target = trajectory.target_for_step(i).to(bundle.device)
+        reference = trajectory.maps.get(i, [])
+        use_att = cfg.attention_loss and bool(reference)
+        with torch.no_grad():
+            eps_u = predict(bundle, schedule, z, i, uncond, layout)
+        k_i = inner_steps(cfg.num_inner_steps, i)
+        it, loss_value = 0, float("nan")
+        for it in range(1, k_i + 1):
+            recorder.reset()
+            values = mapper(image_features, cond)
+            with controlled(state, recorder if use_att else None):
+                eps_c = predict(bundle, schedule, z, i, cond, layout, values=values)
+            z_prev = schedule.sample_step(guided(eps_u, eps_c, cfg.guidance_scale), z, i)
+            loss = F.mse_loss(z_prev, target)
+            if use_att:
+                loss = loss + cfg.attention_weight * attention_loss(recorder.maps.get(i, []), reference)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise UserError(f"the training loss became {loss_value} at DDIM step {i}, iteration {it}: lower --lr, "
+                                f"or use --dtype float32 if you trained in half precision.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.update(1)
+            bar.set_postfix(step=f"{i + 1}/{T}", loss=f"{loss_value:.2e}")
+            if cfg.early_stop and loss_value < early_stop_threshold(i):
+                break
+        bar.update(k_i - it)
+        mapper.requires_grad_(False)
+        recorder.reset()
+        with torch.no_grad():
+            eps_c = predict(bundle, schedule, z, i, cond, layout, values=mapper(image_features, cond))
+            z = schedule.sample_step(guided(eps_u, eps_c, cfg.guidance_scale), z, i)
+        reports.append(StepReport(i, it, loss_value))
+        if on_step_done is not None:
+            on_step_done(i, z)
+    bar.close()
+    return reports

@@ -1,0 +1,48 @@
+"""Pictures a person looks at: the input | reconstruction | edit strip and per-word attention maps."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import seq_aligner
+
+
+def word_attention_maps(maps: torch.Tensor, prompt: str, tokenizer, grid_hw: tuple[int, int]) -> list[tuple[str, np.ndarray]]:
+    """(queries, tokens) averaged cross-attention -> one [0, 1] map per word of the prompt."""
+    out = []
+    for k, word in enumerate(seq_aligner.words(prompt)):
+        idx = seq_aligner.word_token_indices(prompt, k, tokenizer)
+        m = maps[:, idx].sum(-1).reshape(1, 1, *grid_hw).float()
+        m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
+        out.append((word, m[0, 0].cpu().numpy()))
+    return out
+
+
+def save_attention_figure(maps: torch.Tensor, prompt: str, tokenizer, grid_hw: tuple[int, int], image: Image.Image,
+                          path: Path) -> None:
+    """One panel per word: the image with that word's cross-attention overlaid, titled by the word."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_word = word_attention_maps(maps, prompt, tokenizer, grid_hw)
+    fig, axes = plt.subplots(1, len(per_word), figsize=(2.2 * len(per_word), 2.5), squeeze=False)
+    size = image.size[::-1]
+    for ax, (word, m) in zip(axes[0], per_word):
+        up = F.interpolate(torch.from_numpy(m)[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+        ax.imshow(image)
+        ax.imshow(up.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        ax.set_title(word)
+        ax.axis("off")
+    fig.suptitle("source prompt cross-attention (mid-low layers, averaged over steps)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,31 @@
+"""Shared fixtures: offline, one thread, the tiny SD-shaped model built once per session."""
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models gain nothing from threads, and two multi-threaded processes on a 2-core machine
+# slow each other down a hundredfold.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from stylediffusion.models import load_models
+
+    return load_models("tiny")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from stylediffusion.models import sd_tokenizer
+
+    return sd_tokenizer()
