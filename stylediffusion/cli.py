@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tau_u", type=float, default=None, help="P2Plus: self-attention replacement in the unconditional branch (0.0)")
     g.add_argument("--blend_word", default=None, help="LocalBlend words: \"cat tiger\" or \"('cat', 'tiger')\"")
     g.add_argument("--eq_params", type=literal, default=None, help="re-weighting: \"{'words': ['red'], 'values': [2]}\"")
+    g.add_argument("--inversion", default="stylediffusion", help="inversion method (see --list_methods)")
+    g.add_argument("--edit", default="p2p", help="edit method (see --list_methods)")
+    g.add_argument("--list_methods", action="store_true", help="list the registered inversions and edits, and exit")
     g.add_argument("--progress", type=str2bool, default=True, metavar="True|False", help="show progress bars")
     return p
 
@@ -176,7 +179,8 @@ def checkpoint_path(args, job: Job, model_id: str) -> Path:
     if args.checkpoint is not None:
         return args.checkpoint
     slug = re.sub(r"[^A-Za-z0-9]+", "-", model_id).strip("-")
-    return args.checkpoint_dir / f"{job.name}_{slug}_T{args.num_ddim_steps}.safetensors"
+    method = "" if args.inversion == "stylediffusion" else f"_{args.inversion}"
+    return args.checkpoint_dir / f"{job.name}_{slug}_T{args.num_ddim_steps}{method}.safetensors"
 
 
 def _check_image_readable(path: Path) -> None:
@@ -188,17 +192,18 @@ def _check_image_readable(path: Path) -> None:
 def run(args, log=print) -> list[Path]:
     import torch
 
-    from .ddim import DDIMSchedule
-    from .editing import build_controller, run_edit
-    from .encoders import clip_image_features, decode_latent
-    from .image_io import image_grid, load_image, save_atomic, tensor_to_pil
-    from .inversion import load_inversion, train_inversion
+    from .editing import build_controller
+    from .encoders import decode_latent
+    from .image_io import load_image
+    from .methods import MethodContext, get_edit, get_inversion, run_method
     from .models import load_models
     from .training import TrainConfig
-    from .visualize import save_attention_figure
 
     if args.num_ddim_steps < 1 or args.num_inner_steps < 1:
         raise UserError("--num_ddim_steps and --num_inner_steps must be at least 1.")
+    inversion_method = get_inversion(args.inversion)
+    if not args.is_train:
+        get_edit(args.edit, args.inversion)
     jobs = resolve_jobs(args)
     for job in jobs:
         _check_image_readable(job.image_path)
@@ -210,49 +215,47 @@ def run(args, log=print) -> list[Path]:
     if bundle.untrained:
         log("note: --model tiny has random, untrained weights: outputs show the mechanics, not real edits.")
     T = args.num_ddim_steps
-    controllers = [[build_controller(spec, bundle.tokenizer, T) for spec in job.edits] for job in jobs]
+    for job in jobs:  # word-level problems (unknown blend word, unequal word counts...) before any training
+        for spec in job.edits:
+            build_controller(spec, bundle.tokenizer, T)
     cfg = TrainConfig(num_inner_steps=args.num_inner_steps, guidance_scale=args.guidance_scale, lr=args.lr,
                       attention_loss=args.attention_loss, early_stop=args.early_stop)
     written: list[Path] = []
-    for job, job_controllers in zip(jobs, controllers):
+    for job in jobs:
         image, notes = load_image(job.image_path, bundle.image_size)
         for note in notes:
             log(f"note: {note}")
         ckpt = checkpoint_path(args, job, bundle.model_id)
-        t0 = time.perf_counter()
-        must_train = args.is_train or args.retrain or not ckpt.is_file()
-        if must_train:
-            if not args.is_train:
-                log(f"no trained inversion at {ckpt}: training it first (T={T}, K={args.num_inner_steps})")
-            elif ckpt.is_file() and not args.retrain:
-                must_train = False
-        if must_train:
-            torch.manual_seed(args.seed)
-            inversion = train_inversion(bundle, image, job.prompt, T, cfg, ckpt, variant=args.variant,
-                                        progress=args.progress, log=log)
-            log(f"trained {T} mapping networks ({inversion.metadata['inner_iterations']} inner iterations) in "
-                f"{time.perf_counter() - t0:.1f}s -> {ckpt}")
-            written.append(ckpt)
-        else:
-            inversion = load_inversion(bundle, ckpt, image, job.prompt, T)
-            log(f"loaded inversion {ckpt}" if not args.is_train else f"{ckpt} is already trained (use --retrain)")
-        if not job.edits:
+        if args.retrain and ckpt.is_file():
+            ckpt.unlink()
+        if args.is_train and ckpt.is_file():
+            log(f"{ckpt} is already trained (use --retrain to train again)")
             continue
-        schedule = DDIMSchedule(bundle.scheduler, T)
-        features = clip_image_features(bundle, image)
-        for k, (spec, controller) in enumerate(zip(job.edits, job_controllers)):
-            t1 = time.perf_counter()
-            result = run_edit(bundle, schedule, inversion.z_T, spec, inversion.mappers, features, controller,
-                              progress=args.progress)
-            pixels = decode_latent(bundle, result.latents)
-            edit_seconds = time.perf_counter() - t1
+        if not ckpt.is_file() and args.inversion == "stylediffusion":
+            log(f"no trained inversion at {ckpt}: training it first (T={T}, K={args.num_inner_steps})"
+                if not args.is_train else f"training the inversion (T={T}, K={args.num_inner_steps}) -> {ckpt}")
+        ctx = MethodContext(bundle, image, job.prompt, T, cfg, ckpt, progress=args.progress,
+                            options={"variant": args.variant})
+        torch.manual_seed(args.seed)
+        t0 = time.perf_counter()
+        inverted = inversion_method.invert(ctx)
+        log(f"{args.inversion} inversion ready in {time.perf_counter() - t0:.1f}s"
+            + (f" ({ckpt})" if ckpt.is_file() else ""))
+        if ckpt.is_file():
+            written.append(ckpt)
+        for k, spec in enumerate(job.edits):
+            out = run_method(ctx, spec, args.inversion, args.edit, inverted=inverted)
+            pixels = decode_latent(bundle, out.latents)
             outdir = args.outdir if len(job.edits) == 1 else args.outdir / f"{job.name}_edit{k}"
-            written += save_edit_outputs(outdir, image, pixels, result, spec, bundle, T, edit_seconds)
-            log(f"edit '{spec.source}' -> '{spec.target}' ({spec.edit_type}) in {edit_seconds:.1f}s -> {outdir}")
+            written += save_edit_outputs(outdir, image, pixels, out, spec, bundle, T, out.seconds["edit"],
+                                         args.inversion, args.edit)
+            log(f"edit '{spec.source}' -> '{spec.target}' ({args.inversion} + {args.edit}, {spec.edit_type}) "
+                f"in {out.seconds['edit']:.1f}s -> {outdir}")
     return written
 
 
-def save_edit_outputs(outdir: Path, image, pixels, result, spec, bundle, T: int, seconds: float) -> list[Path]:
+def save_edit_outputs(outdir: Path, image, pixels, result, spec, bundle, T: int, seconds: float,
+                      inversion: str = "stylediffusion", edit: str = "p2p") -> list[Path]:
     from .image_io import image_grid, save_atomic, tensor_to_pil
     from .visualize import save_attention_figure
 
@@ -267,13 +270,13 @@ def save_edit_outputs(outdir: Path, image, pixels, result, spec, bundle, T: int,
     for name, img in files.items():
         save_atomic(img, outdir / name)
         paths.append(outdir / name)
-    maps = result.controller.average_maps()
+    maps = result.attention_maps
     if maps is not None:
         h, w = result.latents.shape[-2:]
         save_attention_figure(maps[0], spec.source, bundle.tokenizer, (h // 4, w // 4), source_img,
                               outdir / "attention_maps.png")
         paths.append(outdir / "attention_maps.png")
-    report = {"source": spec.source, "target": spec.target, "edit_type": spec.edit_type, "tau_v": spec.tau_v,
+    report = {"inversion": inversion, "edit": edit, "source": spec.source, "target": spec.target, "edit_type": spec.edit_type, "tau_v": spec.tau_v,
               "tau_c": spec.tau_c, "tau_s": spec.tau_s, "tau_u": spec.tau_u, "blend_words": spec.blend_words,
               "eq_params": spec.eq_params, "guidance_scale": spec.guidance_scale, "num_ddim_steps": T,
               "model": bundle.model_id, "untrained_model": bundle.untrained, "edit_seconds": round(seconds, 3)}
@@ -286,6 +289,11 @@ def save_edit_outputs(outdir: Path, image, pixels, result, spec, bundle, T: int,
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.list_methods:
+            from .methods import describe_methods
+
+            print(describe_methods())
+            return 0
         run(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
