@@ -1,0 +1,117 @@
+"""Command-line options shared by the benchmark runners, and what they turn into."""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from ..cli import fraction_or_dict, literal, str2bool
+from ..errors import UserError
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    from ..models import DEFAULT_MODEL
+
+    g = p.add_argument_group("models")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="hub id or local diffusers folder; 'testbed' = bundled test-bed model, 'tiny' = untrained")
+    g.add_argument("--image_encoder", default=None, help="CLIP vision tower (hub id or folder) for StyleDiffusion")
+    g.add_argument("--device", default="auto",
+                   help="auto (this process's accelerate device: cuda:<local rank>, or cpu), cpu, cuda, ...")
+    g.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    g.add_argument("--seed", type=int, default=0, help="torch seed, reset before every item (so sharding "
+                   "does not change results)")
+    g.add_argument("--timeout_hours", type=float, default=48.0,
+                   help="how long a finished process waits for the others at the final barrier")
+
+
+def add_method_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("method (see 'python -m stylediffusion --list_methods')")
+    g.add_argument("--inversion", default="stylediffusion")
+    g.add_argument("--edit", default="p2p")
+    g.add_argument("--method_name", default=None,
+                   help="label of this configuration in the CSV and output folder (default <inversion>+<edit>)")
+    g.add_argument("--num_ddim_steps", type=int, default=30, help="T (30 in the StyleDiffusion paper; PIE-Bench's other methods use 50)")
+    g.add_argument("--num_inner_steps", type=int, default=100, help="K: StyleDiffusion inner iterations at the first step")
+    g.add_argument("--guidance_scale", type=float, default=7.5)
+    g.add_argument("--lr", type=float, default=1e-2)
+    g.add_argument("--variant", choices=("modulate", "replace"), default="modulate")
+    g.add_argument("--attention_loss", type=str2bool, default=True, metavar="True|False")
+    g.add_argument("--early_stop", type=str2bool, default=True, metavar="True|False")
+    g.add_argument("--method_option", action="append", default=[], metavar="KEY=VALUE",
+                   help="method-specific option passed to the method (repeatable), e.g. nulltext_iterations=10 "
+                        "(see --list_methods)")
+    g.add_argument("--progress", type=str2bool, default=False, metavar="True|False",
+                   help="per-step progress bars (one log line per item is always printed)")
+
+
+def add_edit_args(p: argparse.ArgumentParser, where: str) -> None:
+    g = p.add_argument_group(f"editing: unset values come from {where}")
+    g.add_argument("--edit_type", choices=("Replacement", "Refinement", "Reweight"), default=None)
+    g.add_argument("--tau_v", type=float, default=None)
+    g.add_argument("--tau_c", type=fraction_or_dict, default=None)
+    g.add_argument("--tau_s", type=float, default=None)
+    g.add_argument("--tau_u", type=float, default=None)
+    g.add_argument("--eq_params", type=literal, default=None)
+
+
+def method_label(args) -> str:
+    return args.method_name or f"{args.inversion}+{args.edit}"
+
+
+def safe_dirname(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", text).strip("_") or "method"
+
+
+def check_method(args) -> None:
+    """Unknown names or combinations fail before any model is loaded."""
+    from ..methods import get_edit, get_inversion
+
+    if args.num_ddim_steps < 1 or args.num_inner_steps < 1:
+        raise UserError("--num_ddim_steps and --num_inner_steps must be at least 1.")
+    get_inversion(args.inversion)
+    get_edit(args.edit, args.inversion)
+    method_options(args)
+
+
+def train_config(args):
+    from ..training import TrainConfig
+
+    return TrainConfig(num_inner_steps=args.num_inner_steps, guidance_scale=args.guidance_scale, lr=args.lr,
+                       attention_loss=args.attention_loss, early_stop=args.early_stop)
+
+
+def load_bundle(args, device: str, log=print):
+    import torch
+
+    from ..models import load_models
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu.")
+    bundle = load_models(args.model, args.image_encoder, device=device, dtype=getattr(torch, args.dtype),
+                         seed=args.seed)
+    if bundle.untrained:
+        log("note: --model tiny has random, untrained weights: numbers show the mechanics, not real edits.")
+    return bundle
+
+
+def checkpoint_file(folder: Path, name: str, args, bundle) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", bundle.model_id).strip("-")
+    suffix = "" if args.inversion == "stylediffusion" else f"_{args.inversion}"
+    return Path(folder) / f"{name}_{slug}_T{args.num_ddim_steps}_K{args.num_inner_steps}{suffix}.safetensors"
+
+
+def method_options(args) -> dict:
+    """``{"variant": ..., **--method_option pairs}``; values are Python literals when they parse."""
+    import ast
+
+    out = {"variant": args.variant}
+    for item in getattr(args, "method_option", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--method_option {item!r} is not KEY=VALUE.")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out

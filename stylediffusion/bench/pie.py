@@ -1,0 +1,378 @@
+"""PIE-Bench (Ju et al., "PnP Inversion", 2023) runner: any registered inversion x edit, PIE-Bench metrics.
+
+``mapping_file.json`` is a dict keyed by image id; each entry holds ``image_path`` (relative to the
+images folder), ``original_prompt``, ``editing_prompt`` (square brackets mark the edited words),
+``editing_instruction``, ``editing_type_id`` ("0".."9"), ``blended_word`` ("cat dog" or "") and
+``mask``: a run-length encoding of the edit region over the 512x512 image (see ``decode_rle``).
+
+Outputs (``--outdir OUT``)::
+
+    OUT/results.csv                     one row per (image id, method); resumable
+    OUT/<method>/<editing_type>/<id>.png   the edited image (written atomically)
+    OUT/summary.md, summary.csv         tables laid out like PIE-Bench's (per edit type and overall)
+    OUT/metrics_boxplots.png            distributions of structure distance / PSNR / LPIPS per method
+    OUT/metrics_unavailable.json        per method, why a metric column is n/a
+    OUT/parts/                          per-process part files while a run is in progress
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from . import options
+from .report import METRICS, NA, read_reasons as _read_reasons, write_reports
+from .sharding import RowLog, init_shard, merge_parts, part_path, read_rows
+
+PIE_SIZE = (512, 512)
+RESULT_COLUMNS = ("id", "editing_type_id", "method", "edit_type", *METRICS, "note", "seconds")
+TIMING_COLUMNS = ("seconds",)
+EDIT_TYPE_DIRS = {
+    "0": "0_random", "1": "1_change_object", "2": "2_add_object", "3": "3_delete_object",
+    "4": "4_change_attribute_content", "5": "5_change_attribute_pose", "6": "6_change_attribute_color",
+    "7": "7_change_attribute_material", "8": "8_change_background", "9": "9_change_style",
+}
+
+
+# ----------------------------------------------------------------------------- mapping file
+def strip_brackets(prompt: str) -> str:
+    """``"a [cat] sitting"`` -> ``"a cat sitting"`` (brackets removed, whitespace collapsed)."""
+    return " ".join(re.sub(r"[\[\]]", " ", prompt).split())
+
+
+def decode_rle(rle, shape: tuple[int, int] = PIE_SIZE, border: bool = True) -> np.ndarray:
+    """PIE-Bench mask RLE -> ``uint8`` array ``shape`` with 1 = edit region.
+
+    ``rle`` is a flat list ``[start, length, start, length, ...]`` of runs of ones over the image
+    flattened in **row-major** order (index = row * width + column). That is the order PIE-Bench's
+    own decoder implies: it fills a flat array and calls numpy's ``reshape(512, 512)``, whose default
+    is C (row-major) order, unlike COCO's column-major RLE. Runs past the end are clipped.
+
+    ``border=True`` also sets the outermost pixel ring to 1, as PIE-Bench's decoder does "to avoid
+    annotation errors in boundary"; background metrics (on ``1 - mask``) then ignore the image border.
+    Keep it on to compare with published numbers.
+    """
+    h, w = shape
+    values = np.asarray(list(rle) if rle is not None else [], dtype=np.int64).ravel()
+    if values.size % 2:
+        raise UserError(f"mask RLE has an odd number of values ({values.size}): expected start, length pairs.")
+    if (values < 0).any():
+        raise UserError("mask RLE holds a negative start or length.")
+    flat = np.zeros(h * w, dtype=np.uint8)
+    for start, length in values.reshape(-1, 2):
+        flat[start : start + length] = 1
+    mask = flat.reshape(h, w)
+    if border:
+        mask[0, :] = mask[-1, :] = 1
+        mask[:, 0] = mask[:, -1] = 1
+    return mask
+
+
+def encode_rle(mask: np.ndarray) -> list[int]:
+    """Inverse of ``decode_rle(border=False)``: runs of ones of the row-major flattened mask."""
+    flat = (np.asarray(mask).reshape(-1) != 0).astype(np.int8)
+    edges = np.diff(np.concatenate([[0], flat, [0]]))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    return [int(v) for pair in zip(starts, ends - starts) for v in pair]
+
+
+@dataclass
+class PieEntry:
+    id: str
+    image_path: Path
+    source: str
+    target: str
+    instruction: str
+    editing_type_id: str
+    blended_word: tuple[str, ...] | None
+    mask_rle: list | None
+
+    @property
+    def type_dir(self) -> str:
+        return EDIT_TYPE_DIRS.get(self.editing_type_id, f"{self.editing_type_id}_type")
+
+
+def load_mapping(mapping_file: Path, images: Path, limit: int | None = None, editing_types=None,
+                 ids=None) -> list[PieEntry]:
+    """Entries sorted by id, optionally filtered by edit type / id, then cut to the first ``limit``."""
+    mapping_file = Path(mapping_file)
+    if not mapping_file.is_file():
+        raise UserError(f"mapping file '{mapping_file}' does not exist: pass PIE-Bench's mapping_file.json.")
+    try:
+        data = json.loads(mapping_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"mapping file '{mapping_file}' is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise UserError(f"mapping file '{mapping_file}' must be a JSON object keyed by image id.")
+    entries = []
+    for key in sorted(data):
+        e = data[key]
+        missing = [k for k in ("image_path", "original_prompt", "editing_prompt") if k not in e]
+        if missing:
+            raise UserError(f"mapping entry {key} lacks {', '.join(missing)}.")
+        blend = tuple(str(e.get("blended_word") or "").split()) or None
+        entries.append(PieEntry(
+            str(key), Path(images) / e["image_path"], strip_brackets(e["original_prompt"]),
+            strip_brackets(e["editing_prompt"]), e.get("editing_instruction", ""),
+            str(e.get("editing_type_id", "0")), blend, e.get("mask"),
+        ))
+    if editing_types:
+        wanted = {str(t) for t in editing_types}
+        entries = [e for e in entries if e.editing_type_id in wanted]
+    if ids:
+        wanted = {str(i) for i in ids}
+        entries = [e for e in entries if e.id in wanted]
+    if limit is not None:
+        entries = entries[:limit]
+    missing = [e for e in entries if not e.image_path.is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} image(s) of the mapping file are missing under --images "
+                        f"(first: '{missing[0].image_path}'): pass the folder that holds PIE-Bench's "
+                        f"annotation_images.")
+    return entries
+
+
+def edit_spec(entry: PieEntry, args):
+    """EditSpec of one entry: Replacement when the prompts have as many words, else Refinement; the
+    blend words from ``blended_word``; README taus unless overridden by flags."""
+    from ..editing import EditSpec
+
+    def pick(name, default):
+        value = getattr(args, name, None)
+        return default if value is None else value
+
+    same = len(entry.source.split()) == len(entry.target.split())
+    blend = entry.blended_word if entry.blended_word and len(entry.blended_word) == 2 else None
+    if not getattr(args, "blend", True):
+        blend = None
+    return EditSpec(source=entry.source, target=entry.target,
+                    edit_type=pick("edit_type", "Replacement" if same else "Refinement"),
+                    tau_v=pick("tau_v", 0.5), tau_c=pick("tau_c", 0.6), tau_s=pick("tau_s", 0.6),
+                    tau_u=pick("tau_u", 0.0), blend_words=blend, eq_params=pick("eq_params", None),
+                    guidance_scale=args.guidance_scale)
+
+
+def _usable_spec(spec, tokenizer, T: int) -> tuple[object, list[str]]:
+    """The spec, or a fallback when its words do not fit the prompts (as in a few PIE-Bench entries
+    whose blended word is not literally in the prompt): drop the blend words, then use Refinement."""
+    from dataclasses import replace
+
+    from ..editing import build_controller
+
+    notes = []
+    candidates = [spec]
+    if spec.blend_words:
+        candidates.append(replace(spec, blend_words=None))
+    if spec.edit_type == "Replacement":
+        candidates.append(replace(spec, blend_words=None, edit_type="Refinement"))
+    last = None
+    for k, cand in enumerate(candidates):
+        try:
+            build_controller(cand, tokenizer, T)
+        except UserError as e:
+            last = e
+            continue
+        if k:
+            notes.append(f"fallback ({last}): blend words {cand.blend_words}, {cand.edit_type}")
+        return cand, notes
+    raise last
+
+
+# ----------------------------------------------------------------------------- metrics
+def load_metric_backbones(args, device: str, log=print) -> tuple[dict, dict]:
+    """Backbones for ``metrics.evaluate_pair``, loaded once; a missing one is logged and its metrics
+    become n/a (with the reason in ``metrics_unavailable.json``) instead of stopping the run."""
+    from .. import metrics as M
+
+    backbones, reasons = {}, {}
+    uses = {"clip": ("clip_whole", "clip_edited"), "dino": ("structure_distance",)}
+    for kind, flag, name in (("clip", "--clip_model", args.clip_model), ("dino", "--dino_model", args.dino_model)):
+        if not name or str(name).lower() == "none":
+            reasons.update({m: f"disabled ({flag} none)" for m in uses[kind]})
+            continue
+        try:
+            backbones[kind] = M.load_backbone(kind, name, device)
+        except UserError as e:
+            log(f"warning: {e} -> {', '.join(uses[kind])} n/a in this run")
+            reasons.update({m: str(e) for m in uses[kind]})
+    if args.lpips:
+        backbones["lpips"] = args.lpips_net
+    return backbones, reasons
+
+
+def _attention_map(out, spec, tokenizer):
+    """The source blend word's averaged mid-low cross-attention map (h, w), for NS-LPIPS."""
+    import seq_aligner
+
+    maps = out.attention_maps
+    if maps is None or not spec.blend_words:
+        return None
+    idx = seq_aligner.word_token_indices(spec.source, spec.blend_words[0], tokenizer)
+    if not idx:
+        return None
+    m = maps[0][:, idx].float().mean(-1)
+    side = int(round(m.shape[0] ** 0.5))
+    return m.reshape(side, side).cpu() if side * side == m.shape[0] else None
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return repr(value) if value != value or value in (float("inf"), float("-inf")) else format(value, ".8g")
+    return NA
+
+
+# ----------------------------------------------------------------------------- runner
+def build_parser() -> argparse.ArgumentParser:
+    from ..cli import str2bool
+    from ..metrics import DEFAULT_CLIP, DEFAULT_DINO
+
+    p = argparse.ArgumentParser(prog="python -m stylediffusion.bench pie",
+                                description="Run an inversion x edit method over PIE-Bench and score it.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--mapping_file", type=Path, required=True, help="PIE-Bench's mapping_file.json")
+    g.add_argument("--images", type=Path, required=True, help="folder the entries' image_path are relative to")
+    g.add_argument("--outdir", type=Path, required=True)
+    g.add_argument("--limit", type=int, default=None, help="only the first N ids (sorted)")
+    g.add_argument("--editing_types", default=None, help="comma-separated editing_type_id values to keep")
+    g.add_argument("--ids", default=None, help="comma-separated image ids to keep")
+    g.add_argument("--mask_border", type=str2bool, default=True, metavar="True|False",
+                   help="count the 1-pixel image border as edit region, as PIE-Bench's decoder does")
+    g.add_argument("--blend", type=str2bool, default=True, metavar="True|False",
+                   help="LocalBlend with the entry's blended_word (PnP Inversion's StyleDiffusion script used none)")
+    g.add_argument("--checkpoint_dir", type=Path, default=None,
+                   help="keep each image's trained inversion here (default: not kept)")
+    options.add_model_args(p)
+    options.add_method_args(p)
+    options.add_edit_args(p, "PIE-Bench (word counts decide Replacement/Refinement) and the README defaults")
+    g = p.add_argument_group("metrics")
+    g.add_argument("--clip_model", default=DEFAULT_CLIP, help="CLIP for the CLIP scores (hub id, folder or none)")
+    g.add_argument("--dino_model", default=DEFAULT_DINO, help="DINO ViT for structure distance (hub id, folder or none)")
+    g.add_argument("--lpips", type=str2bool, default=True, metavar="True|False", help="compute LPIPS / NS-LPIPS")
+    g.add_argument("--lpips_net", choices=("alex", "vgg", "squeeze"), default="alex")
+    g.add_argument("--report", type=str2bool, default=True, metavar="True|False",
+                   help="write summary.md / summary.csv / plots at the end")
+    return p
+
+
+def _split(text: str | None):
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _key(row: dict) -> tuple:
+    return (row["id"], row["method"])
+
+
+def run(args, log=print) -> dict:
+    """Run (or resume) the benchmark; returns ``{"processed": n, "skipped": n, "rank": r, "world": w}``."""
+    options.check_method(args)
+    entries = load_mapping(args.mapping_file, args.images, args.limit, _split(args.editing_types), _split(args.ids))
+    shard = init_shard(args.device, args.timeout_hours)
+    method = options.method_label(args)
+    out = Path(args.outdir)
+    results, parts = out / "results.csv", out / "parts"
+    if shard.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        merge_parts(results, parts, "results", RESULT_COLUMNS, _key)  # fold in an interrupted run's rows
+    shard.barrier()
+    done = {_key(r) for r in read_rows(results)}
+    todo = [e for e in entries if (e.id, method) not in done]
+    mine = shard.take(todo)
+    log(f"{shard.tag} {method}: {len(entries)} entries, {len(entries) - len(todo)} already done, "
+        f"{len(mine)} of the {len(todo)} remaining on this process ({shard.device})")
+    reasons: dict = {}
+    if mine:
+        reasons = _process(args, mine, method, shard, part_path(parts, "results", shard.rank), log)
+    shard.barrier()
+    if shard.is_main:
+        rows = merge_parts(results, parts, "results", RESULT_COLUMNS, _key)
+        if reasons:
+            _merge_reasons(out / "metrics_unavailable.json", {method: reasons})
+        if args.report:
+            for path in write_reports(out, rows):
+                log(f"wrote {path}")
+    shard.barrier()
+    return {"processed": len(mine), "skipped": len(entries) - len(todo), "rank": shard.rank, "world": shard.world}
+
+
+def _merge_reasons(path: Path, reasons: dict) -> None:
+    merged = {**_read_reasons(path), **reasons}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _process(args, mine: list[PieEntry], method: str, shard, part: Path, log) -> dict:
+    import torch
+
+    from .. import metrics as M
+    from ..encoders import decode_latent
+    from ..image_io import load_image, save_atomic, tensor_to_pil
+    from ..methods import MethodContext, run_method
+
+    bundle = options.load_bundle(args, shard.device, log)
+    backbones, reasons = load_metric_backbones(args, str(bundle.device), log)
+    cfg = options.train_config(args)
+    T = args.num_ddim_steps
+    writer = RowLog(part, RESULT_COLUMNS)
+    method_dir = Path(args.outdir) / options.safe_dirname(method)
+    for n, entry in enumerate(mine):
+        t0 = time.perf_counter()
+        image, notes = load_image(entry.image_path, bundle.image_size)
+        if entry.blended_word and len(entry.blended_word) != 2:
+            notes.append(f"blended_word {' '.join(entry.blended_word)!r} is not two words: no LocalBlend")
+        row = {"id": entry.id, "editing_type_id": entry.editing_type_id, "method": method}
+        try:
+            spec, fallback = _usable_spec(edit_spec(entry, args), bundle.tokenizer, T)
+            notes += fallback
+        except UserError as e:
+            row.update({k: NA for k in METRICS}, edit_type="", note=f"skipped: {e}",
+                       seconds=f"{time.perf_counter() - t0:.3f}")
+            writer.append(row)
+            log(f"{shard.tag} {entry.id}: skipped ({e})")
+            continue
+        ckpt = (options.checkpoint_file(args.checkpoint_dir, entry.id, args, bundle)
+                if args.checkpoint_dir is not None else None)
+        ctx = MethodContext(bundle, image, spec.source, T, cfg, ckpt, progress=args.progress,
+                            options=options.method_options(args))
+        torch.manual_seed(args.seed)  # per item: results do not depend on which process runs it
+        result = run_method(ctx, spec, args.inversion, args.edit)
+        pixels = decode_latent(bundle, result.latents[1:2])
+        seconds = time.perf_counter() - t0
+        edited = tensor_to_pil(pixels[0])
+        save_atomic(edited, method_dir / entry.type_dir / f"{entry.id}.png")
+        source = tensor_to_pil(image)
+        mask = decode_rle(entry.mask_rle, PIE_SIZE, args.mask_border) if entry.mask_rle else None
+        if mask is None:
+            notes.append("no mask: background metrics over the whole image")
+        scores = M.evaluate_pair(source, edited, edit_mask=mask, target_prompt=spec.target, backbones=backbones,
+                                 attention_map=_attention_map(result, spec, bundle.tokenizer),
+                                 device=str(bundle.device))
+        if not args.lpips:
+            scores["lpips"] = scores["ns_lpips"] = M.MetricUnavailable("--lpips False")
+        for k, v in scores.items():  # why a whole column is n/a (missing backbone or library)
+            if isinstance(v, M.MetricUnavailable) and k not in reasons and "attention map" not in v.reason:
+                reasons[k] = v.reason
+        # per-image gaps, as in PIE-Bench's evaluation: no background / no edit region -> not scored
+        if mask is not None and mask.all():
+            scores.update({k: NA for k in ("psnr", "lpips", "mse", "ssim")})
+            notes.append("the edit mask covers the whole image: no background metrics")
+        if mask is not None and not mask.any():
+            scores["clip_edited"] = NA
+            notes.append("empty edit mask: no edit-region CLIP score")
+        row.update({k: _cell(scores.get(k)) for k in METRICS}, edit_type=spec.edit_type, note="; ".join(notes),
+                   seconds=f"{seconds:.3f}")
+        writer.append(row)
+        log(f"{shard.tag} {n + 1}/{len(mine)} {entry.id} ({entry.type_dir}) {spec.edit_type} "
+            f"'{spec.target}' in {seconds:.1f}s")
+    return reasons
+
+
+def main(argv=None, log=print) -> dict:
+    return run(build_parser().parse_args(argv), log)

@@ -1,0 +1,202 @@
+"""Batch reproduction of the paper's figure-style grids from the data index.
+
+For every row of ``data/stylediffusion_editing.csv`` (or the rows of the cases given by ``--idx``):
+one labelled grid ``input | reconstruction | edit``, and a contact sheet stacking all of them.
+Each case (image) is inverted once and shared by its rows. Outputs (``--outdir OUT``)::
+
+    OUT/<method>/case<N>_edit<K>.png     one grid per index row (K counts the case's rows)
+    OUT/<method>/contact_sheet.png       every grid of the index rows run so far, in index order
+    OUT/reproduce.csv                    one row per grid (resumable; seconds are timing only)
+    OUT/checkpoints/                     trained inversions, reused by a rerun
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from ..errors import UserError
+from . import options
+from .sharding import RowLog, init_shard, merge_parts, part_path, read_rows
+
+COLUMNS = ("case", "k", "method", "source", "target", "edit_type", "blend_words", "tau_v", "tau_c", "tau_s",
+           "tau_u", "grid", "seconds")
+MIN_CELL = 192  # grids of small models are upscaled to at least this many pixels per picture
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m stylediffusion.bench reproduce",
+                                description="Figure-style grids (input | reconstruction | edit) for rows of the "
+                                            "data index, and a contact sheet of all of them.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--idx", default=None, help="case numbers to run, comma-separated (default: every case)")
+    p.add_argument("--data_dir", type=Path, default=None, help="folder holding the index CSVs and images")
+    p.add_argument("--outdir", type=Path, required=True)
+    options.add_model_args(p)
+    options.add_method_args(p)
+    options.add_edit_args(p, "the index row")
+    return p
+
+
+def _key(row: dict) -> tuple:
+    return (row["method"], int(row["case"]), int(row["k"]))
+
+
+def index_items(idx, data_dir) -> list[tuple[int, int, object]]:
+    """(case, k, EditRow) for the selected cases, in index order; k numbers a case's rows from 0."""
+    from .. import data_index
+
+    data_dir = Path(data_dir) if data_dir is not None else data_index.DEFAULT_DATA_DIR
+    cases = None if idx is None else [int(c) for c in str(idx).split(",") if c.strip()]
+    rows = data_index.edit_rows(None, data_dir)
+    if cases is not None:
+        known = {r.case_number for r in rows}
+        unknown = [c for c in cases if c not in known]
+        if unknown:
+            raise UserError(f"--idx {','.join(map(str, unknown))} not in the index (cases: "
+                            f"{', '.join(map(str, sorted(known)))}).")
+    items, counter = [], {}
+    for r in rows:
+        k = counter.get(r.case_number, 0)
+        counter[r.case_number] = k + 1
+        if cases is None or r.case_number in cases:
+            items.append((r.case_number, k, r))
+    return items
+
+
+def row_spec(row, args):
+    from ..editing import EditSpec
+
+    def pick(name):
+        value = getattr(args, name, None)
+        return getattr(row, name) if value is None else value
+
+    return EditSpec(source=row.prompt, target=row.target, edit_type=pick("edit_type"), tau_v=pick("tau_v"),
+                    tau_c=pick("tau_c"), tau_s=pick("tau_s"), tau_u=pick("tau_u"),
+                    blend_words=tuple(row.blend_word) if row.blend_word else None, eq_params=pick("eq_params"),
+                    guidance_scale=args.guidance_scale)
+
+
+def labelled_grid(images, labels, title: str):
+    """The three pictures side by side (upscaled to MIN_CELL if smaller), captions below, title above."""
+    from PIL import Image, ImageDraw
+
+    from ..image_io import image_grid
+
+    side = max(images[0].size[0], MIN_CELL)
+    cells = [im.resize((side, side), Image.NEAREST if im.size[0] < side else Image.LANCZOS) for im in images]
+    strip = image_grid(cells, labels, pad=6)
+    lines = title.split("\n")
+    head = 4 + 13 * len(lines)
+    out = Image.new("RGB", (strip.width, strip.height + head), "white")
+    draw = ImageDraw.Draw(out)
+    for n, line in enumerate(lines):
+        draw.text((6, 3 + 13 * n), line, fill="black")
+    out.paste(strip, (0, head))
+    return out
+
+
+def contact_sheet(paths: list[Path], title: str):
+    from PIL import Image, ImageDraw
+
+    grids = [Image.open(p).convert("RGB") for p in paths]
+    width = max(g.width for g in grids)
+    sheet = Image.new("RGB", (width, 22 + sum(g.height for g in grids)), "white")
+    ImageDraw.Draw(sheet).text((6, 5), title, fill="black")
+    y = 22
+    for g in grids:
+        sheet.paste(g, (0, y))
+        y += g.height
+    return sheet
+
+
+def run(args, log=print) -> dict:
+    options.check_method(args)
+    items = index_items(args.idx, args.data_dir)
+    for spec in (row_spec(r, args) for _, _, r in items):
+        spec.validate()
+    shard = init_shard(args.device, args.timeout_hours)
+    method = options.method_label(args)
+    out = Path(args.outdir)
+    manifest, parts = out / "reproduce.csv", out / "parts"
+    if shard.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        merge_parts(manifest, parts, "reproduce", COLUMNS, _key)
+    shard.barrier()
+    done = {_key(r) for r in read_rows(manifest)}
+    todo = [it for it in items if (method, it[0], it[1]) not in done]
+    cases = sorted({c for c, _, _ in todo})
+    my_cases = shard.take(cases)  # a case's rows stay together: one inversion serves all of them
+    mine = [it for it in todo if it[0] in my_cases]
+    log(f"{shard.tag} {method}: {len(items)} index rows, {len(items) - len(todo)} already done, "
+        f"{len(mine)} rows ({len(my_cases)} cases) on this process ({shard.device})")
+    if mine:
+        _process(args, mine, method, shard, part_path(parts, "reproduce", shard.rank), log)
+    shard.barrier()
+    if shard.is_main:
+        rows = merge_parts(manifest, parts, "reproduce", COLUMNS, _key)
+        mine_rows = [r for r in rows if r["method"] == method and (Path(args.outdir) / r["grid"]).is_file()]
+        if mine_rows:
+            from ..image_io import save_atomic
+
+            sheet = out / options.safe_dirname(method) / "contact_sheet.png"
+            save_atomic(contact_sheet([out / r["grid"] for r in mine_rows], f"{method}: {len(mine_rows)} edits"),
+                        sheet)
+            log(f"wrote {sheet}")
+    shard.barrier()
+    return {"processed": len(mine), "skipped": len(items) - len(todo), "rank": shard.rank, "world": shard.world}
+
+
+def _process(args, mine, method: str, shard, part: Path, log) -> None:
+    import torch
+
+    from ..editing import build_controller
+    from ..encoders import decode_latent
+    from ..image_io import load_image, save_atomic, tensor_to_pil
+    from ..methods import MethodContext, get_inversion, run_method
+
+    bundle = options.load_bundle(args, shard.device, log)
+    T = args.num_ddim_steps
+    for _, _, row in mine:  # word-level problems before any training
+        build_controller(row_spec(row, args), bundle.tokenizer, T)
+    cfg = options.train_config(args)
+    writer = RowLog(part, COLUMNS)
+    folder = options.safe_dirname(method)
+    tag = " (untrained model)" if bundle.untrained else ""
+    inversion = get_inversion(args.inversion)
+    for case in sorted({c for c, _, _ in mine}):
+        rows = [(k, r) for c, k, r in mine if c == case]
+        first = rows[0][1]
+        image, _ = load_image(first.image_path, bundle.image_size)
+        ckpt = options.checkpoint_file(Path(args.outdir) / "checkpoints", f"case{case}", args, bundle)
+        ctx = MethodContext(bundle, image, first.prompt, T, cfg, ckpt, progress=args.progress,
+                            options=options.method_options(args))
+        torch.manual_seed(args.seed)
+        t0 = time.perf_counter()
+        inverted = inversion.invert(ctx)
+        inv_seconds = time.perf_counter() - t0
+        log(f"{shard.tag} case {case}: {args.inversion} inversion in {inv_seconds:.1f}s")
+        for k, row in rows:
+            spec = row_spec(row, args)
+            t1 = time.perf_counter()
+            torch.manual_seed(args.seed)
+            result = run_method(ctx, spec, args.inversion, args.edit, inverted=inverted)
+            pixels = decode_latent(bundle, result.latents)
+            pics = [tensor_to_pil(image), tensor_to_pil(pixels[0]), tensor_to_pil(pixels[1])]
+            title = (f"case {case} #{k} [{method}]: '{spec.source}' -> '{spec.target}'\n{spec.edit_type}, "
+                     f"tau_v {spec.tau_v}, tau_c {spec.tau_c}, tau_s {spec.tau_s}, tau_u {spec.tau_u}"
+                     + (f", blend {' '.join(spec.blend_words)}" if spec.blend_words else "")
+                     + (f", eq {spec.eq_params}" if spec.eq_params else ""))
+            rel = Path(folder) / f"case{case}_edit{k}.png"
+            save_atomic(labelled_grid(pics, ["input", "reconstruction" + tag, "edit"], title),
+                        Path(args.outdir) / rel)
+            seconds = time.perf_counter() - t1 + (inv_seconds if k == rows[0][0] else 0.0)
+            writer.append({"case": case, "k": k, "method": method, "source": spec.source, "target": spec.target,
+                           "edit_type": spec.edit_type, "blend_words": " ".join(spec.blend_words or ()),
+                           "tau_v": spec.tau_v, "tau_c": spec.tau_c, "tau_s": spec.tau_s, "tau_u": spec.tau_u,
+                           "grid": rel.as_posix(), "seconds": f"{seconds:.3f}"})
+            log(f"{shard.tag} case {case} #{k}: '{spec.target}' -> {rel}")
+
+
+def main(argv=None, log=print) -> dict:
+    return run(build_parser().parse_args(argv), log)
