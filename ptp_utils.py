@@ -111,6 +111,10 @@ class AttentionController:
         """Called once per sampling step with the new latents (one row per prompt)."""
         return latents
 
+    def edit_kv(self, k: torch.Tensor, v: torch.Tensor, place: AttentionPlace, state: AttentionState):
+        """May replace keys/values (batch, heads, keys, dim) before attention (e.g. MasaCtrl). Default: unchanged."""
+        return k, v
+
 
 class ControlledAttnProcessor:
     """Attention with an optional per-row value input and optional map access for a controller."""
@@ -119,7 +123,7 @@ class ControlledAttnProcessor:
         self.name, self.index, self.state = place_name, index, state
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 value_states: torch.Tensor | None = None, **kwargs):
+                 value_states: torch.Tensor | None = None, key_states: torch.Tensor | None = None, **kwargs):
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -134,19 +138,21 @@ class ControlledAttnProcessor:
         is_cross = encoder_hidden_states is not None
         context = encoder_hidden_states if is_cross else hidden_states
         values_in = value_states if (is_cross and value_states is not None) else context
+        keys_in = key_states if (is_cross and key_states is not None) else context
         if is_cross and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
             if values_in is not encoder_hidden_states:
                 values_in = attn.norm_encoder_hidden_states(values_in)
             else:
                 values_in = context
+            keys_in = context if keys_in is encoder_hidden_states else attn.norm_encoder_hidden_states(keys_in)
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
 
         heads = attn.heads
         q = _split_heads(attn.to_q(hidden_states), heads)
-        k = _split_heads(attn.to_k(context), heads)
+        k = _split_heads(attn.to_k(keys_in), heads)
         v = _split_heads(attn.to_v(values_in), heads)
         if attn.norm_q is not None:
             q = attn.norm_q(q)
@@ -156,6 +162,8 @@ class ControlledAttnProcessor:
         state = self.state
         place = AttentionPlace(self.name, self.index, is_cross, num_queries, state.latent_tokens or num_queries)
         controller = state.controller
+        if controller is not None:
+            k, v = controller.edit_kv(k, v, place, state)
         if controller is not None and controller.needs_maps(place, state):
             scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
             if attention_mask is not None:

@@ -20,6 +20,7 @@ from .errors import UserError
 from .mapping import MappingNetworks
 from .models import ModelBundle
 from .sampling import predict
+from .training import embedding_inputs
 
 EDIT_TYPES = ("Replacement", "Refinement", "Reweight")
 
@@ -109,6 +110,26 @@ def build_controller(spec: EditSpec, tokenizer, num_steps: int) -> PromptToPromp
     )
 
 
+class EditHooks:
+    """Per-step changes an inversion method makes to the edit loop; the defaults change nothing.
+
+    Rows of ``text`` and of the noise predictions follow ``BatchLayout.guided(2)``: [uncond source,
+    uncond target, cond source, cond target]; latents have one row per prompt [source, target].
+    """
+
+    def text(self, i: int, text: torch.Tensor) -> torch.Tensor:
+        """The text embeddings of step i (e.g. Null-text's per-step unconditional embedding)."""
+        return text
+
+    def guide(self, i: int, eps_u: torch.Tensor, eps_c: torch.Tensor, z: torch.Tensor, guidance_scale: float):
+        """The guided noise of step i from the unconditional and conditional predictions."""
+        return guided(eps_u, eps_c, guidance_scale)
+
+    def after_step(self, i: int, z: torch.Tensor) -> torch.Tensor:
+        """The latents after step i (and after the controller's LocalBlend), e.g. DirectInversion's offsets."""
+        return z
+
+
 @dataclass
 class EditResult:
     latents: torch.Tensor  # (2, C, h, w): source (reconstruction) and target (edit)
@@ -118,9 +139,12 @@ class EditResult:
 @torch.no_grad()
 def run_edit(bundle: ModelBundle, schedule: DDIMSchedule, z_T: torch.Tensor, spec: EditSpec,
              mappers: MappingNetworks | None = None, image_features: torch.Tensor | None = None,
-             controller: PromptToPromptController | None = None, progress: bool = True) -> EditResult:
+             controller: PromptToPromptController | None = None, progress: bool = True,
+             hooks: EditHooks | None = None, embedding: str = "value") -> EditResult:
     """P2P/P2Plus edit from z*_T. With ``mappers`` the conditional rows use learned value inputs:
-    the source row at every step, the target row for steps < tau_v*T (then its plain embedding)."""
+    the source row at every step, the target row for steps < tau_v*T (then its plain embedding).
+    ``hooks`` lets other inversions change the text, the guidance or the latents of each step;
+    ``embedding`` ("value", "key", "key_value") is where the learned embedding goes (training ablations)."""
     T = schedule.num_steps
     controller = controller or build_controller(spec, bundle.tokenizer, T)
     state = install_attention_control(bundle.unet)
@@ -139,7 +163,15 @@ def run_edit(bundle: ModelBundle, schedule: DDIMSchedule, z_T: torch.Tensor, spe
                 v_src = mappers[i](image_features, cond[:1])
                 v_tgt = mappers[i](image_features, cond[1:]) if i < value_steps else cond[1:]
                 values = torch.cat([uncond, v_src, v_tgt])
-            eps_u, eps_c = predict(bundle, schedule, torch.cat([z, z]), i, text, layout, values=values).chunk(2)
-            z = schedule.sample_step(guided(eps_u, eps_c, spec.guidance_scale), z, i)
+            step_text = text if hooks is None else hooks.text(i, text)
+            if values is not None and step_text is not text:
+                values = torch.cat([step_text[:2], values[2:]])
+            eps_u, eps_c = predict(bundle, schedule, torch.cat([z, z]), i, step_text, layout,
+                                   **embedding_inputs(embedding, values)).chunk(2)
+            eps = guided(eps_u, eps_c, spec.guidance_scale) if hooks is None else \
+                hooks.guide(i, eps_u, eps_c, z, spec.guidance_scale)
+            z = schedule.sample_step(eps, z, i)
             z = controller.after_step(z, state)
+            if hooks is not None:
+                z = hooks.after_step(i, z)
     return EditResult(z, controller)

@@ -13,12 +13,15 @@ from .models import ModelBundle
 
 
 def predict(bundle: ModelBundle, schedule: DDIMSchedule, latents: torch.Tensor, i: int, text: torch.Tensor,
-            layout: BatchLayout, values: torch.Tensor | None = None) -> torch.Tensor:
-    """UNet output (fp32) at sampling step i; ``values`` replaces the cross-attention value input per row."""
+            layout: BatchLayout, values: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:
+    """UNet output (fp32) at sampling step i; ``values`` (``keys``) replaces the cross-attention value (key)
+    input per row."""
     state = install_attention_control(bundle.unet)
     state.set(step=i, layout=layout, latent_hw=tuple(latents.shape[-2:]), num_steps=schedule.num_steps)
     dt = bundle.dtype
     kwargs = {"value_states": values.to(dt)} if values is not None else None
+    if keys is not None:
+        kwargs = {**(kwargs or {}), "key_states": keys.to(dt)}
     t = schedule.timesteps[i].to(bundle.device)
     out = bundle.unet(latents.to(dt), t, encoder_hidden_states=text.to(dt), cross_attention_kwargs=kwargs).sample
     return out.float()

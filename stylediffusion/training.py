@@ -39,9 +39,28 @@ class TrainConfig:
     attention_weight: float = 1.0
     early_stop: bool = True
     warm_start: bool = True  # M_i starts as a copy of M_{i-1} (released code)
+    # Which cross-attention input M_i feeds: "value" (StyleDiffusion), or the paper's ablations "key"
+    # (learned keys, plain values) and "key_value" (both learned).
+    embedding: str = "value"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["embedding"] == "value":  # the default leaves checkpoint metadata as it always was
+            del d["embedding"]
+        return d
+
+
+EMBEDDINGS = ("value", "key", "key_value")
+
+
+def embedding_inputs(embedding: str, learned: torch.Tensor | None) -> dict:
+    """``predict`` keyword arguments that put the learned embedding into the values, the keys or both."""
+    if embedding not in EMBEDDINGS:
+        raise UserError(f"embedding {embedding!r} is not one of {', '.join(EMBEDDINGS)}.")
+    if learned is None:
+        return {}
+    return {"values": learned} if embedding == "value" else \
+        {"keys": learned} if embedding == "key" else {"keys": learned, "values": learned}
 
 
 def inner_steps(num_inner_steps: int, i: int) -> int:
@@ -103,7 +122,7 @@ def train_mapping_networks(
             recorder.reset()
             values = mapper(image_features, cond)
             with controlled(state, recorder if use_att else None):
-                eps_c = predict(bundle, schedule, z, i, cond, layout, values=values)
+                eps_c = predict(bundle, schedule, z, i, cond, layout, **embedding_inputs(cfg.embedding, values))
             z_prev = schedule.sample_step(guided(eps_u, eps_c, cfg.guidance_scale), z, i)
             loss = F.mse_loss(z_prev, target)
             if use_att:
@@ -123,7 +142,8 @@ def train_mapping_networks(
         mapper.requires_grad_(False)
         recorder.reset()
         with torch.no_grad():
-            eps_c = predict(bundle, schedule, z, i, cond, layout, values=mapper(image_features, cond))
+            eps_c = predict(bundle, schedule, z, i, cond, layout,
+                            **embedding_inputs(cfg.embedding, mapper(image_features, cond)))
             z = schedule.sample_step(guided(eps_u, eps_c, cfg.guidance_scale), z, i)
         reports.append(StepReport(i, it, loss_value))
         if on_step_done is not None:

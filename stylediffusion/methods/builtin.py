@@ -1,34 +1,50 @@
-"""Built-in methods: StyleDiffusion and plain DDIM inversion; P2P/P2Plus and word-swap edits."""
+"""Built-in methods: StyleDiffusion and plain DDIM inversion; P2P/P2Plus and word-swap edits.
+
+The other methods live in their own modules, imported at the end of this file so that importing the
+registry's built-ins registers everything (see docs/methods.md).
+"""
 from __future__ import annotations
 
-import torch
+from dataclasses import replace
+
+from ptp_utils import AttentionController
 
 from ..editing import EditSpec, run_edit
 from ..encoders import clip_image_features, encode_latent, encode_prompts
+from ..errors import UserError
 from ..inversion import load_inversion, train_inversion
 from ..sampling import ddim_inversion, guided_sampling
+from ..training import embedding_inputs
+from .common import ALL_INVERSIONS, hooks_for, learned_embedding
 from .registry import Inverted, MethodContext, MethodOutput, register_edit, register_inversion
-
-ALL_INVERSIONS = ("stylediffusion", "ddim")
 
 
 @register_inversion("stylediffusion", "Li et al., StyleDiffusion: Prompt-Embedding Inversion (2023)",
-                    "T=30, K=100, lr 1e-2, modulate mapping, attention loss on")
+                    "T=30, K=100, lr 1e-2, modulate mapping, attention loss on; options variant=modulate|replace, "
+                    "embedding=value|key|key_value (the paper's key and key+value ablations, Fig. 14)")
 def stylediffusion_inversion(ctx: MethodContext) -> Inverted:
     b = ctx.bundle
     variant = ctx.options.get("variant", "modulate")
+    embedding = ctx.options.get("embedding")
+    if embedding is not None:
+        embedding_inputs(str(embedding), None)  # refuses an unknown name before any work
+    cfg = ctx.train_cfg if embedding is None else replace(ctx.train_cfg, embedding=str(embedding))
     if ctx.checkpoint is not None and ctx.checkpoint.is_file():
         inv = load_inversion(b, ctx.checkpoint, ctx.image, ctx.source, ctx.num_steps)
+        stored = (inv.metadata.get("train_config") or {}).get("embedding", "value")
+        if embedding is not None and stored != embedding:
+            raise UserError(f"checkpoint '{ctx.checkpoint}' learned the {stored!r} embedding, not {embedding!r}; "
+                            f"pass another --checkpoint or delete it.")
     else:
         from tempfile import TemporaryDirectory
         from pathlib import Path
 
         if ctx.checkpoint is not None:
-            inv = train_inversion(b, ctx.image, ctx.source, ctx.num_steps, ctx.train_cfg, ctx.checkpoint,
+            inv = train_inversion(b, ctx.image, ctx.source, ctx.num_steps, cfg, ctx.checkpoint,
                                   variant=variant, progress=ctx.progress, log=lambda *_: None)
         else:
             with TemporaryDirectory() as tmp:
-                inv = train_inversion(b, ctx.image, ctx.source, ctx.num_steps, ctx.train_cfg,
+                inv = train_inversion(b, ctx.image, ctx.source, ctx.num_steps, cfg,
                                       Path(tmp) / "inversion.safetensors", variant=variant, progress=ctx.progress,
                                       log=lambda *_: None)
     return Inverted("stylediffusion", encode_latent(b, ctx.image), inv.z_T, mappers=inv.mappers,
@@ -47,7 +63,8 @@ def ddim_inversion_method(ctx: MethodContext) -> Inverted:
 @register_edit("p2p", "Hertz et al., Prompt-to-Prompt (2022); P2Plus (StyleDiffusion) when tau_u > 0",
                ALL_INVERSIONS, "tau_v .5, tau_c .6, tau_s .6, tau_u 0, LocalBlend threshold .3")
 def p2p_edit(ctx: MethodContext, inv: Inverted, spec: EditSpec) -> MethodOutput:
-    result = run_edit(ctx.bundle, ctx.schedule, inv.z_T, spec, inv.mappers, inv.image_features, progress=ctx.progress)
+    result = run_edit(ctx.bundle, ctx.schedule, inv.z_T, spec, inv.mappers, inv.image_features, progress=ctx.progress,
+                      hooks=hooks_for(ctx, inv), embedding=learned_embedding(inv))
     return MethodOutput(result.latents, inv, result.controller.average_maps())
 
 
@@ -55,7 +72,16 @@ def p2p_edit(ctx: MethodContext, inv: Inverted, spec: EditSpec) -> MethodOutput:
                ALL_INVERSIONS, "guidance 7.5")
 def word_swap_edit(ctx: MethodContext, inv: Inverted, spec: EditSpec) -> MethodOutput:
     b = ctx.bundle
-    cond = encode_prompts(b, [spec.source, spec.target])
-    z = guided_sampling(b, ctx.schedule, inv.z_T, cond, encode_prompts(b, [""]), spec.guidance_scale,
-                        progress=ctx.progress)
-    return MethodOutput(z, inv)
+    hooks = hooks_for(ctx, inv)
+    if not hooks.active:  # plain sampling, as before
+        cond = encode_prompts(b, [spec.source, spec.target])
+        z = guided_sampling(b, ctx.schedule, inv.z_T, cond, encode_prompts(b, [""]), spec.guidance_scale,
+                            progress=ctx.progress)
+        return MethodOutput(z, inv)
+    # Null-text embeddings, NPI's negative prompt, DirectInversion's offsets... with no attention control.
+    result = run_edit(b, ctx.schedule, inv.z_T, spec, controller=AttentionController(), progress=ctx.progress,
+                      hooks=hooks)
+    return MethodOutput(result.latents, inv)
+
+
+from . import attention_edits, directinv, generated, npi, nulltext, sdedit, spdinv  # noqa: E402,F401  (register)

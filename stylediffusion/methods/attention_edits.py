@@ -1,0 +1,163 @@
+"""Attention-based edits other than Prompt-to-Prompt: FPE, MasaCtrl and Plug-and-Play.
+
+All run through ``editing.run_edit`` (batch [uncond src, uncond tgt, cond src, cond tgt], both prompts
+from z_T, the inversion's hooks applied), with their own controller:
+
+- FPE (Liu et al., CVPR 2024, "Towards Understanding Cross and Self-Attention in Stable Diffusion for
+  Text-Guided Image Editing"): for steps i < tau_s T, the conditional target row's SELF-attention maps
+  become the source's, in layers with <= (latent/2)^2 queries; cross-attention is never edited.
+- MasaCtrl (Cao et al., ICCV 2023): from step ``masactrl_start_step`` (4) and transformer layer
+  ``masactrl_start_layer`` (10 of SD1's 16; round(10/16 L) for a UNet with L layers) on, the target
+  rows' self-attention queries attend to the source row's keys and values (per guidance branch).
+- Plug-and-Play (Tumanyan et al., CVPR 2023): for steps i < ``pnp_feature_fraction`` T (0.8) the output
+  of the decoder ResBlock ``up_blocks[1].resnets[1]`` (PnP's "layer 4" at SD1's 16x16 level) of each
+  target row is replaced by the source row's of the same branch; for steps i < ``pnp_attention_fraction``
+  T (0.5) the target's self-attention maps (= injecting the source's queries and keys) are replaced in
+  every decoder self-attention layer but the first (SD1: up_blocks 1 [attentions 1, 2], 2 and 3).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from ptp_utils import COND, UNCOND, AttentionController, install_attention_control
+
+from ..editing import EditSpec, num_steps_for, run_edit
+from .common import ALL_INVERSIONS, hooks_for, learned_embedding, option
+from .registry import Inverted, MethodContext, MethodOutput, register_edit
+
+ATTENTION_EDIT_INVERSIONS = ALL_INVERSIONS
+
+
+def _copy_source_rows(x: torch.Tensor, layout, branches=(UNCOND, COND)) -> torch.Tensor:
+    for branch in branches:
+        src = layout.row(branch, 0)
+        if src is None:
+            continue
+        for p in range(1, layout.num_prompts):
+            x[layout.row(branch, p)] = x[src]
+    return x
+
+
+def transformer_layers(unet) -> list[tuple[int, str]]:
+    """(index, processor name) of every self-attention layer, in forward order."""
+    install_attention_control(unet)
+    procs = [p for p in unet.attn_processors.values() if getattr(p, "name", "").endswith("attn1.processor")]
+    return sorted((p.index, p.name) for p in procs)
+
+
+class SelfAttentionReplace(AttentionController):
+    """FPE: conditional target rows take the source's self-attention maps for the first ``steps`` steps."""
+
+    def __init__(self, steps: int, branches=(COND,)):
+        self.steps, self.branches = steps, branches
+
+    def needs_maps(self, place, state):
+        return not place.is_cross and place.self_replace_allowed and state.step < self.steps
+
+    def __call__(self, probs, place, state):
+        return _copy_source_rows(probs, state.layout, self.branches)
+
+
+class MutualSelfAttention(AttentionController):
+    """MasaCtrl: target self-attention queries attend to the source's keys/values (both branches)."""
+
+    def __init__(self, start_step: int, start_layer: int, end_step: int | None = None):
+        self.start_step, self.start_layer, self.end_step = start_step, start_layer, end_step
+
+    def active(self, place, state) -> bool:
+        return (not place.is_cross and place.index >= self.start_layer and state.step >= self.start_step
+                and (self.end_step is None or state.step < self.end_step))
+
+    def edit_kv(self, k, v, place, state):
+        if not self.active(place, state):
+            return k, v
+        return _copy_source_rows(k.clone(), state.layout), _copy_source_rows(v.clone(), state.layout)
+
+
+class PlugAndPlayAttention(AttentionController):
+    """PnP's self-attention injection: target maps = source maps in the chosen decoder layers."""
+
+    def __init__(self, steps: int, layers: set[int]):
+        self.steps, self.layers = steps, layers
+
+    def needs_maps(self, place, state):
+        return not place.is_cross and place.index in self.layers and state.step < self.steps
+
+    def __call__(self, probs, place, state):
+        return _copy_source_rows(probs, state.layout)
+
+
+def masactrl_start_layer(unet, start_layer: int | None = None) -> int:
+    """SD1's layer 10 of 16, scaled to this UNet's number of transformer layers."""
+    if start_layer is not None:
+        return start_layer
+    return round(10 / 16 * len(transformer_layers(unet)))
+
+
+def pnp_attention_layers(unet) -> set[int]:
+    """Decoder self-attention layers but the first (SD1: up_blocks.1.attentions.1-2, up_blocks.2-3)."""
+    up = [idx for idx, name in transformer_layers(unet) if name.startswith("up_blocks")]
+    return set(up[1:])
+
+
+def pnp_feature_block(unet):
+    """PnP's injected ResBlock: the second resnet of the second decoder block (SD1: 16x16 level)."""
+    block = unet.up_blocks[min(1, len(unet.up_blocks) - 1)]
+    return block.resnets[min(1, len(block.resnets) - 1)]
+
+
+@contextmanager
+def feature_injection(unet, module, steps: int):
+    """Forward hook: the target rows of ``module``'s output become the source rows' while step < steps."""
+    state = install_attention_control(unet)
+
+    def hook(_module, _inputs, output):
+        if state.step >= steps or state.layout is None or state.layout.num_prompts < 2:
+            return output
+        return _copy_source_rows(output.clone(), state.layout)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _edit(ctx, inv, spec, controller) -> MethodOutput:
+    result = run_edit(ctx.bundle, ctx.schedule, inv.z_T, spec, inv.mappers, inv.image_features,
+                      controller=controller, progress=ctx.progress, hooks=hooks_for(ctx, inv),
+                      embedding=learned_embedding(inv))
+    return MethodOutput(result.latents, inv)
+
+
+@register_edit("fpe", "Liu et al., Towards Understanding Cross and Self-Attention in SD for Text-Guided Image Editing "
+               "(FPE, CVPR 2024)", ATTENTION_EDIT_INVERSIONS,
+               "self-attention replacement only (cond branch, layers <= (latent/2)^2 queries) for i < tau_s T "
+               "(tau_s .6); no cross-attention swap")
+def fpe_edit(ctx: MethodContext, inv: Inverted, spec: EditSpec) -> MethodOutput:
+    return _edit(ctx, inv, spec, SelfAttentionReplace(num_steps_for(spec.tau_s, ctx.num_steps)))
+
+
+@register_edit("masactrl", "Cao et al., MasaCtrl: Tuning-Free Mutual Self-Attention Control (ICCV 2023)",
+               ("ddim", "directinv", "spdinv", "generated"),
+               "masactrl_start_step=4, masactrl_start_layer=round(10/16 layers) (10 for SD1)")
+def masactrl_edit(ctx: MethodContext, inv: Inverted, spec: EditSpec) -> MethodOutput:
+    layer = option(ctx, "masactrl_start_layer", -1)
+    controller = MutualSelfAttention(option(ctx, "masactrl_start_step", 4),
+                                     masactrl_start_layer(ctx.bundle.unet, None if layer < 0 else layer))
+    return _edit(ctx, inv, spec, controller)
+
+
+@register_edit("pnp", "Tumanyan et al., Plug-and-Play Diffusion Features (CVPR 2023)",
+               ("ddim", "directinv", "spdinv", "generated"),
+               "pnp_feature_fraction=0.8 (up_blocks[1].resnets[1] output), pnp_attention_fraction=0.5 "
+               "(decoder self-attention maps but the first layer)")
+def pnp_edit(ctx: MethodContext, inv: Inverted, spec: EditSpec) -> MethodOutput:
+    unet, T = ctx.bundle.unet, ctx.num_steps
+    feature_steps = num_steps_for(option(ctx, "pnp_feature_fraction", 0.8), T)
+    controller = PlugAndPlayAttention(num_steps_for(option(ctx, "pnp_attention_fraction", 0.5), T),
+                                      pnp_attention_layers(unet))
+    with feature_injection(unet, pnp_feature_block(unet), feature_steps):
+        return _edit(ctx, inv, spec, controller)
