@@ -98,9 +98,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eq_params", type=literal, default=None, help="re-weighting: \"{'words': ['red'], 'values': [2]}\"")
     g.add_argument("--inversion", default="stylediffusion", help="inversion method (see --list_methods)")
     g.add_argument("--edit", default="p2p", help="edit method (see --list_methods)")
+    g.add_argument("--method_option", action="append", default=[], metavar="KEY=VALUE",
+                   help="method-specific option, repeatable (e.g. sdedit_strength=0.6, embedding=key_value, "
+                        "generated_seed=3); see --list_methods and docs/methods.md")
     g.add_argument("--list_methods", action="store_true", help="list the registered inversions and edits, and exit")
     g.add_argument("--progress", type=str2bool, default=True, metavar="True|False", help="show progress bars")
     return p
+
+
+def method_options(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` strings -> dict; values parsed as Python literals where they are (numbers, booleans)."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--method_option {pair!r} is not KEY=VALUE.")
+        try:
+            options[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            options[key.strip()] = value.strip()
+    return options
 
 
 @dataclass
@@ -108,7 +125,7 @@ class Job:
     """One image with its source prompt, and the edits to make of it (empty when only training)."""
 
     name: str
-    image_path: Path
+    image_path: Path | None  # None for a generation (--inversion generated)
     prompt: str
     edits: list  # list[EditSpec]
 
@@ -145,6 +162,12 @@ def resolve_jobs(args) -> list[Job]:
     from . import data_index
 
     data_dir = args.data_dir or data_index.DEFAULT_DATA_DIR
+    if args.inversion == "generated":
+        if not args.prompt or (not args.is_train and not args.target):
+            raise UserError("--inversion generated edits a generation: give --prompt (and --target to edit); "
+                            "the seed is --method_option generated_seed=N.")
+        edits = [] if args.is_train else [_spec(args, args.prompt, args.target)]
+        return [Job("generated", None, args.prompt, edits)]
     if args.image_path is not None or args.prompt is not None:
         if args.image_path is None or args.prompt is None:
             raise UserError("direct mode needs both --image_path and --prompt (the caption of the image).")
@@ -175,11 +198,15 @@ def _device(name: str) -> str:
     return name
 
 
-def checkpoint_path(args, job: Job, model_id: str) -> Path:
+def checkpoint_path(args, job: Job, model_id: str, options: dict | None = None) -> Path:
     if args.checkpoint is not None:
         return args.checkpoint
+    options = options or {}
     slug = re.sub(r"[^A-Za-z0-9]+", "-", model_id).strip("-")
     method = "" if args.inversion == "stylediffusion" else f"_{args.inversion}"
+    if args.inversion == "stylediffusion":  # non-default variants get their own file
+        method += "" if options.get("variant", "modulate") == "modulate" else f"_{options['variant']}"
+        method += "" if options.get("embedding", "value") == "value" else f"_{options['embedding']}"
     return args.checkpoint_dir / f"{job.name}_{slug}_T{args.num_ddim_steps}{method}.safetensors"
 
 
@@ -205,8 +232,10 @@ def run(args, log=print) -> list[Path]:
     if not args.is_train:
         get_edit(args.edit, args.inversion)
     jobs = resolve_jobs(args)
+    options = {"variant": args.variant, **method_options(args.method_option)}
     for job in jobs:
-        _check_image_readable(job.image_path)
+        if job.image_path is not None:
+            _check_image_readable(job.image_path)
         for spec in job.edits:
             spec.validate()
     torch.manual_seed(args.seed)
@@ -222,10 +251,10 @@ def run(args, log=print) -> list[Path]:
                       attention_loss=args.attention_loss, early_stop=args.early_stop)
     written: list[Path] = []
     for job in jobs:
-        image, notes = load_image(job.image_path, bundle.image_size)
+        image, notes = (None, []) if job.image_path is None else load_image(job.image_path, bundle.image_size)
         for note in notes:
             log(f"note: {note}")
-        ckpt = checkpoint_path(args, job, bundle.model_id)
+        ckpt = checkpoint_path(args, job, bundle.model_id, options)
         if args.retrain and ckpt.is_file():
             ckpt.unlink()
         if args.is_train and ckpt.is_file():
@@ -234,8 +263,7 @@ def run(args, log=print) -> list[Path]:
         if not ckpt.is_file() and args.inversion == "stylediffusion":
             log(f"no trained inversion at {ckpt}: training it first (T={T}, K={args.num_inner_steps})"
                 if not args.is_train else f"training the inversion (T={T}, K={args.num_inner_steps}) -> {ckpt}")
-        ctx = MethodContext(bundle, image, job.prompt, T, cfg, ckpt, progress=args.progress,
-                            options={"variant": args.variant})
+        ctx = MethodContext(bundle, image, job.prompt, T, cfg, ckpt, progress=args.progress, options=options)
         torch.manual_seed(args.seed)
         t0 = time.perf_counter()
         inverted = inversion_method.invert(ctx)
@@ -246,6 +274,8 @@ def run(args, log=print) -> list[Path]:
         for k, spec in enumerate(job.edits):
             out = run_method(ctx, spec, args.inversion, args.edit, inverted=inverted)
             pixels = decode_latent(bundle, out.latents)
+            if image is None:  # a generation: its "input" is the source prompt's own sample
+                image = decode_latent(bundle, inverted.z0)
             outdir = args.outdir if len(job.edits) == 1 else args.outdir / f"{job.name}_edit{k}"
             written += save_edit_outputs(outdir, image, pixels, out, spec, bundle, T, out.seconds["edit"],
                                          args.inversion, args.edit)

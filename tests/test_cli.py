@@ -134,3 +134,29 @@ def test_list_methods(capsys):
     assert main(["--list_methods"]) == 0
     out = capsys.readouterr().out
     assert "stylediffusion" in out and "p2p" in out
+
+
+def test_method_options_and_other_inversions_from_the_cli(photo, tmp_path, capsys):
+    from stylediffusion.cli import method_options
+    from stylediffusion.errors import UserError
+
+    assert method_options(["sdedit_strength=0.6", "embedding=key_value", "flag=True"]) == {
+        "sdedit_strength": 0.6, "embedding": "key_value", "flag": True}
+    with pytest.raises(UserError):
+        method_options(["no-equals-sign"])
+    base = FAST + ["--image_path", str(photo), "--prompt", "a photo of a cat", "--target", "a photo of a dog"]
+    code, captured, out, ck = run_cli(base + ["--inversion", "directinv"], tmp_path, capsys)
+    assert code == 0, captured.err
+    assert [p.name for p in ck.glob("*.safetensors")] == ["photo_tiny-seed-0_T3_directinv.safetensors"]
+    assert (out / "edited.png").is_file()
+    code, captured, out, ck = run_cli(base + ["--inversion", "ddim", "--edit", "sdedit",
+                                              "--method_option", "sdedit_strength=0.6"], tmp_path, capsys)
+    assert code == 0, captured.err
+
+
+def test_generated_image_editing_needs_no_image(tmp_path, capsys):
+    code, captured, out, _ = run_cli(FAST + ["--inversion", "generated", "--edit", "fpe", "--prompt", "a photo of a cat",
+                                             "--target", "a photo of a dog", "--method_option", "generated_seed=3"],
+                                     tmp_path, capsys)
+    assert code == 0, captured.err
+    assert (out / "grid.png").is_file() and (out / "edited.png").is_file()
