@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, exit_code
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -318,21 +318,17 @@ def save_edit_outputs(outdir: Path, image, pixels, result, spec, bundle, T: int,
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> int:
         if args.list_methods:
             from .methods import describe_methods
 
             print(describe_methods())
             return 0
         run(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: a partial inversion is kept and the next run resumes it.", file=sys.stderr)
-        return 130
-    return 0
+        return 0
 
+    return exit_code(body, "interrupted: a partial inversion is kept and the next run resumes it.")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, exit_code
 
 USAGE = """usage: python -m stylediffusion.bench {pie,reproduce,report} [options]
 
@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    try:
+
+    def body() -> int:
         if command == "pie":
             from .pie import main as pie_main
 
@@ -44,14 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
             return 2
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished items are kept; rerun the same command to resume.", file=sys.stderr)
-        return 130
-    return 0
+        return 0
 
+    return exit_code(body, "interrupted: finished items are kept; rerun the same command to resume.")
 
 if __name__ == "__main__":
     sys.exit(main())

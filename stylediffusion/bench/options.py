@@ -102,16 +102,7 @@ def checkpoint_file(folder: Path, name: str, args, bundle) -> Path:
 
 
 def method_options(args) -> dict:
-    """``{"variant": ..., **--method_option pairs}``; values are Python literals when they parse."""
-    import ast
+    """``{"variant": ..., **--method_option pairs}``, parsed as the main CLI parses them."""
+    from ..cli import method_options as parse_pairs
 
-    out = {"variant": args.variant}
-    for item in getattr(args, "method_option", None) or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--method_option {item!r} is not KEY=VALUE.")
-        try:
-            out[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value.strip()
-    return out
+    return {"variant": args.variant, **parse_pairs(getattr(args, "method_option", None) or [])}
