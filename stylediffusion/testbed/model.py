@@ -1,0 +1,150 @@
+"""Configurations and builders of the test-bed model's components.
+
+All components are the real diffusers / transformers classes used by Stable
+Diffusion v1, only tiny:
+
+* VAE: ``AutoencoderKL`` with two resolution levels (x2 downsampling), so a
+  32x32 image becomes a 16x16x4 latent;
+* UNet: ``UNet2DConditionModel`` with SD's block layout (CrossAttnDownBlock2D x3
+  + DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D + CrossAttnUpBlock2D x3) on
+  16x16 latents: cross-attention at 16x16, 8x8, 4x4 (the "mid-low" latent/4
+  resolution) and in the 2x2 mid block;
+* text encoder: ``CLIPTextModel`` driven by the real SD v1 tokenizer (77 tokens);
+* image encoder: ``CLIPVisionModel`` on 32x32 images, 4x4 patches;
+* scheduler: SD v1's ``DDIMScheduler`` configuration.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict
+
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+TOKENIZER_DIR = os.path.join(ASSETS, "clip_tokenizer")
+DEFAULT_MODEL_DIR = os.path.join(ASSETS, "testbed_model")
+
+IMAGE_SIZE = 32
+LATENT_SIZE = 16
+TEXT_WIDTH = 64
+MAX_LENGTH = 77
+
+VAE_CONFIG: Dict[str, Any] = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=16,
+    mid_block_add_attention=False,
+    sample_size=IMAGE_SIZE,
+    scaling_factor=1.0,  # replaced by 1/std of the latents after training
+)
+
+UNET_CONFIG: Dict[str, Any] = dict(
+    sample_size=LATENT_SIZE,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64, 64, 64),
+    layers_per_block=1,
+    cross_attention_dim=TEXT_WIDTH,
+    attention_head_dim=4,  # SD naming quirk: number of heads
+    norm_num_groups=16,
+)
+
+TEXT_CONFIG: Dict[str, Any] = dict(
+    vocab_size=49408,
+    hidden_size=TEXT_WIDTH,
+    intermediate_size=4 * TEXT_WIDTH,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=MAX_LENGTH,
+    hidden_act="quick_gelu",
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+    projection_dim=TEXT_WIDTH,
+)
+
+VISION_CONFIG: Dict[str, Any] = dict(
+    hidden_size=TEXT_WIDTH,
+    intermediate_size=4 * TEXT_WIDTH,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=IMAGE_SIZE,
+    patch_size=4,
+    num_channels=3,
+    hidden_act="quick_gelu",
+    projection_dim=TEXT_WIDTH,
+)
+
+SCHEDULER_CONFIG: Dict[str, Any] = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**VAE_CONFIG)
+
+
+def build_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**UNET_CONFIG)
+
+
+def build_text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+
+
+def build_vision_encoder():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    return CLIPVisionModel(CLIPVisionConfig(**VISION_CONFIG))
+
+
+def build_tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(
+        os.path.join(TOKENIZER_DIR, "vocab.json"),
+        os.path.join(TOKENIZER_DIR, "merges.txt"),
+        model_max_length=MAX_LENGTH,
+    )
+
+
+def build_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**SCHEDULER_CONFIG)
+
+
+def images_to_tensor(images):
+    """uint8 (N,H,W,3) numpy -> float tensor (N,3,H,W) in [-1, 1]."""
+    import numpy as np
+    import torch
+
+    arr = np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2))
+    return torch.from_numpy(arr).float().div_(127.5).sub_(1.0)
+
+
+def tensor_to_images(x):
+    """float tensor (N,3,H,W) in [-1, 1] -> uint8 (N,H,W,3) numpy."""
+    import numpy as np
+
+    x = ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().byte().cpu().numpy()
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
