@@ -1,0 +1,139 @@
+"""The GPU benchmark's CPU tiny mode: both cost structures run, count what they claim, and agree.
+
+Runs benchmarks/gpu_bench.py in-process with a few iterations (T=3, K=2: 6 training iterations).
+"""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parent.parent
+T, K = 3, 2
+
+
+def _load_bench():
+    name = "stylediffusion_gpu_bench"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "gpu_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load_bench()
+
+
+@pytest.fixture(scope="module")
+def run(bench, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    lines = []
+    results = bench.main(["--device", "cpu", "--size", "tiny", "--steps", str(T), "--inner_steps", str(K),
+                          "--out", str(out)], log=lines.append)
+    return results, json.loads(out.read_text()), lines
+
+
+def test_both_modes_ran_with_the_same_work(bench, run):
+    results, written, _ = run
+    iterations = bench.schedule_iterations(T, K)
+    assert iterations == 6
+    assert written["failed_modes"] == {}
+    assert set(written["modes"]) == {"reference", "fast"}
+    assert written["train_iterations"] == iterations
+    for name, mode in written["modes"].items():
+        phases = mode["phases"]
+        assert set(phases) == {"inversion", "training", "edit"}
+        for rec in phases.values():
+            assert rec["seconds"] > 0 and rec["cpu_seconds"] > 0 and rec["ms_per_unet_call"] > 0
+            assert rec["tflops_per_s"] > 0
+            assert "peak_memory_bytes" in rec  # None on the CPU
+        assert phases["inversion"]["calls"] == T
+        # per step: one unconditional call, K_i back-propagated calls, one final call with the learned M_i
+        assert phases["training"]["iterations"] == iterations
+        assert phases["training"]["rows_forward_backward"] == iterations
+        assert phases["training"]["calls"] == iterations + 2 * T
+        assert mode["total_seconds"] == pytest.approx(sum(r["seconds"] for r in phases.values()))
+    ref, fast = written["modes"]["reference"], written["modes"]["fast"]
+    # the reference splits the branches of the edit; the fast path batches all four rows in one call
+    assert ref["phases"]["edit"]["calls"] == 2 * T and fast["phases"]["edit"]["calls"] == T
+    assert ref["phases"]["edit"]["rows_forward"] == fast["phases"]["edit"]["rows_forward"] == 4 * T
+    assert ref["settings"]["explicit_attention"] and ref["settings"]["unet_weight_grads"]
+    assert not fast["settings"]["explicit_attention"] and not fast["settings"]["unet_weight_grads"]
+
+
+def test_reference_reruns_the_image_encoder_per_cross_attention_layer(run, tiny):
+    _, written, _ = run
+    cross_layers = sum(1 for m in tiny.unet.modules() if getattr(m, "is_cross_attention", False))
+    assert cross_layers > 0
+    ref, fast = written["modes"]["reference"]["phases"], written["modes"]["fast"]["phases"]
+    # training: every back-propagated call and every final call carries learned values
+    assert ref["training"]["image_encoder_calls"] == cross_layers * (ref["training"]["iterations"] + T)
+    assert ref["edit"]["image_encoder_calls"] == cross_layers * T  # the conditional call of each step
+    assert ref["inversion"]["image_encoder_calls"] == 0  # no learned values during inversion
+    assert all(fast[p]["image_encoder_calls"] == 0 for p in fast)  # features computed once, before timing
+
+
+def test_modes_compute_the_same_edit_and_report_ratios(run):
+    results, written, lines = run
+    # Same weights, fp32 on the CPU: explicit vs fused attention and split vs batched calls only. With the
+    # same mapping networks the two edits agree to ~1e-5; over long training, Adam amplifies rounding
+    # differences (docs/performance.md), so this tight bound holds for the short schedule used here.
+    assert written["edit_max_abs_diff_reference_vs_fast"] < 1e-3 * max(1.0, written["edit_latent_std"])
+    for key in ("ratios", "ratios_cpu_time"):  # wall-clock and (on the CPU) CPU-time speed-ups
+        assert set(written[key]) == {"inversion", "training", "edit", "train+edit", "total"}
+        assert all(r > 0 for r in written[key].values())
+    assert written["targets"]["applicable"] is False  # tiny CPU runs never claim the H100 targets
+    # the ratio table is printed last
+    printed = "\n".join(lines).splitlines()
+    assert printed[-1].startswith("| total |") and "speed-up" in "\n".join(printed[-8:])
+    assert "edit_latents" not in written["modes"]["fast"]
+
+
+def test_iterations_option_picks_the_schedule(bench):
+    assert bench.schedule_iterations(30, 100) == 1015
+    assert bench.inner_steps_for(30, 1015) == 100
+    k = bench.inner_steps_for(10, 50)
+    assert bench.schedule_iterations(10, k) >= 50 > bench.schedule_iterations(10, k - 1)
+
+
+def test_reference_and_fast_edits_agree_for_the_same_mapping_networks(bench, tiny):
+    """The reference emulation changes the cost, not the result: split calls + explicit attention."""
+    inputs = bench.prepare_inputs(tiny, 0)
+    schedule = bench.DDIMSchedule(tiny.scheduler, T)
+    torch.manual_seed(0)
+    mappers = bench.MappingNetworks(bench.mapping_config(tiny, inputs.features, inputs.cond, "modulate"), T)
+    trajectory = bench.ddim_inversion(tiny, schedule, inputs.z0, inputs.cond, progress=False)
+    spec = bench.EditSpec(bench.SOURCE_PROMPT, bench.TARGET_PROMPT, tau_u=0.5)
+    fast = bench.run_edit(tiny, schedule, trajectory.z_T, spec, mappers=mappers, image_features=inputs.features,
+                          progress=False).latents
+    reference = bench.reference_edit(tiny, schedule, trajectory.z_T, spec, mappers, inputs.features)
+    assert torch.allclose(fast, reference, atol=1e-4, rtol=0)
+    assert (fast[0] - fast[1]).abs().max() > 1e-3  # the edit did something
+
+
+def test_bfloat16_training_keeps_reconstruction_psnr(bench):
+    """UNet in bf16, mapping networks and losses in fp32: reconstruction PSNR close to fp32.
+
+    The issue asks for < 0.1 dB. On this random tiny model that holds for short schedules (-0.05 dB
+    at T=3, K=2) but NOT for the full T=30, K=100 schedule (about -0.7 dB, see docs/performance.md),
+    so the test guards the plumbing and a looser bound; the benchmark reports the 0.1 dB verdict.
+    """
+    result = bench.check_precision("tiny", torch.device("cpu"), num_steps=T, num_inner_steps=K)
+    runs = result["runs"]
+    assert result["failed"] == {}
+    assert set(runs) == {"float32", "bfloat16"}
+    for run_ in runs.values():
+        assert run_["iterations"] == bench.schedule_iterations(T, K)
+        assert all(v is None or v == v for v in run_.values())  # no NaN
+    # the two runs really differ in precision (identical results would mean bf16 was not used)
+    assert runs["bfloat16"]["latent_psnr_vs_float32_reconstruction_db"] < 120
+    delta = result["deltas"]["bfloat16"]
+    assert abs(delta["image_db"]) < 0.5 and abs(delta["latent_db"]) < 0.5
+    assert delta["within_tolerance"] == (abs(delta["image_db"]) < result["tolerance_db"])
