@@ -90,6 +90,9 @@ def main(argv=None) -> None:
     p.add_argument("--num_inner_steps", type=int, default=20)
     p.add_argument("--guidance_scale", type=float, default=7.5)
     p.add_argument("--outdir", type=Path, default=Path("outputs/testbed_bench"))
+    p.add_argument("--scene_range", default=None, metavar="START:STOP",
+                   help="only these scenes (run several processes on disjoint ranges with one --outdir, then once "
+                        "without a range to write the summary)")
     args = p.parse_args(argv)
 
     pairs = []
@@ -108,8 +111,9 @@ def main(argv=None) -> None:
     log_path = args.outdir / "results.csv"
     rows = read_rows(log_path)  # a rerun resumes: finished scenes are skipped
     done = {int(r["scene"]) for r in rows}
+    start, stop = (int(x) for x in args.scene_range.split(":")) if args.scene_range else (0, len(scenes))
     for s_idx, scene in enumerate(scenes):
-        if s_idx in done:
+        if s_idx in done or not start <= s_idx < stop:
             continue
         scene_rows = []
         image = pil_to_tensor(scene.pil())
@@ -139,7 +143,8 @@ def main(argv=None) -> None:
         append_rows(log_path, scene_rows)
         rows += scene_rows
         print(f"scene {s_idx + 1}/{len(scenes)} done", flush=True)
-    write_outputs(args, rows, samples)
+    if len({int(r["scene"]) for r in rows}) == len(scenes):
+        write_outputs(args, sorted(rows, key=lambda r: int(r["scene"])), samples)
 
 
 COLUMNS = ["scene", "kind", "method", "source", "target", "success", "strict_success", "background_psnr",
