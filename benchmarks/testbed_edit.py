@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from stylediffusion.editing import EditSpec
-from stylediffusion.encoders import decode_latent, encode_latent
+from stylediffusion.encoders import decode_latent
 from stylediffusion.image_io import image_grid, pil_to_tensor, save_atomic, tensor_to_pil
 from stylediffusion.methods import MethodContext, get_edit, get_inversion, run_method
 from stylediffusion.models import load_models

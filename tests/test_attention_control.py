@@ -1,5 +1,4 @@
 """P2P/P2Plus attention control and value injection, checked call by call on the tiny model."""
-import pytest
 import torch
 
 from ptp_utils import COND, UNCOND, PromptToPromptController
