@@ -70,6 +70,10 @@ def image_grid(images: list[Image.Image], labels: list[str] | None = None, pad: 
     from PIL import ImageDraw
 
     w, h = images[0].size
+    if w < 128:  # small models' outputs: enlarge (nearest) so that a person can see them and read the labels
+        factor = -(-128 // w)
+        images = [im.resize((im.width * factor, im.height * factor), Image.NEAREST) for im in images]
+        w, h = images[0].size
     text_h = 14 if labels else 0
     grid = Image.new("RGB", (len(images) * (w + pad) + pad, h + 2 * pad + text_h), "white")
     draw = ImageDraw.Draw(grid)
