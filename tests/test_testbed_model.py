@@ -67,7 +67,7 @@ def test_stylediffusion_colour_swap_on_a_scene(testbed):
                         progress=False)
     torch.manual_seed(0)
     inverted = get_inversion("stylediffusion").invert(ctx)
-    out = run_method(ctx, edit_spec(ed, 0.0, 7.5), "stylediffusion", "p2p", inverted=inverted)
+    out = run_method(ctx, edit_spec(ed, 0.5, 7.5), "stylediffusion", "p2p", inverted=inverted)  # P2Plus
     pixels = decode_latent(testbed, out.latents)
     recon = np.asarray(tensor_to_pil(pixels[0])).astype(float)
     assert 10 * np.log10(255 ** 2 / np.mean((recon - scene.image) ** 2)) > 25  # the inversion reconstructs

@@ -402,6 +402,11 @@ def export(out: str, model_dir: str) -> None:
     vision: CLIPVisionModel = clip_mods["vision"]
     vision.save_pretrained(os.path.join(model_dir, "image_encoder"))
     M.build_tokenizer().save_pretrained(os.path.join(model_dir, "tokenizer"))
+    # the slow-tokenizer files too, for transformers versions that want them
+    import shutil
+
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(os.path.join(M.TOKENIZER_DIR, name), os.path.join(model_dir, "tokenizer", name))
     unet.save_pretrained(os.path.join(model_dir, "unet"))
     M.build_scheduler().save_pretrained(os.path.join(model_dir, "scheduler"))
     index = {

@@ -17,7 +17,7 @@ Only numpy is needed for rendering (Pillow is used for convenience conversions).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple
 
