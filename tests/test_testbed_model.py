@@ -73,3 +73,14 @@ def test_stylediffusion_colour_swap_on_a_scene(testbed):
     assert 10 * np.log10(255 ** 2 / np.mean((recon - scene.image) ** 2)) > 25  # the inversion reconstructs
     ok, _, background_psnr = judge(ed, np.asarray(tensor_to_pil(pixels[1])))
     assert ok and background_psnr > 25
+
+
+def test_readme_command_on_a_shipped_scene(tmp_path, capsys):
+    from stylediffusion.cli import main
+
+    code = main(["--model", "testbed", "--idx", "10", "--num_ddim_steps", "10", "--num_inner_steps", "5",
+                 "--progress", "False", "--outdir", str(tmp_path / "out"), "--checkpoint_dir", str(tmp_path / "ck")])
+    assert code == 0, capsys.readouterr().err
+    for k in (0, 1):
+        assert (tmp_path / "out" / f"case10_edit{k}" / "grid.png").is_file()
+    assert "untrained" not in capsys.readouterr().out
