@@ -143,8 +143,9 @@ def main(argv=None) -> None:
         append_rows(log_path, scene_rows)
         rows += scene_rows
         print(f"scene {s_idx + 1}/{len(scenes)} done", flush=True)
+    write_samples(args, samples)
     if len({int(r["scene"]) for r in rows}) == len(scenes):
-        write_outputs(args, sorted(rows, key=lambda r: int(r["scene"])), samples)
+        write_outputs(args, sorted(rows, key=lambda r: int(r["scene"])))
 
 
 COLUMNS = ["scene", "kind", "method", "source", "target", "success", "strict_success", "background_psnr",
@@ -175,7 +176,7 @@ def append_rows(path: Path, rows: list[dict]) -> None:
         f.flush()
 
 
-def write_outputs(args, rows, samples) -> None:
+def write_outputs(args, rows) -> None:
     methods = sorted({r["method"] for r in rows}, key=lambda m: [r["method"] for r in rows].index(m))
     lines = [f"Test-bed editing benchmark: model `{args.model}`, {args.n} held-out scenes, T={args.num_ddim_steps}, "
              f"K={args.num_inner_steps}, w={args.guidance_scale}.", "",
@@ -194,6 +195,10 @@ def write_outputs(args, rows, samples) -> None:
                      f"{np.mean([r['seconds'] for r in mine]) :.2f} |")
     (args.outdir / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def write_samples(args, samples) -> None:
+    """Input | edit | ground truth for the first scenes, one strip per method and edit kind."""
     strips = []
     for (method, kind), items in samples.items():
         flat = [im for triple in items for im in triple]
