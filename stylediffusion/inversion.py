@@ -25,6 +25,8 @@ class Inversion:
     mappers: MappingNetworks
     z_T: torch.Tensor
     metadata: dict
+    z0: torch.Tensor | None = None  # the image's VAE latent
+    image_features: torch.Tensor | None = None  # E(x), computed once and handed to the edit
 
 
 def identity(bundle: ModelBundle, image: torch.Tensor, prompt: str, num_steps: int) -> dict:
@@ -97,7 +99,7 @@ def train_inversion(bundle: ModelBundle, image: torch.Tensor, prompt: str, num_s
     if partial.exists():
         partial.unlink()
         partial.with_suffix(".json").unlink(missing_ok=True)
-    return Inversion(mappers.eval(), trajectory.z_T, meta)
+    return Inversion(mappers.eval(), trajectory.z_T, meta, z0=z0, image_features=features)
 
 
 def load_inversion(bundle: ModelBundle, checkpoint: Path, image: torch.Tensor, prompt: str, num_steps: int) -> Inversion:
@@ -113,4 +115,5 @@ def load_inversion(bundle: ModelBundle, checkpoint: Path, image: torch.Tensor, p
         z_T = tensors["z_T"]
     except (KeyError, TypeError, RuntimeError) as err:
         raise UserError(f"checkpoint '{checkpoint}' is damaged: its tensors do not match its metadata ({err}).") from err
-    return Inversion(mappers.to(bundle.device).eval(), z_T.to(bundle.device), meta)
+    return Inversion(mappers.to(bundle.device).eval(), z_T.to(bundle.device), meta,
+                     z0=encode_latent(bundle, image), image_features=clip_image_features(bundle, image))

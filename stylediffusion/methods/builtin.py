@@ -10,7 +10,7 @@ from dataclasses import replace
 from ptp_utils import AttentionController
 
 from ..editing import EditSpec, run_edit
-from ..encoders import clip_image_features, encode_latent, encode_prompts
+from ..encoders import encode_latent, encode_prompts
 from ..errors import UserError
 from ..inversion import load_inversion, train_inversion
 from ..sampling import ddim_inversion, guided_sampling
@@ -36,19 +36,17 @@ def stylediffusion_inversion(ctx: MethodContext) -> Inverted:
             raise UserError(f"checkpoint '{ctx.checkpoint}' learned the {stored!r} embedding, not {embedding!r}; "
                             f"pass another --checkpoint or delete it.")
     else:
-        from tempfile import TemporaryDirectory
+        from contextlib import nullcontext
         from pathlib import Path
+        from tempfile import TemporaryDirectory
 
-        if ctx.checkpoint is not None:
-            inv = train_inversion(b, ctx.image, ctx.source, ctx.num_steps, cfg, ctx.checkpoint,
-                                  variant=variant, progress=ctx.progress, log=lambda *_: None)
-        else:
-            with TemporaryDirectory() as tmp:
-                inv = train_inversion(b, ctx.image, ctx.source, ctx.num_steps, cfg,
-                                      Path(tmp) / "inversion.safetensors", variant=variant, progress=ctx.progress,
-                                      log=lambda *_: None)
-    return Inverted("stylediffusion", encode_latent(b, ctx.image), inv.z_T, mappers=inv.mappers,
-                    image_features=clip_image_features(b, ctx.image), metadata=inv.metadata)
+        # without a checkpoint path the trained networks live only in memory (and a scratch file)
+        with TemporaryDirectory() if ctx.checkpoint is None else nullcontext() as tmp:
+            path = ctx.checkpoint if tmp is None else Path(tmp) / "inversion.safetensors"
+            inv = train_inversion(b, ctx.image, ctx.source, ctx.num_steps, cfg, path, variant=variant,
+                                  progress=ctx.progress, log=lambda *_: None)
+    return Inverted("stylediffusion", inv.z0, inv.z_T, mappers=inv.mappers, image_features=inv.image_features,
+                    metadata=inv.metadata)
 
 
 @register_inversion("ddim", "Song et al., DDIM (2021); inversion at guidance 1", "T=30")

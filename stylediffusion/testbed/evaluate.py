@@ -38,56 +38,38 @@ from . import world as W
 
 
 def load_components(model_dir: str):
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    """The model through the project's own loader (the same path as ``--model``)."""
+    from ..models import load_models
 
-    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae").eval()
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").eval()
-    te = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder").eval()
-    tok = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
-    sched = DDIMScheduler.from_pretrained(model_dir, subfolder="scheduler")
-    return dict(vae=vae, unet=unet, text_encoder=te, tokenizer=tok, scheduler=sched)
+    return load_models(model_dir)
 
 
 @torch.no_grad()
-def encode_text(comp, captions: Sequence[str]) -> torch.Tensor:
-    ids = comp["tokenizer"](list(captions), padding="max_length", max_length=M.MAX_LENGTH,
-                            truncation=True, return_tensors="pt").input_ids
-    return comp["text_encoder"](input_ids=ids).last_hidden_state
-
-
-@torch.no_grad()
-def generate(comp, captions: Sequence[str], seed: int = 0, steps: int = 30, guidance: float = 7.5,
+def generate(bundle, captions: Sequence[str], seed: int = 0, steps: int = 30, guidance: float = 7.5,
              batch: int = 32) -> np.ndarray:
-    """DDIM sampling with classifier-free guidance; returns uint8 (N,H,W,3)."""
-    vae, unet, sched = comp["vae"], comp["unet"], comp["scheduler"]
-    side = unet.config.sample_size
-    out = []
+    """Guided DDIM sampling (the core's ``guided_sampling``) from seeded noise; returns uint8 (N,H,W,3)."""
+    from ..ddim import DDIMSchedule
+    from ..encoders import decode_latent, encode_prompts
+    from ..sampling import guided_sampling
+
+    schedule = DDIMSchedule(bundle.scheduler, steps)
+    side, channels = bundle.unet.config.sample_size, bundle.unet.config.in_channels
+    uncond = encode_prompts(bundle, [""])
     g = torch.Generator().manual_seed(seed)
+    out = []
     for i in range(0, len(captions), batch):
         caps = list(captions[i: i + batch])
-        n = len(caps)
-        cond = encode_text(comp, caps)
-        uncond = encode_text(comp, [""]).expand(n, -1, -1)
-        ctx = torch.cat([uncond, cond])
-        lat = torch.randn((n, unet.config.in_channels, side, side), generator=g)
-        sched.set_timesteps(steps)
-        lat = lat * sched.init_noise_sigma
-        for t in sched.timesteps:
-            eps = unet(torch.cat([lat, lat]), t, encoder_hidden_states=ctx).sample
-            eu, ec = eps.chunk(2)
-            eps = eu + guidance * (ec - eu)
-            lat = sched.step(eps, t, lat).prev_sample
-        img = vae.decode(lat / vae.config.scaling_factor).sample
-        out.append(M.tensor_to_images(img))
+        z = torch.randn((len(caps), channels, side, side), generator=g)
+        latents = guided_sampling(bundle, schedule, z, encode_prompts(bundle, caps), uncond, guidance)
+        out.append(M.tensor_to_images(decode_latent(bundle, latents)))
     return np.concatenate(out)
 
 
 @torch.no_grad()
-def vae_psnr(comp, n: int = 256, seed: int = 1, split: str = "heldout") -> Dict[str, float]:
+def vae_psnr(bundle, n: int = 256, seed: int = 1, split: str = "heldout") -> Dict[str, float]:
     rng = np.random.default_rng(seed)
     imgs, _ = W.sample_batch(rng, n, split)
-    vae = comp["vae"]
+    vae = bundle.vae
     recs = []
     for i in range(0, n, 64):
         x = M.images_to_tensor(imgs[i: i + 64])
@@ -162,17 +144,17 @@ def save_grid(path: str, images: np.ndarray, cols: int = 10, scale: int = 4) -> 
 def evaluate(model_dir: str, n: int = 60, seed: int = 0, steps: int = 30, guidance: float = 7.5,
              out: Optional[str] = None, train_reference: bool = True) -> Dict[str, object]:
     t0 = time.time()
-    comp = load_components(model_dir)
+    bundle = load_components(model_dir)
     res: Dict[str, object] = {"model_dir": model_dir, "ddim_steps": steps, "guidance": guidance, "seed": seed}
-    res["vae_heldout"] = vae_psnr(comp)
+    res["vae_heldout"] = vae_psnr(bundle)
     rng = np.random.default_rng(seed)
     held = single_object_captions(rng, n, "heldout")
-    imgs = generate(comp, [c for c, *_ in held], seed=seed, steps=steps, guidance=guidance)
+    imgs = generate(bundle, [c for c, *_ in held], seed=seed, steps=steps, guidance=guidance)
     res["generation_heldout"] = score(imgs, held)
     grids = [imgs[:30]]
     if train_reference:
         tr = single_object_captions(rng, n, "train")
-        timgs = generate(comp, [c for c, *_ in tr], seed=seed + 1, steps=steps, guidance=guidance)
+        timgs = generate(bundle, [c for c, *_ in tr], seed=seed + 1, steps=steps, guidance=guidance)
         res["generation_train_combos"] = score(timgs, tr)
         grids.append(timgs[:30])
     res["seconds"] = round(time.time() - t0, 1)

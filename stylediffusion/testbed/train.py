@@ -175,6 +175,14 @@ class _Stage:
                 self.rng.bit_generator.state = meta["np_rng"]
                 print(f"[{stage}] resumed at step {meta['step']}", file=sys.stderr)
 
+    def update(self, loss: torch.Tensor) -> float:
+        """One optimiser step on the stage's parameters (gradients clipped at norm 1)."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
+        self.opt.step()
+        return loss.item()
+
     def save(self):
         self.meta["np_rng"] = self.rng.bit_generator.state
         save_checkpoint(self.args.out, self.stage, self.modules, self.opt, self.meta)
@@ -237,11 +245,7 @@ def train_clip(args):
         target = same / same.sum(1, keepdim=True)
         loss = 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean()
                       - (target * logits.log_softmax(0).T).sum(1).mean())
-        st.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        st.opt.step()
-        return loss.item()
+        return st.update(loss)
 
     return st.run(step_fn)
 
@@ -256,11 +260,7 @@ def train_vae(args):
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
-        st.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        st.opt.step()
-        return loss.item()
+        return st.update(loss)
 
     meta = st.run(step_fn)
     # latent scale: 1 / std of sampled latents of fresh scenes
@@ -304,11 +304,7 @@ def train_vae_decoder(args):
             z = vae.encode(x).latent_dist.sample()
         rec = vae.decode(z).sample
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + _grad_l1(rec, x)
-        st.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        st.opt.step()
-        return loss.item()
+        return st.update(loss)
 
     return st.run(step_fn)
 
@@ -370,11 +366,7 @@ def train_unet(args):
         zt = a.sqrt() * z + (1 - a).sqrt() * noise
         pred = unet(zt, t, encoder_hidden_states=emb).sample
         loss = F.mse_loss(pred, noise)
-        st.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        st.opt.step()
-        return loss.item()
+        return st.update(loss)
 
     return st.run(step_fn)
 
