@@ -12,7 +12,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @torch.no_grad()
 def encode_prompts(bundle: ModelBundle, prompts: list[str]) -> torch.Tensor:
-    """Text embeddings (n, max_tokens, width) of the padded prompts, in the UNet's dtype."""
+    """Text embeddings (n, max_tokens, width) of the padded prompts, in float32 (``predict`` casts them)."""
     tok = bundle.tokenizer(prompts, padding="max_length", max_length=bundle.tokenizer.model_max_length,
                            truncation=True, return_tensors="pt")
     return bundle.text_encoder(tok.input_ids.to(bundle.device))[0].float()

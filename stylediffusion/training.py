@@ -76,6 +76,17 @@ def early_stop_threshold(i: int) -> float:
     return 1e-5 + i * 2e-5
 
 
+def gradient_scaler(bundle: ModelBundle) -> torch.amp.GradScaler:
+    """Dynamic loss scaling when the frozen models run in float16; a no-op (bit-identical) otherwise.
+
+    The gradient a latent MSE sends into the UNet is about 2 r / N per element (N = 16,384 for SD's
+    64x64x4 latent, residual r ~ 1e-3 late in training): below float16's smallest normal number
+    (6e-5), so an unscaled float16 backward returns mostly or all zero gradients (measured in
+    docs/performance.md). bfloat16 has float32's exponent range and needs no scaling.
+    """
+    return torch.amp.GradScaler(bundle.device.type, enabled=bundle.dtype == torch.float16)
+
+
 def attention_loss(maps: list[torch.Tensor], reference: list[torch.Tensor]) -> torch.Tensor:
     if len(maps) != len(reference):
         raise RuntimeError(f"{len(maps)} mid-low maps recorded but {len(reference)} reference maps")
@@ -103,6 +114,7 @@ def train_mapping_networks(
     mappers.to(bundle.device).train()
     z = (trajectory.z_T if z_start is None else z_start).to(bundle.device)
     reports = []
+    scaler = gradient_scaler(bundle)
     total = sum(inner_steps(cfg.num_inner_steps, i) for i in range(start_step, T))
     bar = tqdm(total=total, desc="StyleDiffusion training", disable=not progress)
     for i in range(start_step, T):
@@ -132,8 +144,9 @@ def train_mapping_networks(
                 raise UserError(f"the training loss became {loss_value} at DDIM step {i}, iteration {it}: lower --lr, "
                                 f"or use --dtype float32 if you trained in half precision.")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             bar.update(1)
             bar.set_postfix(step=f"{i + 1}/{T}", loss=f"{loss_value:.2e}")
             if cfg.early_stop and loss_value < early_stop_threshold(i):

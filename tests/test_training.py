@@ -134,3 +134,21 @@ def test_interrupted_training_resumes_to_the_same_result(tiny, image, tmp_path, 
     for a, b in zip(full.mappers.state_dict().values(), resumed.mappers.state_dict().values()):
         assert torch.equal(a, b)
     assert not target.with_name("resumed.partial.safetensors").exists()
+
+
+
+def test_float16_training_scales_the_loss_so_gradients_do_not_underflow(image):
+    """At SD v1's latent size an unscaled float16 backward flushes M_i's gradient to zero."""
+    from benchmarks.half_precision_gradients import mapper_gradient
+    from stylediffusion.models import load_models
+    from stylediffusion.training import gradient_scaler
+
+    half = load_models("tiny", dtype=torch.float16)
+    assert gradient_scaler(half).is_enabled()
+    assert not gradient_scaler(load_models("tiny", dtype=torch.bfloat16)).is_enabled()
+    prompt = "a photo of a cat"
+    reference = mapper_gradient(load_models("tiny"), image, prompt, 1e-3)
+    unscaled = mapper_gradient(half, image, prompt, 1e-3)
+    scaled = mapper_gradient(half, image, prompt, 1e-3, scaled=True)
+    assert (unscaled == 0).float().mean() > 0.5
+    assert torch.nn.functional.cosine_similarity(scaled, reference, dim=0) > 0.99

@@ -22,7 +22,7 @@ from ptp_utils import BatchLayout, CrossAttentionRecorder, controlled, install_a
 from ..ddim import guided
 from ..encoders import encode_latent, encode_prompts
 from ..sampling import ddim_inversion, predict
-from ..training import attention_loss, early_stop_threshold, step_lr
+from ..training import attention_loss, early_stop_threshold, gradient_scaler, step_lr
 from .common import checkpointed, option
 from .registry import Inverted, MethodContext, register_inversion
 
@@ -40,6 +40,7 @@ def nulltext_optimise(ctx: MethodContext, iterations: int = 10, lr: float = 1e-2
     u = encode_prompts(b, [""])
     z = traj.z_T
     embeddings, losses = [], []
+    scaler = gradient_scaler(b)
     for i in tqdm(range(T), desc="Null-text inversion", disable=not ctx.progress, leave=False):
         target = traj.target_for_step(i)
         reference = traj.maps.get(i, []) if att_loss else []
@@ -57,8 +58,9 @@ def nulltext_optimise(ctx: MethodContext, iterations: int = 10, lr: float = 1e-2
                 if reference:
                     loss = loss + attention_loss(recorder.maps.get(i, []), reference)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            optimizer.step()
+                scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             loss_value = loss.item()
             if loss_value < early_stop_threshold(i):
                 break

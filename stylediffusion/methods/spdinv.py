@@ -19,6 +19,7 @@ from ptp_utils import BatchLayout
 
 from ..encoders import encode_latent, encode_prompts
 from ..sampling import predict
+from ..training import gradient_scaler
 from .common import checkpointed, option, stack, unstack
 from .registry import Inverted, MethodContext, register_inversion
 
@@ -41,6 +42,7 @@ def spd_inversion(ctx: MethodContext, rounds: int = 25, lr: float = 1e-3, tol: f
     cond = encode_prompts(b, [ctx.source])
     latents, z = [z0], z0
     initial, final = [0.0] * T, [0.0] * T
+    scaler = gradient_scaler(b)
     for i in tqdm(range(T - 1, -1, -1), desc="SPDInv", disable=not ctx.progress, leave=False):
         with torch.no_grad():
             start = schedule.invert_step(predict(b, schedule, z, i, cond, BatchLayout.single()), z, i)
@@ -58,8 +60,9 @@ def spd_inversion(ctx: MethodContext, rounds: int = 25, lr: float = 1e-3, tol: f
             if value < tol or r == rounds:
                 break
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         final[i] = best_loss
         z = best
         latents.append(z)
