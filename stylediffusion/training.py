@@ -93,6 +93,23 @@ def attention_loss(maps: list[torch.Tensor], reference: list[torch.Tensor]) -> t
     return sum(F.mse_loss(a.float(), r.to(a.device, torch.float32)) for a, r in zip(maps, reference))
 
 
+def iteration_loss(bundle: ModelBundle, schedule: DDIMSchedule, z: torch.Tensor, i: int, eps_u: torch.Tensor,
+                   values: torch.Tensor, cond: torch.Tensor, target: torch.Tensor, reference: list[torch.Tensor],
+                   state, recorder: CrossAttentionRecorder, cfg: TrainConfig) -> torch.Tensor:
+    """One inner iteration's loss: the guided DDIM step with the learned ``values`` against z*_{t-1},
+    plus the mid-low attention loss against ``reference`` when there is one (and cfg asks for it)."""
+    use_att = cfg.attention_loss and bool(reference)
+    recorder.reset()
+    layout = BatchLayout.single()
+    with controlled(state, recorder if use_att else None):
+        eps_c = predict(bundle, schedule, z, i, cond, layout, **embedding_inputs(cfg.embedding, values))
+    z_prev = schedule.sample_step(guided(eps_u, eps_c, cfg.guidance_scale), z, i)
+    loss = F.mse_loss(z_prev, target)
+    if use_att:
+        loss = loss + cfg.attention_weight * attention_loss(recorder.maps.get(i, []), reference)
+    return loss
+
+
 @dataclass
 class StepReport:
     step: int
@@ -125,20 +142,13 @@ def train_mapping_networks(
         optimizer = torch.optim.Adam(mapper.parameters(), lr=step_lr(cfg.lr, i))
         target = trajectory.target_for_step(i).to(bundle.device)
         reference = trajectory.maps.get(i, [])
-        use_att = cfg.attention_loss and bool(reference)
         with torch.no_grad():
             eps_u = predict(bundle, schedule, z, i, uncond, layout)
         k_i = inner_steps(cfg.num_inner_steps, i)
         it, loss_value = 0, float("nan")
         for it in range(1, k_i + 1):
-            recorder.reset()
-            values = mapper(image_features, cond)
-            with controlled(state, recorder if use_att else None):
-                eps_c = predict(bundle, schedule, z, i, cond, layout, **embedding_inputs(cfg.embedding, values))
-            z_prev = schedule.sample_step(guided(eps_u, eps_c, cfg.guidance_scale), z, i)
-            loss = F.mse_loss(z_prev, target)
-            if use_att:
-                loss = loss + cfg.attention_weight * attention_loss(recorder.maps.get(i, []), reference)
+            loss = iteration_loss(bundle, schedule, z, i, eps_u, mapper(image_features, cond), cond, target, reference,
+                                  state, recorder, cfg)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise UserError(f"the training loss became {loss_value} at DDIM step {i}, iteration {it}: lower --lr, "

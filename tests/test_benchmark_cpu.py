@@ -140,3 +140,18 @@ def test_bfloat16_training_keeps_reconstruction_psnr(bench):
     assert delta["within_tolerance_input_image"] == (abs(delta["input_image_db"]) < result["tolerance_db"])
     # against the input image the (random) VAE's error dominates: far below the inversion's own PSNR
     assert runs["float32"]["psnr_input_image_db"] < runs["float32"]["psnr_image_db"]
+
+
+def test_training_memory_estimate_at_sd15_size():
+    """Shapes-only estimate (meta device): fused attention and frozen weights keep the fast mode small."""
+    from benchmarks import training_memory
+
+    gib = 2 ** 30
+    modes = training_memory.gpu_bench
+    reference = training_memory.estimate(modes.reference_mode())
+    fast = training_memory.estimate(modes.fast_mode(torch.device("cuda"), "bfloat16", False, False))
+    assert reference["weight_grad_bytes"] > 3 * gib and fast["weight_grad_bytes"] == 0
+    # the reference materialises the 4096x4096 self-attention maps of the 64x64 layers; the fast mode does not
+    assert reference["largest_saved"][0][0].startswith("(1, 8, 4096, 4096)")
+    assert all("4096, 4096" not in label for label, _ in fast["largest_saved"])
+    assert fast["total_bytes"] < 8 * gib < reference["total_bytes"]

@@ -1,0 +1,182 @@
+"""Estimate StyleDiffusion's training memory at SD v1.5 size without a GPU (shapes only, no compute).
+
+Builds the SD v1.5 architecture (configs in ``stylediffusion/configs/sd15``) on PyTorch's ``meta``
+device, where tensors have shapes and dtypes but no data, and runs one training iteration of each
+benchmark mode exactly as ``train_mapping_networks`` does (mapping network -> UNet with the learned
+values and the mid-low attention recorder -> DDIM step -> latent MSE + attention loss -> backward).
+It counts what stays resident during the backward pass:
+
+- weights of the frozen models (UNet, text and image encoders in the mode's dtype, VAE in fp32),
+- weight gradients (reference mode: the UNet's parameters require grad, as in the released code),
+- activations saved for the backward pass (``torch.autograd.graph.saved_tensors_hooks``), counted
+  once per storage and leaving out parameters.
+
+Fused attention is emulated: on ``meta`` PyTorch would take SDPA's math path and materialise every
+attention map, which a GPU's flash / memory-efficient kernels do not. Under a ``TorchFunctionMode``
+each ``F.scaled_dot_product_attention`` call saves what those kernels save (q, k, v, output and the
+per-row log-sum-exp). The reference mode computes explicit maps everywhere, so it saves them.
+
+The result is a lower bound on ``torch.cuda.max_memory_allocated``: it leaves out the backward
+pass's transient buffers (gradients of the activations being processed, kernel workspaces) and the
+allocator's rounding. Compare with the GPU benchmark's measured peak when a GPU is available.
+
+    python benchmarks/training_memory.py
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
+
+from benchmarks import gpu_bench  # noqa: E402
+from ptp_utils import BatchLayout, controlled, install_attention_control  # noqa: E402
+from stylediffusion import training  # noqa: E402
+from stylediffusion.ddim import DDIMSchedule  # noqa: E402
+from stylediffusion.inversion import mapping_config  # noqa: E402
+from stylediffusion.mapping import MappingNetworks  # noqa: E402
+from stylediffusion.models import ModelBundle  # noqa: E402
+from stylediffusion.sampling import predict  # noqa: E402
+
+META = torch.device("meta")
+GiB = 2 ** 30
+
+
+class _FusedAttention(torch.autograd.Function):
+    """Shape-only stand-in for a flash / memory-efficient SDPA kernel: saves q, k, v, out, logsumexp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        logsumexp = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, logsumexp)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+class FusedAttentionMemory(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            q, k, v = args[:3]
+            return _FusedAttention.apply(q, k, v)
+        return func(*args, **(kwargs or {}))
+
+
+class SavedTensors:
+    """Bytes saved for backward, once per storage, parameters left out, grouped by a short label."""
+
+    def __init__(self, parameters: set[int]):
+        self.parameters = parameters
+        self.storages: dict[int, tuple[int, str]] = {}
+
+    def pack(self, t: torch.Tensor):
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key not in self.parameters and key not in self.storages:
+            label = f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+            self.storages[key] = (storage.nbytes(), label)
+        return t
+
+    @staticmethod
+    def unpack(t):
+        return t
+
+    def total(self) -> int:
+        return sum(n for n, _ in self.storages.values())
+
+    def largest(self, k: int = 3) -> list[tuple[str, int]]:
+        by_label = defaultdict(int)
+        for n, label in self.storages.values():
+            by_label[label] += n
+        return sorted(by_label.items(), key=lambda kv: -kv[1])[:k]
+
+
+def estimate(mode: gpu_bench.Mode, resolution: int = 512, num_steps: int = 30) -> dict:
+    dtype = gpu_bench.DTYPES[mode.dtype]
+    parts = gpu_bench.sd15_components(META, 0, resolution)
+    for key in ("vae", "unet", "text_encoder", "image_encoder"):
+        parts[key].requires_grad_(False).eval().to(dtype=torch.float32 if key == "vae" else dtype)
+    bundle = ModelBundle(**parts, model_id="sd15-meta", image_encoder_id="vit-b16-meta", device=META, dtype=dtype,
+                         untrained=True)
+    if mode.unet_weight_grads:
+        bundle.unet.requires_grad_(True)
+    weights = sum(p.nbytes for name in ("unet", "text_encoder", "image_encoder", "vae")
+                  for p in getattr(bundle, name).parameters())
+    weight_grads = sum(p.nbytes for p in bundle.unet.parameters()) if mode.unet_weight_grads else 0  # grads in the weights' dtype
+    parameters = {p.untyped_storage()._cdata for name in ("unet", "text_encoder", "image_encoder", "vae")
+                  for p in getattr(bundle, name).parameters()}
+
+    latent = resolution // bundle.vae_scale
+    z = torch.empty(1, 4, latent, latent, device=META)
+    width = bundle.text_encoder.config.hidden_size
+    cond = torch.empty(1, bundle.tokenizer.model_max_length, width, device=META)
+    vision = bundle.image_encoder.config
+    features = torch.empty(1, (vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size, device=META)
+    schedule = DDIMSchedule(bundle.scheduler, num_steps)
+    step = num_steps // 2
+    mappers = MappingNetworks(mapping_config(bundle, features, cond, "modulate"), num_steps).to(META)
+    mapping_bytes = sum(p.nbytes for p in mappers[step].parameters()) * 4  # weights, grads, two Adam moments
+
+    # the reference maps the attention loss compares with: record them once (no grad)
+    state = install_attention_control(bundle.unet)
+    recorder = (gpu_bench.ExplicitRecorder if mode.explicit_attention else training.CrossAttentionRecorder)(keep_grad=True)
+    with torch.no_grad(), controlled(state, recorder):
+        predict(bundle, schedule, z, step, cond, BatchLayout.single())
+    reference = [m.detach() for m in recorder.maps.get(step, [])]
+    if not reference:
+        raise RuntimeError("no mid-low reference maps were recorded: the attention loss would be off")
+
+    saved = SavedTensors(parameters)
+    fused = FusedAttentionMemory() if not mode.explicit_attention else None
+    cfg = training.TrainConfig()
+    mapper = mappers[step].requires_grad_(True)
+    eps_u = torch.empty_like(z)
+    explicit = gpu_bench.ExplicitEverywhere() if mode.explicit_attention else None
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack), \
+            (fused if fused is not None else contextlib.nullcontext()), controlled(state, explicit):
+        # one inner iteration of the training loop, on shapes (its loss, then its backward pass)
+        loss = training.iteration_loss(bundle, schedule, z, step, eps_u, mapper(features, cond), cond, torch.empty_like(z),
+                                       reference, state, recorder, cfg)
+        loss.backward()
+    return {"mode": mode.name, "dtype": mode.dtype, "weights_bytes": weights, "weight_grad_bytes": weight_grads,
+            "saved_activation_bytes": saved.total(), "mapping_network_bytes": mapping_bytes,
+            "total_bytes": weights + weight_grads + saved.total() + mapping_bytes,
+            "largest_saved": saved.largest()}
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--fast_dtype", choices=tuple(gpu_bench.DTYPES), default="bfloat16")
+    args = p.parse_args(argv)
+    modes = [gpu_bench.reference_mode(), gpu_bench.fast_mode(torch.device("cuda"), args.fast_dtype, False, False)]
+    rows = [estimate(m, args.resolution) for m in modes]
+    print(f"SD v1.5 architecture at {args.resolution}x{args.resolution}, one training iteration, meta device "
+          f"(shapes only): memory resident during backward, GiB (a lower bound on the GPU's peak)")
+    print("| mode | dtype | weights | UNet weight grads | saved activations | mapping net + Adam | total |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['mode']} | {r['dtype']} | {r['weights_bytes'] / GiB:.2f} | {r['weight_grad_bytes'] / GiB:.2f} | "
+              f"{r['saved_activation_bytes'] / GiB:.2f} | {r['mapping_network_bytes'] / GiB:.3f} | "
+              f"{r['total_bytes'] / GiB:.2f} |")
+    for r in rows:
+        print(f"{r['mode']}: largest saved tensors: "
+              + "; ".join(f"{label} {n / GiB:.2f} GiB" for label, n in r["largest_saved"]))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
