@@ -16,7 +16,6 @@ from pathlib import Path
 
 from .errors import UserError, exit_code
 
-DTYPES = ("float32", "float16", "bfloat16")
 
 
 def str2bool(text: str) -> bool:
@@ -48,7 +47,7 @@ def literal(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models import DEFAULT_IMAGE_ENCODER, DEFAULT_MODEL
+    from .models import DEFAULT_IMAGE_ENCODER, DEFAULT_MODEL, DTYPE_NAMES
 
     p = argparse.ArgumentParser(
         prog="edit_w_ptp_v_clip.py",
@@ -71,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image_encoder", default=None,
                    help=f"CLIP vision tower, hub id or folder (default: the model's image_encoder/ or {DEFAULT_IMAGE_ENCODER})")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
-    g.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the frozen UNet and encoders")
+    g.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
+                   help="dtype of the frozen UNet and encoders (auto: bfloat16 on CUDA, float32 on the CPU; "
+                        "mapping networks, DDIM math and losses always run in float32)")
     g.add_argument("--seed", type=int, default=0)
 
     g = p.add_argument_group("inversion (training)")
@@ -222,7 +223,7 @@ def run(args, log=print) -> list[Path]:
     from .encoders import decode_latent
     from .image_io import load_image
     from .methods import MethodContext, get_edit, get_inversion, run_method
-    from .models import load_models
+    from .models import load_models, resolve_dtype
     from .training import TrainConfig
 
     if args.num_ddim_steps < 1 or args.num_inner_steps < 1:
@@ -238,8 +239,9 @@ def run(args, log=print) -> list[Path]:
         for spec in job.edits:
             spec.validate()
     torch.manual_seed(args.seed)
-    bundle = load_models(args.model, args.image_encoder, device=_device(args.device),
-                         dtype=getattr(torch, args.dtype), seed=args.seed)
+    device = _device(args.device)
+    bundle = load_models(args.model, args.image_encoder, device=device, dtype=resolve_dtype(args.dtype, device),
+                         seed=args.seed)
     if bundle.untrained:
         log("note: --model tiny has random, untrained weights: outputs show the mechanics, not real edits.")
     T = args.num_ddim_steps
@@ -308,7 +310,8 @@ def save_edit_outputs(outdir: Path, image, pixels, result, spec, bundle, T: int,
     report = {"inversion": inversion, "edit": edit, "source": spec.source, "target": spec.target, "edit_type": spec.edit_type, "tau_v": spec.tau_v,
               "tau_c": spec.tau_c, "tau_s": spec.tau_s, "tau_u": spec.tau_u, "blend_words": spec.blend_words,
               "eq_params": spec.eq_params, "guidance_scale": spec.guidance_scale, "num_ddim_steps": T,
-              "model": bundle.model_id, "untrained_model": bundle.untrained, "edit_seconds": round(seconds, 3)}
+              "model": bundle.model_id, "untrained_model": bundle.untrained,
+              "dtype": str(bundle.dtype).removeprefix("torch."), "edit_seconds": round(seconds, 3)}
     tmp = outdir / ".edit.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(outdir / "edit.json")

@@ -160,3 +160,25 @@ def test_generated_image_editing_needs_no_image(tmp_path, capsys):
                                      tmp_path, capsys)
     assert code == 0, captured.err
     assert (out / "grid.png").is_file() and (out / "edited.png").is_file()
+
+
+def test_dtype_auto_and_float16_training(photo, tmp_path, capsys):
+    """auto: bfloat16 on CUDA, float32 on the CPU; float16 trains (loss-scaled) and edits from the CLI."""
+    import json
+
+    import torch
+
+    from stylediffusion.models import resolve_dtype
+
+    assert build_parser().parse_args([]).dtype == "auto"
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda:1") == torch.bfloat16
+    assert resolve_dtype("float16", "cpu") == torch.float16
+    code, captured, out, _ = run_cli(FAST + ["--image_path", str(photo), "--prompt", "a photo of a cat",
+                                             "--target", "a photo of a dog"], tmp_path, capsys)
+    assert code == 0, captured.err
+    assert json.loads((out / "edit.json").read_text())["dtype"] == "float32"
+    code, captured, out, _ = run_cli(FAST + ["--dtype", "float16", "--image_path", str(photo), "--prompt",
+                                             "a photo of a cat", "--target", "a photo of a dog"], tmp_path / "half", capsys)
+    assert code == 0, captured.err
+    assert json.loads((out / "edit.json").read_text())["dtype"] == "float16"

@@ -10,7 +10,7 @@ from ..errors import UserError
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    from ..models import DEFAULT_MODEL
+    from ..models import DEFAULT_MODEL, DTYPE_NAMES
 
     g = p.add_argument_group("models")
     g.add_argument("--model", default=DEFAULT_MODEL,
@@ -18,7 +18,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image_encoder", default=None, help="CLIP vision tower (hub id or folder) for StyleDiffusion")
     g.add_argument("--device", default="auto",
                    help="auto (this process's accelerate device: cuda:<local rank>, or cpu), cpu, cuda, ...")
-    g.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    g.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
+                   help="dtype of the frozen models (auto: bfloat16 on CUDA, float32 on the CPU)")
     g.add_argument("--seed", type=int, default=0, help="torch seed, reset before every item (so sharding "
                    "does not change results)")
     g.add_argument("--timeout_hours", type=float, default=48.0,
@@ -84,11 +85,11 @@ def train_config(args):
 def load_bundle(args, device: str, log=print):
     import torch
 
-    from ..models import load_models
+    from ..models import load_models, resolve_dtype
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu.")
-    bundle = load_models(args.model, args.image_encoder, device=device, dtype=getattr(torch, args.dtype),
+    bundle = load_models(args.model, args.image_encoder, device=device, dtype=resolve_dtype(args.dtype, device),
                          seed=args.seed)
     if bundle.untrained:
         log("note: --model tiny has random, untrained weights: numbers show the mechanics, not real edits.")
