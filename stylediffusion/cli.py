@@ -223,7 +223,7 @@ def run(args, log=print) -> list[Path]:
     from .encoders import decode_latent
     from .image_io import load_image
     from .methods import MethodContext, get_edit, get_inversion, run_method
-    from .models import load_models, resolve_dtype
+    from .models import load_models, resolve_dtype, tune_backends
     from .training import TrainConfig
 
     if args.num_ddim_steps < 1 or args.num_inner_steps < 1:
@@ -240,6 +240,7 @@ def run(args, log=print) -> list[Path]:
             spec.validate()
     torch.manual_seed(args.seed)
     device = _device(args.device)
+    tune_backends(device)
     bundle = load_models(args.model, args.image_encoder, device=device, dtype=resolve_dtype(args.dtype, device),
                          seed=args.seed)
     if bundle.untrained:

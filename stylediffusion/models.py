@@ -165,6 +165,16 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def tune_backends(device: str | torch.device) -> None:
+    """For the command lines: let cuDNN pick the fastest convolution algorithms on CUDA.
+
+    Training calls the UNet 1000+ times on one fixed shape, so autotuning once pays (the GPU
+    benchmark's fast mode does the same). A process-wide switch, hence not done by load_models.
+    """
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def load_models(model: str = DEFAULT_MODEL, image_encoder: str | None = None, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32, seed: int = 0) -> ModelBundle:
     """Load (or build) every frozen component, move it to ``device``/``dtype`` and freeze it."""

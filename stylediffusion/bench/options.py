@@ -85,10 +85,11 @@ def train_config(args):
 def load_bundle(args, device: str, log=print):
     import torch
 
-    from ..models import load_models, resolve_dtype
+    from ..models import load_models, resolve_dtype, tune_backends
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu.")
+    tune_backends(device)
     bundle = load_models(args.model, args.image_encoder, device=device, dtype=resolve_dtype(args.dtype, device),
                          seed=args.seed)
     if bundle.untrained:
