@@ -142,16 +142,23 @@ def test_bfloat16_training_keeps_reconstruction_psnr(bench):
     assert runs["float32"]["psnr_input_image_db"] < runs["float32"]["psnr_image_db"]
 
 
-def test_training_memory_estimate_at_sd15_size():
+def test_sd15_training_cost_from_shapes():
     """Shapes-only estimate (meta device): fused attention and frozen weights keep the fast mode small."""
-    from benchmarks import training_memory
+    from benchmarks import sd15_training_cost
 
     gib = 2 ** 30
-    modes = training_memory.gpu_bench
-    reference = training_memory.estimate(modes.reference_mode())
-    fast = training_memory.estimate(modes.fast_mode(torch.device("cuda"), "bfloat16", False, False))
+    modes = sd15_training_cost.gpu_bench
+    reference = sd15_training_cost.estimate(modes.reference_mode())
+    fast = sd15_training_cost.estimate(modes.fast_mode(torch.device("cuda"), "bfloat16", False, False))
     assert reference["weight_grad_bytes"] > 3 * gib and fast["weight_grad_bytes"] == 0
     # the reference materialises the 4096x4096 self-attention maps of the 64x64 layers; the fast mode does not
     assert reference["largest_saved"][0][0].startswith("(1, 8, 4096, 4096)")
     assert all("4096, 4096" not in label for label, _ in fast["largest_saved"])
     assert fast["total_bytes"] < 8 * gib < reference["total_bytes"]
+    # FLOPs: a UNet forward at 512 is ~0.8 TFLOP; frozen weights save the weight-gradient work and the
+    # reference re-runs the image encoder in each of the 16 cross-attention layers
+    assert 0.75e12 < fast["flops"]["call_plain"] < 0.85e12
+    assert abs(fast["flops"]["call_learned"] - fast["flops"]["call_plain"]) < 1e9  # the mapping network only
+    assert reference["flops"]["call_learned"] > reference["flops"]["call_plain"] + 16 * 0.03e12
+    assert fast["flops"]["train_iteration"] < 2.2 * fast["flops"]["call_plain"]
+    assert reference["flops"]["train_iteration"] > 1.7 * fast["flops"]["train_iteration"]

@@ -1,4 +1,4 @@
-"""Estimate StyleDiffusion's training memory at SD v1.5 size without a GPU (shapes only, no compute).
+"""StyleDiffusion's memory and FLOPs at SD v1.5 size, from shapes alone (no GPU, no weights, no compute).
 
 Builds the SD v1.5 architecture (configs in ``stylediffusion/configs/sd15``) on PyTorch's ``meta``
 device, where tensors have shapes and dtypes but no data, and runs one training iteration of each
@@ -20,7 +20,15 @@ The result is a lower bound on ``torch.cuda.max_memory_allocated``: it leaves ou
 pass's transient buffers (gradients of the activations being processed, kernel workspaces) and the
 allocator's rounding. Compare with the GPU benchmark's measured peak when a GPU is available.
 
-    python benchmarks/training_memory.py
+FLOPs: ``torch.utils.flop_counter`` on the same code paths (without the attention emulation: fused
+kernels do the same matrix products): one training iteration (forward + backward; the reference
+also computes weight gradients and re-runs the CLIP image encoder in every cross-attention layer),
+one UNet call with learned values and one without. From them, the work of inversion (T plain
+calls), training (I iterations + per step one plain and one learned call) and a P2Plus edit (per
+step four rows, plus the reference's image encoder once per conditional call) for T=30, K=100, and
+the time those FLOPs take at a given rate (a floor: no GPU reaches its peak rate).
+
+    python benchmarks/sd15_training_cost.py
 """
 from __future__ import annotations
 
@@ -37,6 +45,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from benchmarks import gpu_bench  # noqa: E402
 from ptp_utils import BatchLayout, controlled, install_attention_control  # noqa: E402
@@ -104,7 +113,7 @@ class SavedTensors:
         return sorted(by_label.items(), key=lambda kv: -kv[1])[:k]
 
 
-def estimate(mode: gpu_bench.Mode, resolution: int = 512, num_steps: int = 30) -> dict:
+def estimate(mode: gpu_bench.Mode, resolution: int = 512, num_steps: int = 30, num_inner_steps: int = 100) -> dict:
     dtype = gpu_bench.DTYPES[mode.dtype]
     parts = gpu_bench.sd15_components(META, 0, resolution)
     for key in ("vae", "unet", "text_encoder", "image_encoder"):
@@ -151,16 +160,56 @@ def estimate(mode: gpu_bench.Mode, resolution: int = 512, num_steps: int = 30) -
         loss = training.iteration_loss(bundle, schedule, z, step, eps_u, mapper(features, cond), cond, torch.empty_like(z),
                                        reference, state, recorder, cfg)
         loss.backward()
+    flops = count_flops(bundle, mode, schedule, z, step, eps_u, mapper, features, cond, reference, state, recorder, cfg)
+    iterations = gpu_bench.schedule_iterations(num_steps, num_inner_steps)
+    phases = {"inversion": num_steps * flops["call_plain"],
+              "training": iterations * flops["train_iteration"]
+              + num_steps * (flops["call_plain"] + flops["call_learned"]),
+              # per step one call of 4 rows (fast) or two of 2 (reference): four rows of UNet work, and the
+              # reference's per-layer image encoder once for the conditional call
+              "edit": num_steps * (4 * flops["call_plain"] + flops["call_learned"] - flops["call_plain"])}
     return {"mode": mode.name, "dtype": mode.dtype, "weights_bytes": weights, "weight_grad_bytes": weight_grads,
             "saved_activation_bytes": saved.total(), "mapping_network_bytes": mapping_bytes,
             "total_bytes": weights + weight_grads + saved.total() + mapping_bytes,
-            "largest_saved": saved.largest()}
+            "largest_saved": saved.largest(), "flops": flops, "train_iterations": iterations, "phase_flops": phases}
+
+
+def count_flops(bundle, mode, schedule, z, step, eps_u, mapper, features, cond, reference, state, recorder, cfg) -> dict:
+    """FLOPs of one training iteration and of one UNet call with / without learned values (one row)."""
+    explicit = gpu_bench.ExplicitEverywhere() if mode.explicit_attention else None
+    image = torch.empty(1, 3, bundle.image_size, bundle.image_size, device=META)
+    hooks = gpu_bench.add_per_layer_image_encoder(bundle, image) if mode.image_encoder_per_layer else []
+
+    def counted(fn) -> float:
+        counter = FlopCounterMode(display=False)
+        with counter, controlled(state, explicit):
+            fn()
+        return float(counter.get_total_flops())
+
+    def train_iteration():
+        loss = training.iteration_loss(bundle, schedule, z, step, eps_u, mapper(features, cond), cond,
+                                       torch.empty_like(z), reference, state, recorder, cfg)
+        loss.backward()
+
+    try:
+        out = {"train_iteration": counted(train_iteration)}
+        with torch.no_grad():
+            out["call_learned"] = counted(lambda: predict(bundle, schedule, z, step, cond, BatchLayout.single(),
+                                                          values=mapper(features, cond)))
+            out["call_plain"] = counted(lambda: predict(bundle, schedule, z, step, cond, BatchLayout.single()))
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
 
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--fast_dtype", choices=tuple(gpu_bench.DTYPES), default="bfloat16")
+    p.add_argument("--tflops", type=float, default=800.0,
+                   help="rate for the time floor of the fast mode's FLOPs (default 800: the H100's bf16 matmul rate "
+                        "quoted in the issue)")
     args = p.parse_args(argv)
     modes = [gpu_bench.reference_mode(), gpu_bench.fast_mode(torch.device("cuda"), args.fast_dtype, False, False)]
     rows = [estimate(m, args.resolution) for m in modes]
@@ -175,6 +224,19 @@ def main(argv=None) -> list[dict]:
     for r in rows:
         print(f"{r['mode']}: largest saved tensors: "
               + "; ".join(f"{label} {n / GiB:.2f} GiB" for label, n in r["largest_saved"]))
+    print(f"\nFLOPs (T=30, K=100: {rows[0]['train_iterations']} training iterations), TFLOP")
+    print("| mode | UNet call, plain | UNet call, learned values | training iteration | inversion | training | edit | "
+          "train+edit |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        f, ph = r["flops"], r["phase_flops"]
+        print(f"| {r['mode']} | {f['call_plain'] / 1e12:.3f} | {f['call_learned'] / 1e12:.3f} | "
+              f"{f['train_iteration'] / 1e12:.3f} | {ph['inversion'] / 1e12:.0f} | {ph['training'] / 1e12:.0f} | "
+              f"{ph['edit'] / 1e12:.0f} | {(ph['training'] + ph['edit']) / 1e12:.0f} |")
+    ref, fast = (r["phase_flops"] for r in rows)
+    print(f"reference / fast FLOPs, train+edit: {(ref['training'] + ref['edit']) / (fast['training'] + fast['edit']):.2f}x; "
+          f"fast mode at {args.tflops:g} TFLOP/s: inversion {fast['inversion'] / args.tflops / 1e12:.2f} s, training "
+          f"{fast['training'] / args.tflops / 1e12:.2f} s, edit {fast['edit'] / args.tflops / 1e12:.2f} s (a floor)")
     return rows
 
 
