@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import UserError
 from . import options
 from .report import METRICS, NA, read_reasons as _read_reasons, write_reports
-from .sharding import RowLog, init_shard, merge_parts, part_path, read_rows
+from .sharding import RowLog, init_shard, merge_parts, part_path, resume
 
 PIE_SIZE = (512, 512)
 RESULT_COLUMNS = ("id", "editing_type_id", "method", "edit_type", *METRICS, "note", "seconds")
@@ -277,11 +277,7 @@ def run(args, log=print) -> dict:
     method = options.method_label(args)
     out = Path(args.outdir)
     results, parts = out / "results.csv", out / "parts"
-    if shard.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        merge_parts(results, parts, "results", RESULT_COLUMNS, _key)  # fold in an interrupted run's rows
-    shard.barrier()
-    done = {_key(r) for r in read_rows(results)}
+    done = resume(shard, results, parts, "results", RESULT_COLUMNS, _key)
     todo = [e for e in entries if (e.id, method) not in done]
     mine = shard.take(todo)
     log(f"{shard.tag} {method}: {len(entries)} entries, {len(entries) - len(todo)} already done, "

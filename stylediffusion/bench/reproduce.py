@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from . import options
-from .sharding import RowLog, init_shard, merge_parts, part_path, read_rows
+from .sharding import RowLog, init_shard, merge_parts, part_path, resume
 
 COLUMNS = ("case", "k", "method", "source", "target", "edit_type", "blend_words", "tau_v", "tau_c", "tau_s",
            "tau_u", "grid", "seconds")
@@ -119,11 +119,7 @@ def run(args, log=print) -> dict:
     method = options.method_label(args)
     out = Path(args.outdir)
     manifest, parts = out / "reproduce.csv", out / "parts"
-    if shard.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        merge_parts(manifest, parts, "reproduce", COLUMNS, _key)
-    shard.barrier()
-    done = {_key(r) for r in read_rows(manifest)}
+    done = resume(shard, manifest, parts, "reproduce", COLUMNS, _key)
     todo = [it for it in items if (method, it[0], it[1]) not in done]
     cases = sorted({c for c, _, _ in todo})
     my_cases = shard.take(cases)  # a case's rows stay together: one inversion serves all of them

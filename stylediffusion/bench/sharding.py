@@ -159,3 +159,14 @@ def merge_parts(final: Path, parts_dir: Path, name: str, columns: Sequence[str],
     except OSError:
         pass
     return rows
+
+
+def resume(shard: Shard, final: Path, parts_dir: Path, name: str, columns: Sequence[str],
+           key: Callable[[dict], tuple]) -> set:
+    """Start or resume a sharded run: the main process folds an interrupted run's parts into ``final``,
+    every process waits for it, and all get the keys of the rows already done."""
+    if shard.is_main:
+        Path(final).parent.mkdir(parents=True, exist_ok=True)
+        merge_parts(final, parts_dir, name, columns, key)
+    shard.barrier()
+    return {key(r) for r in read_rows(final)}
