@@ -140,7 +140,7 @@ def _blend_words(value) -> tuple[str, str] | None:
 
 
 def _spec(args, source: str, target: str, row=None):
-    from .editing import EditSpec
+    from .editing import TAU_C, TAU_S, TAU_U, TAU_V, EditSpec, default_edit_type
 
     def pick(name, default):
         value = getattr(args, name)
@@ -150,10 +150,10 @@ def _spec(args, source: str, target: str, row=None):
 
     edit_type = pick("edit_type", None)
     if edit_type is None:
-        edit_type = "Replacement" if len(source.split()) == len(target.split()) else "Refinement"
+        edit_type = default_edit_type(source, target)
     blend = args.blend_word if args.blend_word is not None else (row.blend_word if row is not None else None)
-    return EditSpec(source=source, target=target, edit_type=edit_type, tau_v=pick("tau_v", 0.5),
-                    tau_c=pick("tau_c", 0.6), tau_s=pick("tau_s", 0.6), tau_u=pick("tau_u", 0.0),
+    return EditSpec(source=source, target=target, edit_type=edit_type, tau_v=pick("tau_v", TAU_V),
+                    tau_c=pick("tau_c", TAU_C), tau_s=pick("tau_s", TAU_S), tau_u=pick("tau_u", TAU_U),
                     blend_words=_blend_words(blend), eq_params=pick("eq_params", None),
                     guidance_scale=args.guidance_scale)
 

@@ -23,6 +23,13 @@ from .sampling import predict
 from .training import embedding_inputs
 
 EDIT_TYPES = ("Replacement", "Refinement", "Reweight")
+# The README's edit defaults, shared by the command line, the Python API and ``EditSpec``.
+TAU_V, TAU_C, TAU_S, TAU_U = 0.5, 0.6, 0.6, 0.0
+
+
+def default_edit_type(source: str, target: str) -> str:
+    """Replacement when both prompts have the same number of words, Refinement otherwise."""
+    return "Replacement" if len(source.split()) == len(target.split()) else "Refinement"
 
 
 def num_steps_for(tau: float, num_steps: int) -> int:
@@ -35,10 +42,10 @@ class EditSpec:
     source: str
     target: str
     edit_type: str = "Replacement"
-    tau_v: float = 0.5
-    tau_c: float | dict = 0.6
-    tau_s: float = 0.6
-    tau_u: float = 0.0
+    tau_v: float = TAU_V
+    tau_c: float | dict = TAU_C
+    tau_s: float = TAU_S
+    tau_u: float = TAU_U
     blend_words: tuple[str, str] | None = None
     eq_params: dict | None = None
     guidance_scale: float = 7.5
