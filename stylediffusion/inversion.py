@@ -50,12 +50,14 @@ def _tensors(mappers: MappingNetworks, z_T: torch.Tensor, pivot: torch.Tensor | 
 
 
 def train_inversion(bundle: ModelBundle, image: torch.Tensor, prompt: str, num_steps: int, cfg: TrainConfig,
-                    checkpoint: Path, variant: str = "modulate", resume: bool = True, progress: bool = True,
-                    log=print) -> Inversion:
-    """Invert, train M_0..M_{T-1}, and save. A partial checkpoint from an interrupted run is resumed.
+                    checkpoint: Path | None = None, variant: str = "modulate", resume: bool = True,
+                    progress: bool = True, log=print) -> Inversion:
+    """Invert and train M_0..M_{T-1}; the result is returned in memory.
 
-    After each DDIM step the progress so far (trained M_i and the pivot latent) is written to
-    ``<checkpoint>.partial.safetensors``; the final file appears only when training is complete.
+    With a ``checkpoint`` path the result is also saved there, and training is resumable: after each
+    DDIM step the progress so far (trained M_i and the pivot latent) is written to
+    ``<checkpoint>.partial.safetensors`` and picked up by the next run; the final file appears only when
+    training is complete. Without one nothing is written.
     """
     schedule = DDIMSchedule(bundle.scheduler, num_steps)
     ident = identity(bundle, image, prompt, num_steps)
@@ -65,9 +67,9 @@ def train_inversion(bundle: ModelBundle, image: torch.Tensor, prompt: str, num_s
     features = clip_image_features(bundle, image)
     mappers = MappingNetworks(mapping_config(bundle, features, cond, variant), num_steps)
 
-    partial = checkpoint.with_name(checkpoint.stem + ".partial.safetensors")
+    partial = None if checkpoint is None else checkpoint.with_name(checkpoint.stem + ".partial.safetensors")
     start, pivot = 0, None
-    if resume and partial.is_file():
+    if resume and partial is not None and partial.is_file():
         tensors, meta = read_checkpoint(partial)
         same = all(meta.get(k) == v for k, v in ident.items()) and meta.get("train_config") == cfg.to_dict() \
             and meta.get("mapping_config") == mappers.cfg.to_dict()
@@ -86,7 +88,7 @@ def train_inversion(bundle: ModelBundle, image: torch.Tensor, prompt: str, num_s
             "mapping_config": mappers.cfg.to_dict(), "train_config": cfg.to_dict(), "untrained_model": bundle.untrained}
 
     def save_progress(i: int, z: torch.Tensor) -> None:
-        if i + 1 < num_steps:
+        if partial is not None and i + 1 < num_steps:
             save_checkpoint(partial, _tensors(mappers, trajectory.z_T, z, i + 1), {**meta, "trained_steps": i + 1})
 
     reports = train_mapping_networks(bundle, schedule, trajectory, features, cond, uncond, mappers, cfg,
@@ -95,6 +97,8 @@ def train_inversion(bundle: ModelBundle, image: torch.Tensor, prompt: str, num_s
     meta.update(trained_steps=num_steps, train_seconds=round(seconds, 3),
                 inner_iterations=sum(r.iterations for r in reports),
                 final_losses=[float(f"{r.loss:.4g}") for r in reports])
+    if checkpoint is None:
+        return Inversion(mappers.eval(), trajectory.z_T, meta, z0=z0, image_features=features)
     save_checkpoint(checkpoint, _tensors(mappers, trajectory.z_T, None, num_steps), meta)
     if partial.exists():
         partial.unlink()

@@ -5,6 +5,7 @@ registry's built-ins registers everything (see docs/methods.md).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 from ptp_utils import AttentionController
@@ -17,6 +18,8 @@ from ..sampling import ddim_inversion, guided_sampling
 from ..training import embedding_inputs
 from .common import ALL_INVERSIONS, hooks_for, learned_embedding
 from .registry import Inverted, MethodContext, MethodOutput, register_edit, register_inversion
+
+logger = logging.getLogger(__name__)
 
 
 @register_inversion("stylediffusion", "Li et al., StyleDiffusion: Prompt-Embedding Inversion (2023)",
@@ -35,16 +38,9 @@ def stylediffusion_inversion(ctx: MethodContext) -> Inverted:
         if embedding is not None and stored != embedding:
             raise UserError(f"checkpoint '{ctx.checkpoint}' learned the {stored!r} embedding, not {embedding!r}; "
                             f"pass another --checkpoint or delete it.")
-    else:
-        from contextlib import nullcontext
-        from pathlib import Path
-        from tempfile import TemporaryDirectory
-
-        # without a checkpoint path the trained networks live only in memory (and a scratch file)
-        with TemporaryDirectory() if ctx.checkpoint is None else nullcontext() as tmp:
-            path = ctx.checkpoint if tmp is None else Path(tmp) / "inversion.safetensors"
-            inv = train_inversion(b, ctx.image, ctx.source, ctx.num_steps, cfg, path, variant=variant,
-                                  progress=ctx.progress, log=lambda *_: None)
+    else:  # without a checkpoint path the trained networks live only in memory
+        inv = train_inversion(b, ctx.image, ctx.source, ctx.num_steps, cfg, ctx.checkpoint, variant=variant,
+                              progress=ctx.progress, log=logger.info)
     return Inverted("stylediffusion", inv.z0, inv.z_T, mappers=inv.mappers, image_features=inv.image_features,
                     metadata=inv.metadata)
 
