@@ -20,14 +20,15 @@ def encode_prompts(bundle: ModelBundle, prompts: list[str]) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_latent(bundle: ModelBundle, image: torch.Tensor) -> torch.Tensor:
-    """z0 = VAE posterior mean times the scaling factor."""
-    dist = bundle.vae.encode(image.to(bundle.device, torch.float32)).latent_dist
-    return dist.mean * bundle.scaling_factor
+    """z0 = VAE posterior mean times the scaling factor, in float32 (in the VAE's own dtype inside: a VAE
+    borrowed from a half-precision pipeline stays as it is)."""
+    dist = bundle.vae.encode(image.to(bundle.device, bundle.vae.dtype)).latent_dist
+    return dist.mean.float() * bundle.scaling_factor
 
 
 @torch.no_grad()
 def decode_latent(bundle: ModelBundle, z: torch.Tensor) -> torch.Tensor:
-    return bundle.vae.decode(z.to(torch.float32) / bundle.scaling_factor).sample
+    return bundle.vae.decode((z.to(torch.float32) / bundle.scaling_factor).to(bundle.vae.dtype)).sample.float()
 
 
 @torch.no_grad()

@@ -26,21 +26,26 @@ def load_image(path: str | Path, size: int) -> tuple[torch.Tensor, list[str]]:
         img.load()
     except (UnidentifiedImageError, OSError) as err:
         raise UserError(f"image '{path}' cannot be read as a picture ({err}): pass a PNG or JPEG file.") from err
+    return prepare_image(img, size, path.name)
+
+
+def prepare_image(img: Image.Image, size: int, name: str = "image") -> tuple[torch.Tensor, list[str]]:
+    """A PIL image -> (1, 3, size, size) tensor in [-1, 1] and notes, converted as ``load_image`` says."""
     notes = []
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba).convert("RGB")
-        notes.append(f"{path.name}: had an alpha channel; composited on white")
+        notes.append(f"{name}: had an alpha channel; composited on white")
     elif img.mode != "RGB":
-        notes.append(f"{path.name}: mode {img.mode} converted to RGB")
+        notes.append(f"{name}: mode {img.mode} converted to RGB")
         img = img.convert("RGB")
     w, h = img.size
     if w != h:
         side = min(w, h)
         left, top = (w - side) // 2, (h - side) // 2
         img = img.crop((left, top, left + side, top + side))
-        notes.append(f"{path.name}: {w}x{h} is not square; centre-cropped to {side}x{side}")
+        notes.append(f"{name}: {w}x{h} is not square; centre-cropped to {side}x{side}")
     if img.size != (size, size):
         img = img.resize((size, size), Image.BICUBIC)
     return pil_to_tensor(img), notes

@@ -22,9 +22,11 @@ def word_attention_maps(maps: torch.Tensor, prompt: str, tokenizer, grid_hw: tup
     return out
 
 
-def save_attention_figure(maps: torch.Tensor, prompt: str, tokenizer, grid_hw: tuple[int, int], image: Image.Image,
-                          path: Path) -> None:
+def attention_figure(maps: torch.Tensor, prompt: str, tokenizer, grid_hw: tuple[int, int],
+                     image: Image.Image) -> Image.Image:
     """One panel per word: the image with that word's cross-attention overlaid, titled by the word."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,8 +43,18 @@ def save_attention_figure(maps: torch.Tensor, prompt: str, tokenizer, grid_hw: t
         ax.axis("off")
     fig.suptitle("source prompt cross-attention (mid-low layers, averaged over steps)", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(path)
+    buffer.seek(0)
+    figure = Image.open(buffer)
+    figure.load()
+    return figure
+
+
+def save_attention_figure(maps: torch.Tensor, prompt: str, tokenizer, grid_hw: tuple[int, int], image: Image.Image,
+                          path: Path) -> None:
+    """``attention_figure`` written to ``path`` atomically."""
+    from .image_io import save_atomic
+
+    save_atomic(attention_figure(maps, prompt, tokenizer, grid_hw, image), path)

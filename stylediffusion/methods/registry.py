@@ -19,6 +19,7 @@ from ..ddim import DDIMSchedule
 from ..editing import EditSpec
 from ..errors import UserError
 from ..models import ModelBundle
+from ..results import Inversion
 from ..training import TrainConfig
 
 
@@ -38,20 +39,8 @@ class MethodContext:
         return DDIMSchedule(self.bundle.scheduler, self.num_steps)
 
 
-@dataclass
-class Inverted:
-    """The result of an inversion, with everything an edit may use. Unused fields stay None."""
-
-    method: str
-    z0: torch.Tensor
-    z_T: torch.Tensor
-    mappers: object | None = None  # MappingNetworks (StyleDiffusion)
-    image_features: torch.Tensor | None = None
-    uncond_embeddings: list[torch.Tensor] | None = None  # per step (Null-text)
-    cond_embedding: torch.Tensor | None = None
-    trajectory: list[torch.Tensor] | None = None  # z*_0..z*_T
-    extras: dict = field(default_factory=dict)
-    metadata: dict = field(default_factory=dict)
+# One result type for every inversion (``results.Inversion``); ``Inverted`` is its former name.
+Inverted = Inversion
 
 
 @dataclass
@@ -63,11 +52,49 @@ class MethodOutput:
 
 
 @dataclass(frozen=True)
+class MethodOption:
+    """A ``--method_option`` a method takes: its default (whose type every value must have), and the
+    allowed values (``choices``) or range. ``convert`` is the one check every value goes through."""
+
+    name: str
+    default: bool | int | float | str
+    choices: tuple = ()
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def convert(self, value):
+        from .. import validate
+
+        what = f"--method_option {self.name}"
+        if isinstance(self.default, bool):
+            words = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
+                     "off": False}
+            key = str(value).strip().lower()
+            if isinstance(value, (bool, int, str)) and key in words:
+                return words[key]
+            raise UserError(f"{what}={value!r} is not True or False.")
+        if isinstance(self.default, str):
+            if not isinstance(value, str) or (self.choices and value not in self.choices):
+                raise UserError(f"{what}={value!r} is not one of {', '.join(self.choices)}." if self.choices
+                                else f"{what}={value!r} is not text.")
+            return value
+        return validate.number(value, what, minimum=self.minimum, maximum=self.maximum,
+                               integer=isinstance(self.default, int))
+
+    def describe(self) -> str:
+        allowed = "|".join(self.choices) if self.choices else (
+            f"{type(self.default).__name__}" + (f" in [{self.minimum}, {self.maximum}]"
+                                                if self.minimum is not None or self.maximum is not None else ""))
+        return f"{self.name}={self.default} ({allowed})"
+
+
+@dataclass(frozen=True)
 class InversionMethod:
     name: str
     paper: str
     defaults: str
     invert: Callable[[MethodContext], Inverted]
+    options: tuple[MethodOption, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -77,24 +104,51 @@ class EditMethod:
     defaults: str
     inversions: tuple[str, ...]  # the inversions this edit is defined for
     edit: Callable[[MethodContext, Inverted, EditSpec], MethodOutput]
+    options: tuple[MethodOption, ...] = ()
 
 
 INVERSIONS: dict[str, InversionMethod] = {}
 EDITS: dict[str, EditMethod] = {}
+OPTIONS: dict[str, MethodOption] = {}  # every declared option by name (names carry their method's prefix)
 
 
-def register_inversion(name: str, paper: str, defaults: str = ""):
+def _declare(options) -> tuple[MethodOption, ...]:
+    for opt in options:
+        if OPTIONS.get(opt.name, opt) != opt:
+            raise ValueError(f"method option {opt.name!r} is declared twice, differently")
+        OPTIONS[opt.name] = opt
+    return tuple(options)
+
+
+def register_inversion(name: str, paper: str, defaults: str = "", options: tuple[MethodOption, ...] = ()):
     def wrap(fn):
-        INVERSIONS[name] = InversionMethod(name, paper, defaults, fn)
+        INVERSIONS[name] = InversionMethod(name, paper, defaults, fn, _declare(options))
         return fn
     return wrap
 
 
-def register_edit(name: str, paper: str, inversions: tuple[str, ...], defaults: str = ""):
+def register_edit(name: str, paper: str, inversions: tuple[str, ...], defaults: str = "",
+                  options: tuple[MethodOption, ...] = ()):
     def wrap(fn):
-        EDITS[name] = EditMethod(name, paper, defaults, tuple(inversions), fn)
+        EDITS[name] = EditMethod(name, paper, defaults, tuple(inversions), fn, _declare(options))
         return fn
     return wrap
+
+
+def check_method_options(options: dict, inversion: str, edit: str | None = None) -> dict:
+    """The user's method options, converted to their declared types; an option that neither the
+    inversion nor the edit takes (a typo, or another method's option) is refused, naming those they take."""
+    declared = {o.name: o for o in get_inversion(inversion).options}
+    if edit is not None:
+        declared.update({o.name: o for o in get_edit(edit, inversion).options})
+    out = {}
+    for key, value in options.items():
+        if key not in declared:
+            takes = ", ".join(o.describe() for o in declared.values()) or "none"
+            where = inversion + (f" + {edit}" if edit else "")
+            raise UserError(f"--method_option {key!r} is not an option of {where} (options: {takes}).")
+        out[key] = declared[key].convert(value)
+    return out
 
 
 def get_inversion(name: str) -> InversionMethod:

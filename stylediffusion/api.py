@@ -1,0 +1,324 @@
+"""The Python API: an editor over frozen Stable Diffusion components, ``invert`` then ``edit``.
+
+    editor = StyleDiffusionEditor.from_pretrained("CompVis/stable-diffusion-v1-4")  # or from_pipe(pipe)
+    inv = editor.invert(image, "a cat sitting on a chair")           # PIL image, path or array
+    out = editor.edit(inv, "a tiger sitting on a chair", blend_words=("cat", "tiger"))
+    out.images[0], out.reconstruction, out.attention_maps             # PIL images
+
+Everything runs through the same internals as the command line (``models``, the methods registry,
+``editing.EditSpec``). Bad input raises ``UserError`` (a ``ValueError``) with the command line's
+messages; library messages go to ``logging`` (logger ``stylediffusion``); progress bars are tqdm's
+and can be switched off per editor or per call.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .editing import TAU_C, TAU_S, TAU_U, TAU_V, EditSpec, build_controller, default_edit_type
+from .encoders import decode_latent
+from .errors import UserError
+from .image_io import image_grid, load_image, prepare_image, tensor_to_pil
+from .methods import MethodContext, get_edit, get_inversion, run_method
+from .models import DEFAULT_IMAGE_ENCODER, DEFAULT_MODEL, ModelBundle, load_models, resolve_dtype
+from .results import Inversion
+from .training import TrainConfig
+
+logger = logging.getLogger("stylediffusion")
+
+# Keyword options of ``invert`` that are training settings (``TrainConfig``) rather than method options.
+_TRAIN_OPTIONS = ("lr", "attention_loss", "attention_weight", "early_stop", "warm_start")
+
+
+@dataclass
+class EditOutput:
+    """What ``StyleDiffusionEditor.edit`` returns: one edited picture per target prompt."""
+
+    images: list[Image.Image]  # the edits, in the order of the targets
+    reconstruction: Image.Image  # the source branch: the inverted image regenerated
+    attention_maps: Image.Image | None  # the source prompt's cross-attention per word (edits that record it)
+    input_image: Image.Image  # what was inverted (for a generation: the source prompt's sample)
+    latents: list[torch.Tensor] = field(default_factory=list)  # (2, C, h, w) per target: [reconstruction, edit]
+    specs: list[EditSpec] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def grid(self) -> Image.Image:
+        """input | reconstruction | edit 1 | edit 2 ..., labelled."""
+        labels = ["input", "reconstruction"] + [spec.target for spec in self.specs]
+        return image_grid([self.input_image, self.reconstruction, *self.images], labels)
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {str(device)!r} was asked for but no CUDA GPU is visible; use device='cpu'.")
+    return device
+
+
+def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return resolve_dtype("auto" if dtype is None else str(dtype).removeprefix("torch."), device)
+
+
+def _array_to_pil(array) -> Image.Image:
+    """(H, W), (H, W, C) or torch (C, H, W) / (1, C, H, W) arrays, uint8 or float in [0, 1] -> PIL."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu()
+        if array.ndim == 4 and array.shape[0] == 1:
+            array = array[0]
+        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+            array = array.permute(1, 2, 0)
+        array = array.numpy()
+    array = np.asarray(array)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)) or min(array.shape[:2]) < 1:
+        raise UserError(f"an image array must be (H, W), (H, W, 3) or (H, W, 4), got shape {tuple(array.shape)}.")
+    if array.dtype != np.uint8:
+        if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all() \
+                or array.min() < 0 or array.max() > 1:
+            raise UserError(f"an image array must be uint8, or float with values in [0, 1] (got {array.dtype}"
+                            + (f", range [{array.min():.3g}, {array.max():.3g}])" if array.size else ")") + ".")
+        array = (array * 255).round().astype(np.uint8)
+    return Image.fromarray(array)
+
+
+class StyleDiffusionEditor:
+    """Invert real images and edit them with text, on frozen Stable Diffusion v1.x/2.x components."""
+
+    def __init__(self, bundle: ModelBundle, progress: bool = True, _borrowed: bool = False):
+        self.bundle = bundle
+        self.progress = progress
+        self._borrowed = _borrowed  # components belong to the caller's pipeline: restore them after each call
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, model: str = DEFAULT_MODEL, image_encoder: str | None = None, device=None, dtype=None,
+                        seed: int = 0, progress: bool = True) -> "StyleDiffusionEditor":
+        """Load a hub id or a local diffusers folder (or ``"testbed"``, ``"tiny"``) plus a CLIP vision tower.
+
+        ``device``: None = CUDA if available, else the CPU. ``dtype`` of the frozen UNet and encoders:
+        None = bfloat16 on CUDA, float32 on the CPU (mapping networks, DDIM math and losses stay float32).
+        ``seed`` seeds the random weights of ``"tiny"``.
+        """
+        device = _resolve_device(device)
+        bundle = load_models(str(model), image_encoder, device=device, dtype=_resolve_dtype(dtype, device), seed=seed)
+        if bundle.untrained:
+            logger.warning("the 'tiny' model has random, untrained weights: outputs show the mechanics, not real edits.")
+        return cls(bundle, progress=progress)
+
+    @classmethod
+    def from_pipe(cls, pipe, image_encoder=None, progress: bool = True) -> "StyleDiffusionEditor":
+        """Edit with the components of a loaded ``StableDiffusionPipeline`` (shared, never copied).
+
+        ``image_encoder``: a CLIP vision model (module), a hub id or folder to load one from, or None for
+        the pipeline's own ``image_encoder`` if it has one, else ``openai/clip-vit-base-patch16``. During
+        each call the borrowed modules are frozen and get this toolkit's attention processors; afterwards
+        their processors, ``requires_grad`` flags and train/eval modes are put back as they were.
+        """
+        from diffusers import UNet2DConditionModel
+
+        from .ddim import make_ddim_scheduler
+
+        missing = [name for name in ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+                   if getattr(pipe, name, None) is None]
+        if missing or not isinstance(pipe.unet, UNet2DConditionModel) or getattr(pipe, "text_encoder_2", None) is not None:
+            raise UserError(f"from_pipe needs a Stable Diffusion v1/v2 pipeline (vae, unet, text_encoder, tokenizer, "
+                            f"scheduler), got {type(pipe).__name__}"
+                            + (f" without {', '.join(missing)}" if missing else "") + ".")
+        unet = pipe.unet
+        device, dtype = unet.device, unet.dtype
+        encoder_id = "pipeline image_encoder"
+        if image_encoder is None and isinstance(getattr(pipe, "image_encoder", None), torch.nn.Module):
+            image_encoder = pipe.image_encoder
+        if image_encoder is None or isinstance(image_encoder, (str, os.PathLike)):
+            encoder_id = str(image_encoder or DEFAULT_IMAGE_ENCODER)
+            image_encoder = _load_image_encoder(encoder_id).to(device=device, dtype=dtype)
+        elif not isinstance(image_encoder, torch.nn.Module):
+            raise UserError(f"image_encoder must be a CLIP vision model, a hub id or a folder, got "
+                            f"{type(image_encoder).__name__}.")
+        else:
+            encoder_id = getattr(getattr(image_encoder, "config", None), "_name_or_path", "") or "given image_encoder"
+            if next(image_encoder.parameters()).device != device:
+                raise UserError(f"the image encoder is on {next(image_encoder.parameters()).device} and the pipeline's "
+                                f"UNet on {device}: move it there first (image_encoder.to('{device}')).")
+        name = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
+        bundle = ModelBundle(vae=pipe.vae, unet=unet, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                             scheduler=make_ddim_scheduler(pipe.scheduler.config), image_encoder=image_encoder,
+                             model_id=str(name or "pipeline"), image_encoder_id=encoder_id, device=device, dtype=dtype)
+        return cls(bundle, progress=progress, _borrowed=True)
+
+    # ------------------------------------------------------------------ the two calls
+    def invert(self, image, prompt: str, method: str = "stylediffusion", num_inference_steps: int = 30,
+               num_inner_steps: int = 100, guidance_scale: float = 7.5, progress: bool | None = None,
+               checkpoint: str | Path | None = None, seed: int = 0, **options) -> Inversion:
+        """Invert ``image`` (a PIL image, a file path, or an array) described by ``prompt``.
+
+        ``method``: any registered inversion (``stylediffusion.methods.INVERSIONS``); ``"generated"``
+        takes ``image=None`` and generates the source from ``generated_seed``. ``num_inference_steps``
+        is T, ``num_inner_steps`` StyleDiffusion's K. Other keywords: training settings (``lr``,
+        ``attention_loss``, ``early_stop``) and method options (``variant="replace"``,
+        ``embedding="key"``, ``nulltext_iterations=10``...; docs/methods.md). ``checkpoint``: a file
+        where an optimising inversion is saved and resumed from, as the command line does (None = in
+        memory only). The global random state is left alone; ``seed`` seeds what the method draws.
+        """
+        inversion_method = get_inversion(method)
+        if not isinstance(num_inference_steps, int) or not isinstance(num_inner_steps, int) \
+                or num_inference_steps < 1 or num_inner_steps < 1:
+            raise UserError("num_inference_steps and num_inner_steps must be whole numbers of at least 1.")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UserError("invert needs the source prompt: a caption of the image, e.g. 'a photo of a cat'.")
+        pixels = None
+        if image is not None or method != "generated":
+            pixels = self._pixels(image)
+        cfg = TrainConfig(num_inner_steps=num_inner_steps, guidance_scale=float(guidance_scale),
+                          **{k: options.pop(k) for k in _TRAIN_OPTIONS if k in options})
+        progress = self.progress if progress is None else progress
+        ctx = MethodContext(self.bundle, pixels, prompt, num_inference_steps, cfg,
+                            None if checkpoint is None else Path(checkpoint), progress=progress, options=options)
+        cuda = [self.bundle.device.index or 0] if self.bundle.device.type == "cuda" else []
+        with self._lent(), torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            inv = inversion_method.invert(ctx)
+        inv.source, inv.num_steps, inv.image = prompt, num_inference_steps, pixels
+        inv.model = {"model_id": self.bundle.model_id, "model_fingerprint": self.bundle.fingerprint}
+        inv.options = {k: v for k, v in options.items() if not callable(v)}
+        return inv
+
+    def edit(self, inversion: Inversion, target: str | list[str], tau_v: float = TAU_V, tau_c: float | dict = TAU_C,
+             tau_s: float = TAU_S, tau_u: float = TAU_U, blend_words=None, edit_type: str | None = None,
+             eq_params: dict | None = None, method: str = "p2p", generator=None, guidance_scale: float = 7.5,
+             progress: bool | None = None, **options) -> EditOutput:
+        """Edit an inversion into one target prompt or several (one output image each).
+
+        The τ are fractions of the T steps (defaults as on the command line: τ_v .5, τ_c .6, τ_s .6,
+        τ_u 0; τ_u > 0 is P2Plus); ``tau_c`` may be a per-word dict ``{'default_': .6, 'wooden': .2}``.
+        ``blend_words`` = (source word, target word) for LocalBlend (or ``"cat tiger"``);
+        ``edit_type`` = Replacement, Refinement or Reweight (None: Replacement when both prompts have
+        the same number of words, else Refinement); ``eq_params`` = ``{'words': [...], 'values': [...]}``.
+        ``method``: any registered edit defined for the inversion's method. DDIM editing is
+        deterministic; ``generator`` (a ``torch.Generator`` or an int) seeds the noise of ``sdedit``.
+        Other keywords are method options (``masactrl_start_step=4``...; docs/methods.md).
+        """
+        if not isinstance(inversion, Inversion):
+            raise UserError(f"edit needs an Inversion (from editor.invert or Inversion.load), got "
+                            f"{type(inversion).__name__}.")
+        self._check_model(inversion)
+        targets = [target] if isinstance(target, str) else list(target) if isinstance(target, (list, tuple)) else None
+        if not targets or not all(isinstance(t, str) and t.strip() for t in targets):
+            raise UserError("edit needs a target prompt (the edited caption) or a non-empty list of them.")
+        get_edit(method, inversion.method)
+        T = inversion.num_steps
+        blend = _blend_words(blend_words)
+        specs = [EditSpec(inversion.source, t, edit_type or default_edit_type(inversion.source, t), tau_v=tau_v,
+                          tau_c=tau_c, tau_s=tau_s, tau_u=tau_u, blend_words=blend, eq_params=eq_params,
+                          guidance_scale=float(guidance_scale)) for t in targets]
+        for spec in specs:  # every word-level problem before any work
+            build_controller(spec, self.bundle.tokenizer, T)
+        if generator is not None:
+            options.setdefault("sdedit_seed", generator if isinstance(generator, int) else generator.initial_seed())
+        progress = self.progress if progress is None else progress
+        inv = inversion.to(self.bundle.device)
+        ctx = MethodContext(self.bundle, inv.image, inv.source, T, TrainConfig(guidance_scale=float(guidance_scale)),
+                            None, progress=progress, options=options)
+        with self._lent():
+            outputs = [run_method(ctx, spec, inv.method, method, inverted=inv) for spec in specs]
+            pixels = [decode_latent(self.bundle, out.latents) for out in outputs]
+            source = inv.image if inv.image is not None else decode_latent(self.bundle, inv.z0)
+        input_image = tensor_to_pil(source)
+        maps = outputs[0].attention_maps
+        figure = None
+        if maps is not None:
+            from .visualize import attention_figure
+
+            h, w = outputs[0].latents.shape[-2:]
+            figure = attention_figure(maps[0], inv.source, self.bundle.tokenizer, (h // 4, w // 4), input_image)
+        return EditOutput(images=[tensor_to_pil(p[1]) for p in pixels], reconstruction=tensor_to_pil(pixels[0][0]),
+                          attention_maps=figure, input_image=input_image,
+                          latents=[out.latents.cpu() for out in outputs], specs=specs,
+                          seconds=sum(out.seconds.get("edit", 0.0) for out in outputs))
+
+    # ------------------------------------------------------------------ helpers
+    def _pixels(self, image) -> torch.Tensor:
+        """(1, 3, S, S) in [-1, 1] at the model's size, converted and centre-cropped as the CLI does."""
+        size = self.bundle.image_size
+        if isinstance(image, (str, os.PathLike)):
+            pixels, notes = load_image(Path(image), size)
+        elif isinstance(image, Image.Image):
+            pixels, notes = prepare_image(image, size, "image")
+        elif isinstance(image, (np.ndarray, torch.Tensor)):
+            pixels, notes = prepare_image(_array_to_pil(image), size, "image")
+        else:
+            raise UserError(f"image must be a PIL image, a file path or an array, got {type(image).__name__}.")
+        for note in notes:
+            logger.info("note: %s", note)
+        return pixels
+
+    def _check_model(self, inv: Inversion) -> None:
+        made_for = inv.model.get("model_fingerprint")
+        if made_for is not None and made_for != self.bundle.fingerprint:
+            raise UserError(f"this inversion was made with another model ({inv.model.get('model_id')!r}, this editor: "
+                            f"{self.bundle.model_id!r}); invert the image again with this editor.")
+        if inv.source is None or inv.num_steps is None:
+            raise UserError("this inversion does not say its source prompt and T: make it with editor.invert.")
+
+    @contextmanager
+    def _lent(self):
+        """For borrowed components: freeze them for the call, then restore processors, flags and modes."""
+        if not self._borrowed:
+            yield
+            return
+        b = self.bundle
+        modules = [m for m in (b.vae, b.unet, b.text_encoder, b.image_encoder) if m is not None]
+        processors = dict(b.unet.attn_processors)
+        state = getattr(b.unet, "_stylediffusion_state", None)  # set while the toolkit's processors are in
+        flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+        modes = [(sub, sub.training) for m in modules for sub in m.modules()]
+        for m in modules:
+            m.requires_grad_(False)
+            m.eval()
+        try:
+            yield
+        finally:
+            b.unet.set_attn_processor(processors)
+            if state is not None:
+                b.unet._stylediffusion_state = state
+            elif hasattr(b.unet, "_stylediffusion_state"):  # the toolkit's processors went with the call
+                del b.unet._stylediffusion_state
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            for sub, mode in modes:
+                sub.training = mode
+
+
+def _blend_words(value) -> tuple[str, str] | None:
+    if value is None or value == "":
+        return None
+    words = tuple(value.split()) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else None
+    if words is None or len(words) != 2 or not all(isinstance(w, str) for w in words):
+        raise UserError(f"blend_words needs two words (source word, target word), got {value!r}.")
+    return words
+
+
+def _load_image_encoder(name: str):
+    from transformers import CLIPVisionModel
+
+    from .models import _missing_weights
+
+    try:
+        return CLIPVisionModel.from_pretrained(name, use_safetensors=True).requires_grad_(False).eval()
+    except (OSError, ValueError) as err:
+        raise _missing_weights("CLIP image encoder", name, "image_encoder=", err) from err
+
+
+__all__ = ["EditOutput", "Inversion", "StyleDiffusionEditor", "UserError"]
