@@ -125,11 +125,20 @@ def replacement_mapper(
 ) -> torch.Tensor:
     """Matrix ``M`` (``max_len`` x ``max_len``) with ``target_map[j] = sum_i source_map[i] * M[i, j]``.
 
-    Replacement swaps words one-for-one, so the prompts must have equal word counts. Unchanged
-    words map token-for-token. A changed word may split into a different number of tokens; each of
-    its target tokens then takes the mean of the source word's token maps (weight ``1/n_s``), which
-    keeps every column summing to 1 (attention mass is preserved) without guessing a finer
-    correspondence between unrelated BPE pieces.
+    Replacement swaps words one-for-one, so the prompts must have equal word counts. As in
+    Prompt-to-Prompt's ``get_replacement_mapper``:
+
+    * a word whose source and target token counts are equal maps token for token (this covers
+      unchanged words, "Cat" -> "cat", and multi-token or punctuated swaps such as "cat," -> "dog,"
+      whose punctuation token then maps onto the punctuation token);
+    * a word whose token count changes spreads each of its ``n_s`` source tokens evenly over the
+      ``n_t`` target tokens (weight ``1 / n_t``), so every source row still sums to 1 and the mapped
+      softmax maps keep summing to 1 over the keys.
+
+    The end token and the padding follow, shifted by the total change of token count so that both
+    end tokens line up. (The original maps everything after the last replaced word with no shift,
+    ``mapper[j, j]``, which misaligns the end token whenever the token count changed; see
+    docs/method.md.)
     """
     src_words, tgt_words = _word_tokens(source, tokenizer, max_len), _word_tokens(target, tokenizer, max_len)
     if len(src_words) != len(tgt_words):
@@ -139,12 +148,12 @@ def replacement_mapper(
         )
     mapper = torch.zeros(max_len, max_len)
     mapper[0, 0] = 1.0
-    for s_span, t_span, s_toks, t_toks in zip(_spans(src_words), _spans(tgt_words), src_words, tgt_words):
-        if s_toks == t_toks:
+    for s_span, t_span in zip(_spans(src_words), _spans(tgt_words)):
+        if len(s_span) == len(t_span):
             for s, t in zip(s_span, t_span):
                 mapper[s, t] = 1.0
-        elif s_span:
-            mapper[s_span.start : s_span.stop, t_span.start : t_span.stop] = 1.0 / len(s_span)
+        elif s_span and t_span:
+            mapper[s_span.start : s_span.stop, t_span.start : t_span.stop] = 1.0 / len(t_span)
     src_end = 1 + sum(map(len, src_words))
     tgt_end = 1 + sum(map(len, tgt_words))
     _shifted_tail(mapper, src_end, tgt_end, max_len)
@@ -155,9 +164,10 @@ def _align(src: list[int], tgt: list[int]) -> list[int]:
     """Needleman-Wunsch (match +1, mismatch -1, gap 0): for each target token, its source index or -1.
 
     With gap 0 a mismatch (-1) always loses to two gaps (0), so only equal tokens are ever paired.
-    Tie-breaking, tracing back from the ends: pair equal tokens first, then treat the target token
-    as inserted, then the source token as deleted. Hence a repeated token pairs with the *latest*
-    equal copy, and insertions are placed as early as the optimum allows.
+    Ties are broken as Prompt-to-Prompt's ``global_align`` does, tracing back from the ends: first
+    treat the target token as inserted, then the source token as deleted, and pair equal tokens
+    only when that scores strictly better. Hence a repeated token pairs with the *earliest* equal
+    copy it can ("a cat" -> "a a cat": the first "a" is kept, the second is new).
     """
     n, m = len(src), len(tgt)
     score = [[0] * (m + 1) for _ in range(n + 1)]
@@ -167,13 +177,13 @@ def _align(src: list[int], tgt: list[int]) -> list[int]:
             score[i][j] = max(diag, score[i - 1][j], score[i][j - 1])
     pairs, i, j = [-1] * m, n, m
     while j > 0:
-        if i > 0 and src[i - 1] == tgt[j - 1] and score[i][j] == score[i - 1][j - 1] + 1:
+        if i == 0 or score[i][j] == score[i][j - 1]:
+            j -= 1  # target token j has no source counterpart
+        elif score[i][j] == score[i - 1][j]:
+            i -= 1  # source token i was removed
+        else:  # strictly better than both gaps: necessarily a match
             i, j = i - 1, j - 1
             pairs[j] = i
-        elif score[i][j] == score[i][j - 1]:
-            j -= 1
-        else:
-            i -= 1
     return pairs
 
 
@@ -185,26 +195,24 @@ def refinement_mapper(
     The token sequences (start and end tokens, no padding) are globally aligned (see
     :func:`_align`). Target token ``j`` paired with an equal source token gets
     ``mapper[j]`` = that source position and ``alphas[j] = 1`` (reuse the source map). An inserted
-    target token gets ``alphas[j] = 0`` so it keeps its own map; its ``mapper[j]`` is just a valid
-    placeholder: the source position of the nearest paired token before it. Padding after the end
-    token is mapped identity-shifted so the end tokens line up (clipped to ``max_len - 1``), with
-    alpha 1.
+    target token gets ``alphas[j] = 0`` so it keeps its own map; its ``mapper[j]`` is only a valid
+    placeholder (the source position of the nearest paired token before it; the original stores -1,
+    which indexes the last key: both are multiplied by alpha 0). Positions after the target's end
+    token map to the same position of the source (no shift), with alpha 1, as in Prompt-to-Prompt's
+    ``get_mapper``.
     """
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     src = [bos, *(t for w in _word_tokens(source, tokenizer, max_len) for t in w), eos]
     tgt = [bos, *(t for w in _word_tokens(target, tokenizer, max_len) for t in w), eos]
-    mapper = torch.zeros(max_len, dtype=torch.long)
-    alphas = torch.zeros(max_len)
+    mapper = torch.arange(max_len, dtype=torch.long)
+    alphas = torch.ones(max_len)
     prev = 0
     for j, i in enumerate(_align(src, tgt)):
         if i >= 0:
             prev = i
-            alphas[j] = 1.0
+        else:
+            alphas[j] = 0.0
         mapper[j] = prev
-    shift = len(src) - len(tgt)
-    for j in range(len(tgt), max_len):
-        mapper[j] = min(j + shift, max_len - 1)
-        alphas[j] = 1.0
     return mapper, alphas
 
 
@@ -245,10 +253,11 @@ def reweight_vector(
     """Per-token attention scale for ``prompt``: 1 everywhere, times each factor on its word's tokens.
 
     Accepts the authors' CSV ``eq_params`` form ``{"words": [...], "values": [...]}``, a
-    ``{word: factor}`` dict, or a ``(words, factors)`` pair. Factors of a token named twice multiply.
+    ``{word: factor}`` dict, or a ``(words, factors)`` pair. A token named twice takes the factor
+    given last (assigned, not multiplied), as Prompt-to-Prompt's ``get_equalizer`` does.
     """
     _word_tokens(prompt, tokenizer, max_len)  # same length check as the mappers
     vec = torch.ones(max_len)
     for w, f in _pairs(words_and_factors):
-        vec[word_token_indices(prompt, w, tokenizer)] *= f
+        vec[word_token_indices(prompt, w, tokenizer)] = f
     return vec

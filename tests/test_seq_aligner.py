@@ -69,29 +69,37 @@ def test_replacement_target_word_splits_in_two(tok):
     # source: [SOT a photo of a cat EOT pad...]; target: [SOT a photo of a armad illo EOT pad...]
     for k in range(5):
         assert m[k, k] == 1
-    assert m[5, 5] == 1 and m[5, 6] == 1  # both target tokens take "cat" with weight 1
+    # P2P: "cat" is spread over the two target tokens with weight 1/n_t = 1/2 (its row sums to 1)
+    assert m[5, 5] == 0.5 and m[5, 6] == 0.5
     assert m[6, 7] == 1  # source end token -> target end token, shifted by one
-    assert m[:, 6].sum() == 1 and m[6, 6] == 0
+    assert m[:, 6].sum() == 0.5 and m[6, 6] == 0
     for s in range(6, 76):
         assert m[s, s + 1] == 1
     assert m[76].sum() == 0  # shifted past max_len: dropped
-    assert torch.equal(m.sum(0), torch.ones(77))
-    assert m.sum() == 77
+    assert torch.equal(m.sum(1)[:76], torch.ones(76))  # every kept source row sums to 1
+    assert m.sum() == 76
 
 
 def test_replacement_source_word_splits_in_two(tok):
     m = sa.replacement_mapper("a photo of a armadillo", "a photo of a cat", tok)
-    assert m[5, 5] == 0.5 and m[6, 5] == 0.5
+    assert m[5, 5] == 1 and m[6, 5] == 1  # 1/n_t with n_t = 1: "cat" takes armad + illo
     assert m[7, 6] == 1  # end token shifted back by one
     assert m[76, 75] == 1
     assert m[:, 76].sum() == 0  # no source token left for the last padding slot
-    assert torch.allclose(m.sum(0)[:76], torch.ones(76))
+    assert torch.equal(m.sum(1), torch.ones(77))
 
 
 def test_replacement_multi_to_multi_token_word(tok):
     m = sa.replacement_mapper("a xylophonist", "a armadillo", tok)
-    assert torch.allclose(m[2:6, 2:4], torch.full((4, 2), 0.25))
+    assert torch.equal(m[2:6, 2:4], torch.full((4, 2), 0.5))
     assert m[6, 4] == 1
+
+
+def test_replacement_equal_token_count_maps_token_for_token(tok):
+    # armadillo -> meerkat, two tokens each: P2P pairs them in order instead of averaging
+    assert tok.tokenize("meerkat") == ["meer", "kat</w>"]
+    m = sa.replacement_mapper("a armadillo", "a meerkat", tok)
+    assert torch.equal(m, torch.eye(77))
 
 
 def test_replacement_word_count_mismatch(tok):
@@ -112,7 +120,7 @@ def test_refinement_inserted_word(tok):
     assert torch.equal(alphas, expected_alphas)
     assert mapper[:5].tolist() == [0, 1, 2, 3, 4]
     assert mapper[6] == 5 and mapper[7] == 6  # "cat" and end token
-    assert mapper[8:].tolist() == list(range(7, 76))  # padding shifted by one
+    assert mapper[8:].tolist() == list(range(8, 77))  # padding: same position, as P2P's get_mapper
     assert 0 <= mapper[5] < 77
 
 
@@ -120,14 +128,15 @@ def test_refinement_removed_word(tok):
     mapper, alphas = sa.refinement_mapper("a photo of a black cat", "a photo of a cat", tok)
     assert torch.equal(alphas, torch.ones(77))
     assert mapper[:7].tolist() == [0, 1, 2, 3, 4, 6, 7]
-    assert mapper[-1] == 76  # clipped into range
+    assert mapper[7:].tolist() == list(range(7, 77))
 
 
 def test_refinement_tie_break_repeated_token(tok):
-    # target "a a cat": the later "a" pairs with the source "a"; the earlier one is inserted.
+    # target "a a cat": P2P's traceback prefers a gap in the target, so the FIRST "a" pairs with the
+    # source "a" and the second one is inserted.
     mapper, alphas = sa.refinement_mapper("a cat", "a a cat", tok)
-    assert alphas[:5].tolist() == [1, 0, 1, 1, 1]
-    assert mapper[2] == 1 and mapper[3] == 2 and mapper[4] == 3
+    assert alphas[:5].tolist() == [1, 1, 0, 1, 1]
+    assert mapper[1] == 1 and mapper[3] == 2 and mapper[4] == 3
 
 
 def test_refinement_identical_is_identity(tok):
@@ -157,6 +166,12 @@ def test_reweight_vector_multi_token_and_index(tok):
     expected[5:9] = 0.5
     expected[2] = 3
     assert torch.equal(v, expected)
+
+
+def test_reweight_word_named_twice_takes_the_last_factor(tok):
+    # P2P's get_equalizer assigns: the later factor replaces the earlier one (no product 2 * 3 = 6)
+    v = sa.reweight_vector("a photo of a cat", {"words": ["cat", "cat"], "values": [2, 3]}, tok)
+    assert v[5] == 3 and v.sum() == 76 + 3
 
 
 @pytest.mark.parametrize(
