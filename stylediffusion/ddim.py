@@ -83,6 +83,13 @@ class DDIMSchedule:
 
 
 def make_ddim_scheduler(config: dict) -> DDIMScheduler:
-    """A DDIM scheduler with the settings inversion needs, keeping the model's betas and prediction type."""
-    overrides = dict(clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    """A DDIM scheduler with the settings inversion needs, keeping the model's betas and prediction type.
+
+    ``steps_offset`` is 0, as in the released StyleDiffusion code, Null-text's notebook and
+    PnPInversion (all build ``DDIMScheduler(beta_start=0.00085, beta_end=0.012, ...,
+    clip_sample=False, set_alpha_to_one=False)`` and so take diffusers' default 0, whatever the SD
+    folder's own scheduler config says): T = 50 runs t = 980, 960, ..., 0 and T = 30 runs
+    t = 957, 924, ..., 0 (``leading`` spacing, step 1000 // T).
+    """
+    overrides = dict(clip_sample=False, set_alpha_to_one=False, steps_offset=0)
     return DDIMScheduler.from_config({**dict(config), **overrides})

@@ -34,3 +34,15 @@ def test_sampling_step_matches_diffusers():
         theirs = scheduler.step(eps, sched.timesteps[i], z, eta=0.0).prev_sample
         assert torch.allclose(ours, theirs, atol=1e-5)
     assert sched.timesteps[0] > sched.timesteps[-1] == 1  # steps_offset 1
+
+
+def test_paper_ddim_has_steps_offset_0_like_the_released_code():
+    """The released StyleDiffusion code, Null-text's notebook and PnPInversion build their DDIMScheduler
+    without steps_offset (diffusers' default 0), whatever the SD folder's config says (1)."""
+    from stylediffusion.ddim import make_ddim_scheduler
+
+    sched = make_ddim_scheduler(SD_SCHEDULER_CONFIG)  # the folder's config says steps_offset 1
+    assert sched.config.steps_offset == 0
+    assert not sched.config.clip_sample and not sched.config.set_alpha_to_one
+    assert DDIMSchedule(sched, 50).timesteps.tolist() == list(range(980, -1, -20))
+    assert DDIMSchedule(make_ddim_scheduler(SD_SCHEDULER_CONFIG), 30).timesteps.tolist() == list(range(957, -1, -33))
