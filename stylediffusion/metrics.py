@@ -319,30 +319,53 @@ def _keys_self_similarity(vit, x: torch.Tensor) -> torch.Tensor:
     return k @ k.transpose(-1, -2)
 
 
+def pie_resize_shape(h: int, w: int, size: int = 224, max_size: int | None = 480) -> tuple[int, int]:
+    """Output size of torchvision's ``Resize(size, max_size=max_size)``, which PIE-Bench applies before
+    DINO: the shorter side becomes ``size``, the longer ``int(size * long / short)``; if that exceeds
+    ``max_size`` the longer side becomes ``max_size`` and the shorter ``int(max_size * size / long)``."""
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    if max_size is not None and new_long > max_size:
+        new_short, new_long = int(max_size * new_short / new_long), max_size
+    return (new_long, new_short) if w <= h else (new_short, new_long)
+
+
+def pie_dino_input(x: Any, size: int = 224, max_size: int | None = 480) -> torch.Tensor:
+    """The DINO input exactly as PIE-Bench's evaluation builds it (``calculate_structure_distance``):
+    pixel values kept in 0..255 (the image array cast to float, *no* division by 255), resized with
+    torchvision's ``Resize(size, max_size)`` (bilinear; no antialiasing, which is what torchvision
+    before 0.17, current when PIE-Bench was published, does on tensors), then ``Normalize`` with the
+    ImageNet mean/std meant for [0, 1] inputs. So a white pixel becomes (255 - 0.485) / 0.229 =
+    1111.42, not 2.25: published structure distances are on this scale.
+    """
+    img = to_image_tensor(x) * 255.0
+    nh, nw = pie_resize_shape(img.shape[-2], img.shape[-1], size, max_size)
+    if (nh, nw) != tuple(img.shape[-2:]):
+        img = F.interpolate(img, size=(nh, nw), mode="bilinear", align_corners=False, antialias=False)
+    mean = torch.tensor(IMAGENET_MEAN, device=img.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=img.device).view(1, 3, 1, 1)
+    return (img - mean) / std
+
+
 def structure_distance(a: Any, b: Any, model: Any = DEFAULT_DINO,
                        device: str | torch.device | None = None) -> float:
-    """DINO-ViT structure distance (Tumanyan et al., PIE-Bench): MSE between the two images'
-    last-layer key self-similarity matrices. 0 = same structure; lower is better.
+    """DINO-ViT structure distance as PIE-Bench computes it: MSE between the two images' last-layer
+    key self-similarity matrices (Tumanyan et al.'s definition), on PIE-Bench's input scale
+    (:func:`pie_dino_input`: 0..255 values, ImageNet mean/std). 0 = same structure; lower is better.
 
-    Images are resized (bilinear, shorter side) to the model's ``image_size`` (224 for DINO) and
-    ImageNet-normalised. ``model`` is a hub id / folder or an already-loaded ``ViTModel``.
+    The resize targets the model's ``image_size`` (224 for DINO ViT-B/8, PIE-Bench's setting) with
+    PIE-Bench's 480 cap on the longer side scaled alike. ``model`` is a hub id / folder or an
+    already-loaded ``ViTModel``.
     """
     vit = load_backbone("dino", str(model), device) if isinstance(model, (str, os.PathLike)) else model
     dev = next(vit.parameters()).device
     a, b = _pair(a, b)
-    size = vit.config.image_size
-    h, w = a.shape[-2:]
-    s = size / min(h, w)
-    mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
-
-    def prep(x):
-        x = F.interpolate(x.to(dev), size=(round(h * s), round(w * s)), mode="bilinear",
-                          align_corners=False, antialias=True)
-        return (x - mean) / std
+    size = int(vit.config.image_size)
+    max_size = (480 * size) // 224
 
     with torch.inference_mode():
-        sa, sb = _keys_self_similarity(vit, prep(a)), _keys_self_similarity(vit, prep(b))
+        sa = _keys_self_similarity(vit, pie_dino_input(a, size, max_size).to(dev))
+        sb = _keys_self_similarity(vit, pie_dino_input(b, size, max_size).to(dev))
     return float(((sa - sb) ** 2).mean(dim=(1, 2)).mean())
 
 
@@ -355,8 +378,10 @@ def evaluate_pair(source: Any, edited: Any, *, background_mask: Any = None, targ
     backbone or library: that metric becomes ``MetricUnavailable``.
 
     ``backbones``: ``{"clip": hub id | folder | ClipBackbone | (model, tokenizer), "dino": hub id |
-    folder | ViTModel, "lpips": "alex" | "vgg" | "squeeze"}``; an absent key makes its metrics
-    unavailable (nothing is fetched implicitly). Pixel metrics and LPIPS use ``background_mask``
+    folder | ViTModel, "lpips": "alex" | "vgg" | "squeeze", "ns_lpips": ...}``; an absent clip/dino
+    key makes its metrics unavailable (nothing is fetched implicitly). LPIPS uses SqueezeNet unless
+    told otherwise (PIE-Bench's ``LearnedPerceptualImagePatchSimilarity(net_type='squeeze')``);
+    NS-LPIPS uses AlexNet (the StyleDiffusion authors' script). Pixel metrics and LPIPS use ``background_mask``
     (default ``1 - edit_mask`` when only the edit mask is known; whole image when neither is).
     Keys: structure_distance, psnr, lpips, mse, ssim, clip_whole, clip_edited, ns_lpips.
     """
@@ -377,7 +402,7 @@ def evaluate_pair(source: Any, edited: Any, *, background_mask: Any = None, targ
 
     guarded("structure_distance", lambda: structure_distance(source, edited, backbones["dino"], device), "dino")
     guarded("psnr", lambda: psnr(source, edited, background_mask))
-    net = backbones.get("lpips", "alex")
+    net = backbones.get("lpips", "squeeze")
     guarded("lpips", lambda: lpips(source, edited, background_mask, net=net))
     guarded("mse", lambda: mse(source, edited, background_mask))
     guarded("ssim", lambda: ssim(source, edited, background_mask))
@@ -391,5 +416,5 @@ def evaluate_pair(source: Any, edited: Any, *, background_mask: Any = None, targ
     if attention_map is None:
         out["ns_lpips"] = MetricUnavailable("no attention map given")
     else:
-        guarded("ns_lpips", lambda: ns_lpips(source, edited, attention_map, net=net))
+        guarded("ns_lpips", lambda: ns_lpips(source, edited, attention_map, net=backbones.get("ns_lpips", "alex")))
     return out

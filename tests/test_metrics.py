@@ -212,3 +212,56 @@ def test_evaluate_pair_marks_missing_backbones_unavailable(clip, vit):
     assert "--clip_model" in r["clip_whole"].reason
     r2 = M.evaluate_pair(src, edt, edit_mask=edit_mask, target_prompt="a cat", backbones={"clip": clip, "dino": vit})
     assert all(isinstance(r2[k], float) for k in ("clip_whole", "clip_edited", "structure_distance", "psnr", "ssim"))
+
+
+# ----------------------------------------------------------------------------- PIE-Bench's structure-distance input
+def test_pie_resize_shape_is_torchvision_resize_224_max_480():
+    assert M.pie_resize_shape(512, 512) == (224, 224)
+    assert M.pie_resize_shape(300, 400) == (224, 298)  # int(224 * 400 / 300) = int(298.67)
+    assert M.pie_resize_shape(400, 300) == (298, 224)
+    assert M.pie_resize_shape(512, 1536) == (160, 480)  # 672 > 480: capped, short = int(480 * 224 / 672)
+
+
+def test_pie_dino_input_keeps_0_255_values_with_imagenet_statistics():
+    """PIE-Bench feeds float(uint8) pixels to Normalize(ImageNet mean, std): no division by 255."""
+    white = np.full((224, 224, 3), 255, np.uint8)
+    black = np.zeros((224, 224, 3), np.uint8)
+    x = M.pie_dino_input(white)
+    assert x.shape == (1, 3, 224, 224)
+    # (255 - 0.485) / 0.229, (255 - 0.456) / 0.224, (255 - 0.406) / 0.225
+    assert x[0, :, 0, 0].tolist() == pytest.approx([1111.4192139, 1136.3571429, 1131.5288889], rel=1e-6)
+    y = M.pie_dino_input(black)
+    assert y[0, :, 5, 7].tolist() == pytest.approx([-2.1179039, -2.0357143, -1.8044444], rel=1e-6)
+    # a grey level of 100 on the [0, 1] scale would be 100/255 = 0.392 -> -0.405; PIE-Bench's is 434.56
+    grey = M.pie_dino_input(np.full((8, 8, 3), 100, np.uint8), size=8)
+    assert grey[0, 0, 0, 0].item() == pytest.approx((100 - 0.485) / 0.229, rel=1e-6)
+
+
+def test_pie_dino_input_resizes_bilinear_without_antialias():
+    """Halving with bilinear, align_corners False, no antialias averages each 2x2 block exactly."""
+    img = np.zeros((4, 4, 3), np.uint8)
+    img[:, :, 0] = [[0, 40, 80, 120], [40, 80, 120, 160], [200, 200, 0, 0], [0, 0, 100, 100]]
+    x = M.pie_dino_input(img, size=2, max_size=None)
+    r = x[0, 0] * 0.229 + 0.485  # undo the normalisation of the red channel
+    assert r.tolist() == [pytest.approx([40.0, 120.0], abs=1e-3), pytest.approx([100.0, 50.0], abs=1e-3)]
+
+
+def test_structure_distance_feeds_pie_input_to_the_vit(vit, monkeypatch):
+    seen = []
+    real = M._keys_self_similarity
+    monkeypatch.setattr(M, "_keys_self_similarity", lambda v, x: seen.append(x) or real(v, x))
+    white = torch.ones(1, 3, 64, 64)
+    M.structure_distance(white, white, model=vit)
+    assert len(seen) == 2 and seen[0].shape == (1, 3, 32, 32)  # the test ViT's image_size
+    assert seen[0][0, 0].max().item() == pytest.approx((255 - 0.485) / 0.229, rel=1e-5)
+
+
+def test_evaluate_pair_lpips_is_squeeze_and_ns_lpips_is_alex(monkeypatch):
+    nets = {}
+    monkeypatch.setattr(M, "lpips", lambda a, b, mask=None, net="alex": nets.setdefault("lpips", net) and 0.0)
+    monkeypatch.setattr(M, "ns_lpips", lambda a, b, att, net="alex": nets.setdefault("ns_lpips", net) and 0.0)
+    M.evaluate_pair(const(0.5), const(0.6), attention_map=torch.rand(4, 4))
+    assert nets == {"lpips": "squeeze", "ns_lpips": "alex"}
+    from stylediffusion.bench.pie import build_parser
+
+    assert build_parser().get_default("lpips_net") == "squeeze"

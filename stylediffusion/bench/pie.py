@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip_model", default=DEFAULT_CLIP, help="CLIP for the CLIP scores (hub id, folder or none)")
     g.add_argument("--dino_model", default=DEFAULT_DINO, help="DINO ViT for structure distance (hub id, folder or none)")
     g.add_argument("--lpips", type=str2bool, default=True, metavar="True|False", help="compute LPIPS / NS-LPIPS")
-    g.add_argument("--lpips_net", choices=("alex", "vgg", "squeeze"), default="alex")
+    g.add_argument("--lpips_net", choices=("alex", "vgg", "squeeze"), default="squeeze",
+                   help="LPIPS backbone (PIE-Bench: squeeze; NS-LPIPS always uses alex, as the authors' script)")
     g.add_argument("--report", type=str2bool, default=True, metavar="True|False",
                    help="write summary.md / summary.csv / plots at the end")
     return p
