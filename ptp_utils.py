@@ -326,8 +326,8 @@ class PromptToPromptController(AttentionController):
     - self-attention (layers with <= (latent/2)^2 queries): conditional target rows take the source
       row's maps while i < self_steps; unconditional rows likewise while i < uncond_self_steps (P2Plus);
     - the unconditional branch's cross-attention is never edited.
-    The mid-low cross maps of the conditional rows are accumulated (before editing) for LocalBlend
-    and for the attention-map picture.
+    The mid-low cross maps of the conditional rows are accumulated (after editing, as in the
+    originals) for LocalBlend and for the attention-map picture.
     """
 
     def __init__(self, num_steps: int, cross_edit: CrossAttentionEdit | None, cross_alpha: torch.Tensor,
@@ -353,14 +353,14 @@ class PromptToPromptController(AttentionController):
         source_cond = layout.row(COND, 0)
         targets = range(1, layout.num_prompts)
         if place.is_cross:
-            if place.is_mid_low:
-                self._accumulate(probs[layout.rows(COND)].mean(dim=1).detach())
             if self._cross_active(step):
                 source = probs[source_cond]
                 for p in targets:
                     r = layout.row(COND, p)
                     alpha = self.cross_alpha[step, p - 1].to(probs)
                     probs[r] = self.cross_edit.mapped(source, probs[r], p) * alpha + probs[r] * (1 - alpha)
+            if place.is_mid_low:  # after the edit, as the originals store them (see _accumulate)
+                self._accumulate(probs[layout.rows(COND)].mean(dim=1).detach())
             return probs
         for branch, active in ((COND, step < self.self_steps), (UNCOND, step < self.uncond_self_steps)):
             src_row = layout.row(branch, 0)
@@ -370,6 +370,11 @@ class PromptToPromptController(AttentionController):
         return probs
 
     def _accumulate(self, maps: torch.Tensor):
+        """Add one mid-low layer's conditional maps, taken AFTER the cross-attention edit.
+
+        Prompt-to-Prompt and StyleDiffusion store the map tensor and then edit a view of it in place,
+        so their LocalBlend (and attention pictures) see the edited target maps; we do the same.
+        """
         self.map_sum = maps.float() if self.map_sum is None else self.map_sum + maps.float()
         self.map_count += 1
 

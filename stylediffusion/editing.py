@@ -5,6 +5,7 @@ from z*_T. The source row is the reconstruction; the target row is the edit.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -33,8 +34,16 @@ def default_edit_type(source: str, target: str) -> str:
 
 
 def num_steps_for(tau: float, num_steps: int) -> int:
-    """How many of the first steps a fraction tau covers (P2P's int(tau * T), robust to 0.29*100)."""
+    """How many of the first steps a fraction tau covers: Prompt-to-Prompt's ``int(tau * T)`` (tau_c,
+    tau_s, tau_u), made robust to float noise (0.58 * 50 = 28.999999999999996 counts as 29 steps)."""
     return int(tau * num_steps + 1e-9)
+
+
+def value_steps_for(tau_v: float, num_steps: int) -> int:
+    """How many first steps use the learned values in the target branch: the authors' edit loop uses
+    them while ``i < tau_v * T``, i.e. ``ceil(tau_v * T)`` steps (0.55 * 30 = 16.5 -> 17), made robust
+    to float noise (0.56 * 50 = 28.000000000000004 counts as 28, not 29)."""
+    return min(num_steps, max(0, math.ceil(tau_v * num_steps - 1e-9)))
 
 
 @dataclass
@@ -53,18 +62,9 @@ class EditSpec:
     notes: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
-        if self.edit_type not in EDIT_TYPES:
-            raise UserError(f"--edit_type {self.edit_type!r} is not one of {', '.join(EDIT_TYPES)}.")
-        taus = {"tau_v": self.tau_v, "tau_s": self.tau_s, "tau_u": self.tau_u}
-        if isinstance(self.tau_c, dict):
-            taus.update({f"tau_c[{k}]": v for k, v in self.tau_c.items()})
-        else:
-            taus["tau_c"] = self.tau_c
-        for name, value in taus.items():
-            if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-                raise UserError(f"{name} = {value!r} is outside [0, 1]: it is a fraction of the DDIM steps.")
-        if self.edit_type == "Reweight" and not self.eq_params:
-            raise UserError("a Reweight edit needs --eq_params, e.g. \"{'words': ['red'], 'values': [2]}\".")
+        from .validate import edit_spec  # the checks every caller shares (CLI, runners, API)
+
+        edit_spec(self)
 
 
 def cross_alpha(spec: EditSpec, tokenizer, num_steps: int) -> torch.Tensor:
@@ -133,7 +133,9 @@ class EditHooks:
         return guided(eps_u, eps_c, guidance_scale)
 
     def after_step(self, i: int, z: torch.Tensor) -> torch.Tensor:
-        """The latents after step i (and after the controller's LocalBlend), e.g. DirectInversion's offsets."""
+        """The latents after step i, before the controller's LocalBlend (e.g. DirectInversion's offsets:
+        PnPInversion adds the offset to the source row and then blends, so the target row outside the
+        mask takes the corrected source latent)."""
         return z
 
 
@@ -149,7 +151,7 @@ def run_edit(bundle: ModelBundle, schedule: DDIMSchedule, z_T: torch.Tensor, spe
              controller: PromptToPromptController | None = None, progress: bool = True,
              hooks: EditHooks | None = None, embedding: str = "value") -> EditResult:
     """P2P/P2Plus edit from z*_T. With ``mappers`` the conditional rows use learned value inputs:
-    the source row at every step, the target row for steps < tau_v*T (then its plain embedding).
+    the source row at every step, the target row while i < tau_v*T (then its plain embedding).
     ``hooks`` lets other inversions change the text, the guidance or the latents of each step;
     ``embedding`` ("value", "key", "key_value") is where the learned embedding goes (training ablations)."""
     T = schedule.num_steps
@@ -159,7 +161,7 @@ def run_edit(bundle: ModelBundle, schedule: DDIMSchedule, z_T: torch.Tensor, spe
     cond = encode_prompts(bundle, [spec.source, spec.target])
     uncond = encode_prompts(bundle, [""]).expand(2, -1, -1)
     text = torch.cat([uncond, cond])
-    value_steps = num_steps_for(spec.tau_v, T)
+    value_steps = value_steps_for(spec.tau_v, T)
     z = z_T.to(bundle.device).expand(2, -1, -1, -1).clone()
     if mappers is not None:
         mappers.to(bundle.device).eval()
@@ -178,7 +180,7 @@ def run_edit(bundle: ModelBundle, schedule: DDIMSchedule, z_T: torch.Tensor, spe
             eps = guided(eps_u, eps_c, spec.guidance_scale) if hooks is None else \
                 hooks.guide(i, eps_u, eps_c, z, spec.guidance_scale)
             z = schedule.sample_step(eps, z, i)
-            z = controller.after_step(z, state)
-            if hooks is not None:
+            if hooks is not None:  # e.g. DirectInversion's offset: added before LocalBlend, as PnPInversion does
                 z = hooks.after_step(i, z)
+            z = controller.after_step(z, state)
     return EditResult(z, controller)

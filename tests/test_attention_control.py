@@ -157,3 +157,68 @@ def test_layers_chosen_by_resolution_not_names(tiny):
     assert len(mid_low) == 3
     assert sum(n.startswith("down") for n in mid_low) == 1
     assert install_attention_control(tiny.unet) is install_attention_control(tiny.unet)
+
+
+def test_local_blend_maps_are_taken_after_the_cross_attention_edit():
+    """P2P/StyleDiffusion store the map tensor and then edit it in place, so their LocalBlend sees the
+    target's EDITED maps; ours accumulates after the edit too."""
+    from ptp_utils import AttentionPlace, AttentionState, BatchLayout, ReplacementEdit
+
+    swap = torch.eye(77)
+    swap[[5, 6]] = swap[[6, 5]]  # source token 5 -> target token 6 and back
+    ctrl = PromptToPromptController(T, ReplacementEdit(swap[None]), torch.ones(T, 1, 77), self_steps=0)
+    state = AttentionState(layout=BatchLayout.guided(2), step=0, num_steps=T, latent_tokens=256)
+    place = AttentionPlace("down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor", 0, True, 16, 256)
+    assert place.is_mid_low and ctrl.needs_maps(place, state)
+    torch.manual_seed(0)
+    probs = torch.rand(4, 2, 16, 77).softmax(-1)  # rows: uncond src, uncond tgt, cond src, cond tgt
+    before = probs.clone()
+    after = ctrl(probs, place, state)
+    maps = ctrl.average_maps()  # (prompts, queries, keys), averaged over heads
+    assert torch.allclose(maps[1], after[3].mean(0))  # the edited target row
+    assert torch.allclose(maps[1][:, 6], before[2].mean(0)[:, 5])  # = the source's token-5 map
+    assert not torch.allclose(maps[1], before[3].mean(0))
+    assert torch.allclose(maps[0], before[2].mean(0))  # the source row is never edited
+
+
+def test_target_uses_learned_values_while_i_below_tau_v_times_T(tiny):
+    """The authors' loop: learned values while i < tau_v * T, i.e. ceil(tau_v * T) steps (T=10, .55 -> 6)."""
+    from stylediffusion.editing import value_steps_for
+
+    assert [value_steps_for(t, 10) for t in (0.0, 0.05, 0.5, 0.55, 0.6, 0.99, 1.0)] == [0, 1, 5, 6, 6, 10, 10]
+    assert value_steps_for(0.56, 50) == 28 and value_steps_for(0.55, 30) == 17  # 28.000000000000004, 16.5
+    image = torch.rand(1, 3, 64, 64) * 2 - 1
+    feats = clip_image_features(tiny, image)
+    cond = encode_prompts(tiny, ["a photo of a cat", "a photo of a dog"])
+    torch.manual_seed(1)
+    mappers = MappingNetworks(MappingConfig(feats.shape[1], feats.shape[2], cond.shape[1], cond.shape[2]), T)
+    attn = tiny.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+    seen = []
+    hook = attn.to_v.register_forward_hook(lambda m, i, o: seen.append(i[0][3].clone()))  # cond target row
+    try:
+        spec = EditSpec("a photo of a cat", "a photo of a dog", tau_v=0.55, tau_c=0.0, tau_s=0.0)
+        run_edit(tiny, DDIMSchedule(tiny.scheduler, T), torch.randn(1, 4, 16, 16), spec, mappers, feats,
+                 progress=False)
+    finally:
+        hook.remove()
+    assert len(seen) == T
+    plain = [torch.equal(v, cond[1]) for v in seen]
+    assert plain == [False] * 6 + [True] * 4
+
+
+def test_inversion_offset_is_added_before_local_blend(tiny):
+    """PnPInversion: offset added to the source row, THEN LocalBlend, so outside the mask the target
+    takes the corrected source latent. With a mask that is empty everywhere (threshold above 1) the
+    target must therefore end equal to the source, offset included."""
+    from stylediffusion.editing import EditHooks
+
+    class ConstantOffset(EditHooks):
+        def after_step(self, i, z):
+            return torch.cat([z[:1] + 0.25, z[1:]])
+
+    spec = EditSpec("a photo of a cat", "a photo of a dog", blend_words=("cat", "dog"), blend_threshold=1.5)
+    torch.manual_seed(0)
+    out = run_edit(tiny, DDIMSchedule(tiny.scheduler, T), torch.randn(1, 4, 16, 16), spec, progress=False,
+                   hooks=ConstantOffset())
+    assert out.controller.local_blend.last_mask.sum() == 0
+    assert torch.equal(out.latents[1], out.latents[0])

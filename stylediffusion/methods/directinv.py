@@ -6,6 +6,9 @@ inverted latent z*_t (unconditional "" + w (cond - uncond)) lands on z~_{t-1}; t
 o_i = z*_{t-1} - z~_{t-1} is stored. When editing, o_i is added to the SOURCE row after step i, which
 keeps the source branch on the inversion trajectory (exact reconstruction up to float error); the
 target row is left alone and only feels the source through the attention edit. No optimisation.
+The offset is added before LocalBlend (``run_edit`` calls the hooks first), as PnPInversion's
+``direct_inversion_p2p_guidance_diffusion_step`` does, so outside the blend mask the target row takes
+the corrected source latent.
 """
 from __future__ import annotations
 
