@@ -88,7 +88,7 @@ from ptp_utils import (COND, UNCOND, AttentionController, BatchLayout, CrossAtte
 from stylediffusion import sampling as sd_sampling  # noqa: E402
 from stylediffusion import training as sd_training  # noqa: E402
 from stylediffusion.ddim import DDIMSchedule, guided  # noqa: E402
-from stylediffusion.editing import EditSpec, build_controller, num_steps_for, run_edit  # noqa: E402
+from stylediffusion.editing import EditSpec, build_controller, num_steps_for, run_edit, value_steps_for  # noqa: E402
 from stylediffusion.encoders import clip_image_features, decode_latent, encode_latent, encode_prompts  # noqa: E402
 from stylediffusion.inversion import mapping_config  # noqa: E402
 from stylediffusion.mapping import MappingNetworks  # noqa: E402
@@ -309,7 +309,7 @@ def reference_edit(bundle: ModelBundle, schedule: DDIMSchedule, z_T, spec: EditS
     state = install_attention_control(bundle.unet)
     cond = encode_prompts(bundle, [spec.source, spec.target])
     uncond = encode_prompts(bundle, [""]).expand(2, -1, -1)
-    value_steps = num_steps_for(spec.tau_v, T)
+    value_steps = value_steps_for(spec.tau_v, T)
     z = z_T.to(bundle.device).expand(2, -1, -1, -1).clone()
     mappers.eval()
     with torch.no_grad(), controlled(state, controller):
