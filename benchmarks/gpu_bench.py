@@ -88,7 +88,7 @@ from ptp_utils import (COND, UNCOND, AttentionController, BatchLayout, CrossAtte
 from stylediffusion import sampling as sd_sampling  # noqa: E402
 from stylediffusion import training as sd_training  # noqa: E402
 from stylediffusion.ddim import DDIMSchedule, guided  # noqa: E402
-from stylediffusion.editing import EditSpec, build_controller, num_steps_for, run_edit, value_steps_for  # noqa: E402
+from stylediffusion.editing import EditSpec, build_controller, run_edit, value_steps_for  # noqa: E402
 from stylediffusion.encoders import clip_image_features, decode_latent, encode_latent, encode_prompts  # noqa: E402
 from stylediffusion.inversion import mapping_config  # noqa: E402
 from stylediffusion.mapping import MappingNetworks  # noqa: E402
