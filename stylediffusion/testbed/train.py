@@ -19,7 +19,12 @@ Stages:
 * ``vae``: AutoencoderKL, L1 + MSE reconstruction + 1e-6 KL; afterwards the
   latent ``scaling_factor`` = 1 / std of scene latents is stored;
 * ``unet``: frozen text tower, epsilon-prediction DDPM loss on scaled VAE
-  latents, 10% of captions dropped to "" (classifier-free guidance);
+  latents, 10% of captions dropped to "" (classifier-free guidance); with
+  ``--attn-weight`` > 0 an auxiliary loss pulls each object's colour and shape
+  words' cross-attention (layers at latent/1, /2, /4) inside the object's disc
+  dilated by 2 px (the world's exact geometry); ``--init-from`` takes the frozen
+  text encoder and VAE (and the UNet's starting weights) from an exported
+  diffusers folder instead of the clip/vae checkpoints;
 * ``export``: writes the diffusers folder (vae, text_encoder, tokenizer, unet,
   scheduler, image_encoder, model_index.json, testbed.json).
 """
@@ -37,6 +42,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ptp_utils import AttentionController
 
 from . import model as M
 from . import world as W
@@ -330,18 +337,131 @@ def load_trained_vae(out: str, with_decoder_finetune: bool = True):
     return vae, meta
 
 
+
+def _file_sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def frozen_parts_from_folder(model_dir: str):
+    """(text encoder, VAE, UNet, sha256 of their weight files) of an exported diffusers folder."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    te = CLIPTextModel.from_pretrained(os.path.join(model_dir, "text_encoder"), use_safetensors=True)
+    vae = AutoencoderKL.from_pretrained(os.path.join(model_dir, "vae"), use_safetensors=True)
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(model_dir, "unet"), use_safetensors=True)
+    hashes = {name: _file_sha256(os.path.join(model_dir, sub))
+              for name, sub in (("text_encoder", "text_encoder/model.safetensors"),
+                                ("vae", "vae/diffusion_pytorch_model.safetensors"))}
+    return te, vae, unet, hashes
+
+
+class AttentionMapKeeper(AttentionController):
+    """Attention controller (ptp_utils API) that keeps, with gradients, the cross-attention
+    softmax maps of every layer whose query grid is the latent's or up to 4x coarser
+    (latent/1, /2, /4 = 16, 8, 4 cells a side here); the 2x2 mid block is left out."""
+
+    def __init__(self, max_downscale: float = 4.0):
+        self.max_downscale = max_downscale
+        self.maps: List[torch.Tensor] = []  # (batch, heads, queries, tokens), forward order
+
+    def needs_maps(self, place, state) -> bool:
+        return place.is_cross and place.downscale <= self.max_downscale + 1e-6
+
+    def __call__(self, probs, place, state):
+        self.maps.append(probs)
+        return probs
+
+
+def object_word_targets(scene, caption_tokens: Dict[str, List[List[int]]], tok, dilate: float = 2.0):
+    """[(token indices, dilated-disc mask HxW)] for the colour and the shape word of every object.
+
+    The words are found by position (``a [size] colour shape [and ...] on a <bg> background``),
+    so a background word equal to an object's colour ("blue") is never confused with it."""
+    import seq_aligner
+
+    from .evaluate import object_word_positions, object_disc
+
+    out = []
+    for k, obj in enumerate(scene.objects):
+        disc = object_disc(obj, scene.size, dilate)
+        for word_index in object_word_positions(scene, k):
+            key = f"{scene.caption}\t{word_index}"
+            if key not in caption_tokens:
+                caption_tokens[key] = seq_aligner.word_token_indices(scene.caption, word_index, tok)
+            out.append((caption_tokens[key], disc))
+    return out
+
+
+def attention_inside_loss(maps: List[torch.Tensor], rows: List[int], tokens: List[List[int]],
+                          discs: List[np.ndarray], weights: torch.Tensor) -> torch.Tensor:
+    """Mean over (layer, word) of weight * (1 - fraction of the word's attention mass inside its disc).
+
+    ``maps``: per layer (batch, heads, queries, tokens) softmax maps on a square query grid;
+    ``rows[i]``, ``tokens[i]``, ``discs[i]``: batch row, token positions and pixel mask of word i.
+    Each cell's mass counts inside in proportion to the fraction of its pixels in the mask."""
+    from .evaluate import cell_fractions
+
+    if not rows:
+        return maps[0].new_zeros(())
+    n_tok = maps[0].shape[-1]
+    select = torch.zeros(len(rows), n_tok)
+    for i, idx in enumerate(tokens):
+        select[i, idx] = 1.0
+    row_index = torch.as_tensor(rows)
+    total = maps[0].new_zeros(())
+    for probs in maps:
+        grid = int(round(math.sqrt(probs.shape[2])))
+        word_maps = torch.einsum("nqk,nk->nq", probs.mean(1)[row_index], select)  # (words, queries)
+        word_maps = word_maps / word_maps.sum(-1, keepdim=True).clamp_min(1e-12)
+        frac = torch.from_numpy(np.stack([cell_fractions(d, (grid, grid)) for d in discs]).reshape(len(rows), -1))
+        inside = (word_maps * frac.to(word_maps.dtype)).sum(-1)
+        total = total + (weights * (1.0 - inside)).mean()
+    return total / len(maps)
+
+
 def train_unet(args):
     tok = M.build_tokenizer()
-    clip_mods, _ = load_trained_text_encoder(args.out)
-    te = clip_mods["text"].eval().requires_grad_(False)
-    vae, _ = load_trained_vae(args.out)
+    unet = M.build_unet()
+    init_hashes = None
+    if args.init_from:
+        te, vae, init_unet, init_hashes = frozen_parts_from_folder(args.init_from)
+        unet.load_state_dict(init_unet.state_dict())  # starting point; a resumed checkpoint overrides it
+        del init_unet
+    else:
+        clip_mods, _ = load_trained_text_encoder(args.out)
+        te = clip_mods["text"]
+        vae, _ = load_trained_vae(args.out)
+    te.eval().requires_grad_(False)
     vae.eval().requires_grad_(False)
     sf = vae.config.scaling_factor
-    unet = M.build_unet()
     st = _Stage(args, "unet", {"unet": unet}, list(unet.parameters()), args.lr or 1e-3)
+    extra = st.meta["extra"]
+    if init_hashes is not None:
+        # a resumed run must keep the frozen parts it started with (the latent space and text space)
+        if extra.get("init_hashes") not in (None, init_hashes):
+            raise SystemExit(f"error: --init-from {args.init_from} holds a different text encoder / VAE than "
+                             f"the run in {args.out} started from; resume with the same components")
+        extra.setdefault("init_from", os.path.abspath(args.init_from))
+        extra["init_hashes"] = init_hashes
+        extra["scaling_factor"] = sf
+    extra["attn_weight"] = args.attn_weight
+    st.meta.setdefault("attn_losses", [])
     sched = M.build_scheduler()
     acp = sched.alphas_cumprod.float()
     cache: Dict[str, torch.Tensor] = {}
+    caption_tokens: Dict[str, List[List[int]]] = {}
+    use_attn = args.attn_weight > 0
+    if use_attn:
+        from ptp_utils import COND, BatchLayout, controlled, install_attention_control
+
+        state = install_attention_control(unet)
 
     def embed(caps: List[str]) -> torch.Tensor:
         missing = sorted({c for c in caps if c not in cache})
@@ -355,8 +475,10 @@ def train_unet(args):
         return torch.stack([cache[c] for c in caps])
 
     def step_fn(step):
-        imgs, caps = W.sample_batch(st.rng, args.batch, "train", p_two=args.p_two)
-        caps = ["" if st.rng.random() < args.uncond_p else c for c in caps]
+        scenes = [W.sample_scene(st.rng, "train", p_two=args.p_two) for _ in range(args.batch)]
+        imgs = np.stack([s.image for s in scenes])
+        dropped = [st.rng.random() < args.uncond_p for _ in scenes]
+        caps = ["" if d else s.caption for s, d in zip(scenes, dropped)]
         with torch.no_grad():
             z = vae.encode(M.images_to_tensor(imgs)).latent_dist.sample() * sf
             emb = embed(caps)
@@ -364,9 +486,29 @@ def train_unet(args):
         noise = torch.randn_like(z)
         a = acp[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z + (1 - a).sqrt() * noise
-        pred = unet(zt, t, encoder_hidden_states=emb).sample
-        loss = F.mse_loss(pred, noise)
-        return st.update(loss)
+        if not use_attn:
+            pred = unet(zt, t, encoder_hidden_states=emb).sample
+            return st.update(F.mse_loss(pred, noise))
+        keeper = AttentionMapKeeper()
+        state.set(step=0, layout=BatchLayout.single(COND, len(caps)), latent_hw=tuple(zt.shape[-2:]))
+        with controlled(state, keeper):
+            pred = unet(zt, t, encoder_hidden_states=emb).sample
+        eps_loss = F.mse_loss(pred, noise)
+        rows, tokens, discs = [], [], []
+        for b, (scene, d) in enumerate(zip(scenes, dropped)):
+            if d:
+                continue
+            for idx, disc in object_word_targets(scene, caption_tokens, tok):
+                rows.append(b)
+                tokens.append(idx)
+                discs.append(disc)
+        # weight by the signal's share of the noisy latent: at t near T the object's place is not
+        # in z_t yet, so asking the maps to find it there would be noise in the loss
+        weights = a.view(-1).sqrt()[torch.as_tensor(rows, dtype=torch.long)] if rows else None
+        attn_loss = attention_inside_loss(keeper.maps, rows, tokens, discs, weights)
+        st.meta["attn_losses"].append(attn_loss.item())
+        st.update(eps_loss + args.attn_weight * attn_loss)
+        return float(eps_loss)
 
     return st.run(step_fn)
 
@@ -379,6 +521,13 @@ def export(out: str, model_dir: str) -> None:
     from transformers import CLIPVisionModel
 
     os.makedirs(model_dir, exist_ok=True)
+    unet_json = os.path.join(out, "unet.json")
+    init_from = None
+    if os.path.exists(unet_json):
+        with open(unet_json) as f:
+            init_from = json.load(f).get("extra", {}).get("init_from")
+    if init_from:
+        return export_from_init(out, model_dir, init_from)
     clip_mods, clip_meta = load_trained_text_encoder(out)
     vae, vae_meta = load_trained_vae(out)
     dec_meta = None
@@ -450,6 +599,50 @@ def export(out: str, model_dir: str) -> None:
     print(f"exported to {model_dir}", file=sys.stderr)
 
 
+def export_from_init(out: str, model_dir: str, init_from: str) -> None:
+    """Export a UNet trained with ``--init-from``: every other component (text and image encoders,
+    VAE, tokenizer, scheduler) is copied unchanged from that folder, the UNet comes from ``out``."""
+    import shutil
+
+    unet = M.build_unet()
+    meta = load_checkpoint(out, "unet", {"unet": unet}, restore_rng=False)
+    if meta is None:
+        raise SystemExit(f"error: no unet checkpoint in {out}")
+    hashes = meta["extra"].get("init_hashes", {})
+    for name, sub in (("text_encoder", "text_encoder/model.safetensors"),
+                      ("vae", "vae/diffusion_pytorch_model.safetensors")):
+        if hashes.get(name) and _file_sha256(os.path.join(init_from, sub)) != hashes[name]:
+            raise SystemExit(f"error: {init_from}/{sub} changed since the run started")
+    same = os.path.abspath(init_from) == os.path.abspath(model_dir)
+    if not same:
+        os.makedirs(model_dir, exist_ok=True)
+        for sub in ("text_encoder", "vae", "image_encoder", "tokenizer", "scheduler"):
+            dst = os.path.join(model_dir, sub)
+            if os.path.isdir(dst):
+                shutil.rmtree(dst)
+            shutil.copytree(os.path.join(init_from, sub), dst)
+        shutil.copyfile(os.path.join(init_from, "model_index.json"), os.path.join(model_dir, "model_index.json"))
+    unet.save_pretrained(os.path.join(model_dir, "unet"))
+    info_path = os.path.join(init_from, "testbed.json")
+    info = {}
+    if os.path.exists(info_path):
+        with open(info_path) as f:
+            info = json.load(f)
+    losses, attn = meta.get("losses", []), meta.get("attn_losses", [])
+    info.setdefault("training", {})["unet"] = dict(
+        steps=meta["step"], batch=meta.get("batch"), seconds=round(meta["seconds"], 1),
+        final_loss=float(np.mean(losses[-50:])) if losses else None,
+        final_attn_loss=float(np.mean(attn[-50:])) if attn else None,
+        init_from="the previous test-bed model (same text encoder and VAE)", extra={
+            k: v for k, v in meta["extra"].items() if k not in ("init_from", "init_hashes")})
+    ev = os.path.join(out, "eval.json")
+    if os.path.exists(ev):
+        with open(ev) as f:
+            info["evaluation"] = json.load(f)
+    _atomic_json(os.path.join(model_dir, "testbed.json"), info)
+    print(f"exported to {model_dir}", file=sys.stderr)
+
+
 # ------------------------------------------------------------------------ main
 
 
@@ -469,6 +662,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is fastest when the 2 cores are shared)")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--init-from", default=None,
+                   help="unet stage: diffusers folder whose text encoder and VAE are used (frozen) and whose "
+                        "UNet is the starting point")
+    p.add_argument("--attn-weight", type=float, default=0.0,
+                   help="unet stage: weight of the cross-attention-inside-the-object loss (0 = off)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
