@@ -6,16 +6,69 @@ mode (``--image_path --prompt --target --outdir``) and the model/device options 
 from __future__ import annotations
 
 import argparse
-import ast
 import json
-import re
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError, exit_code
+from . import validate
+from .errors import UserError, exit_code, one_line, quiet_libraries
 
+# torch.manual_seed takes at most 64 bits; seeds are kept to the non-negative half so that every
+# seed means one thing on every platform.
+MAX_SEED = 2**63 - 1
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one ``error:`` line on stderr (exit 2), like every other bad input,
+    instead of the usage block followed by the message."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def _argtype(check, name: str):
+    """An argparse ``type=`` from a ``validate`` check: its UserError becomes argparse's one-line error."""
+    def parse(text: str):
+        try:
+            return check(text)
+        except UserError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+    parse.__name__ = name  # argparse names the type in its messages
+    return parse
+
+
+def _int(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError as err:
+        raise UserError(f"{what}: {text!r} is not a whole number.") from err
+
+
+def _float(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError as err:
+        raise UserError(f"{what}: {text!r} is not a number.") from err
+
+
+def count_at_least(minimum: int):
+    """``type=`` for a whole number >= ``minimum`` (steps, iterations, --limit)."""
+    return _argtype(lambda t: validate.number(_int(t, "value"), "value", minimum=minimum, integer=True),
+                    f"int>={minimum}")
+
+
+def finite_float(minimum: float | None = None, maximum: float | None = None, above: float | None = None):
+    """``type=`` for a finite number (NaN and inf refused) in the given range."""
+    return _argtype(lambda t: validate.number(_float(t, "value"), "value", minimum=minimum, maximum=maximum,
+                                              above=above), "finite float")
+
+
+seed_int = _argtype(lambda t: validate.number(_int(t, "seed"), "seed", minimum=0, maximum=MAX_SEED, integer=True),
+                    "seed")
+guidance_float = finite_float(minimum=0.0, maximum=validate.MAX_GUIDANCE)
+lr_float = finite_float(above=0.0)
 
 
 def str2bool(text: str) -> bool:
@@ -31,25 +84,26 @@ def str2bool(text: str) -> bool:
 def fraction_or_dict(text: str):
     """``0.6`` or a per-word dict literal such as ``{'default_': 0.6, 'wooden': 0.2}``."""
     try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError) as err:
-        raise argparse.ArgumentTypeError(f"expected a number or a dict literal, got {text!r}") from err
-    if not isinstance(value, (int, float, dict)):
+        value = validate.literal(text, "value")
+    except UserError as err:
+        raise argparse.ArgumentTypeError(f"expected a number or a dict literal: {err}") from err
+    if isinstance(value, bool) or not isinstance(value, (int, float, dict)):
         raise argparse.ArgumentTypeError(f"expected a number or a dict literal, got {text!r}")
-    return value
+    return value  # its range is checked with every other tau by EditSpec.validate
 
 
 def literal(text: str):
+    """A Python literal flag value (parsed as data, length-capped), e.g. ``--eq_params``."""
     try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError) as err:
-        raise argparse.ArgumentTypeError(f"not a Python literal: {text!r}") from err
+        return validate.literal(text, "value")
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_IMAGE_ENCODER, DEFAULT_MODEL, DTYPE_NAMES
 
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="edit_w_ptp_v_clip.py",
         description="StyleDiffusion: prompt-embedding inversion and P2Plus editing of real images.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -73,13 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
                    help="dtype of the frozen UNet and encoders (auto: bfloat16 on CUDA, float32 on the CPU; "
                         "mapping networks, DDIM math and losses always run in float32)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=seed_int, default=0, help=f"0 .. {MAX_SEED}")
 
     g = p.add_argument_group("inversion (training)")
-    g.add_argument("--num_ddim_steps", type=int, default=30, help="T")
-    g.add_argument("--num_inner_steps", type=int, default=100, help="K: iterations at the first step, K_i = ceil(K e^-0.1i)")
-    g.add_argument("--guidance_scale", type=float, default=7.5)
-    g.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate at step 0 (decays as 1 - i/100)")
+    g.add_argument("--num_ddim_steps", type=count_at_least(1), default=30,
+                   help="T (at most the scheduler's num_train_timesteps, 1000 for SD)")
+    g.add_argument("--num_inner_steps", type=count_at_least(1), default=100, help="K: iterations at the first step, K_i = ceil(K e^-0.1i)")
+    g.add_argument("--guidance_scale", type=guidance_float, default=7.5, help=f"w, in [0, {validate.MAX_GUIDANCE:g}]")
+    g.add_argument("--lr", type=lr_float, default=1e-2, help="Adam learning rate at step 0 (decays as 1 - i/100)")
     g.add_argument("--variant", choices=("modulate", "replace"), default="modulate",
                    help="mapping network: released code's c*gamma+beta (modulate) or the paper's direct value (replace)")
     g.add_argument("--attention_loss", type=str2bool, default=True, metavar="True|False")
@@ -114,9 +169,11 @@ def method_options(pairs: list[str]) -> dict:
         if not sep or not key.strip():
             raise UserError(f"--method_option {pair!r} is not KEY=VALUE.")
         try:
-            options[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            options[key.strip()] = value.strip()
+            options[key.strip()] = validate.literal(value, f"--method_option {key.strip()}")
+        except UserError:
+            if len(value) > validate.MAX_LITERAL_CHARS:
+                raise
+            options[key.strip()] = value.strip()  # a word, e.g. embedding=key_value
     return options
 
 
@@ -135,8 +192,8 @@ def _blend_words(value) -> tuple[str, str] | None:
         return None
     if isinstance(value, str):
         value = value.strip()
-        value = literal(value) if value.startswith(("(", "[")) else tuple(value.split())
-    return tuple(value)
+        value = validate.literal(value, "--blend_word") if value.startswith(("(", "[")) else tuple(value.split())
+    return validate.blend_words(value)
 
 
 def _spec(args, source: str, target: str, row=None):
@@ -166,6 +223,7 @@ def resolve_jobs(args) -> list[Job]:
         if not args.prompt or (not args.is_train and not args.target):
             raise UserError("--inversion generated edits a generation: give --prompt (and --target to edit); "
                             "the seed is --method_option generated_seed=N.")
+        validate.prompt(args.prompt, "--prompt")
         edits = [] if args.is_train else [_spec(args, args.prompt, args.target)]
         return [Job("generated", None, args.prompt, edits)]
     if args.image_path is not None or args.prompt is not None:
@@ -176,12 +234,16 @@ def resolve_jobs(args) -> list[Job]:
             if not args.target:
                 raise UserError("editing needs --target (the edited prompt), or use --is_train True to only train.")
             edits = [_spec(args, args.prompt, args.target)]
-        return [Job(args.image_path.stem, args.image_path, args.prompt, edits)]
+        validate.prompt(args.prompt, "--prompt")
+        name = validate.safe_component(args.image_path.stem, "the --image_path file name")
+        return [Job(name, args.image_path, args.prompt, edits)]
     idx = 0 if args.idx is None else args.idx
     if args.is_train:
         row = data_index.image_row(idx, data_dir)
         return [Job(f"case{idx}", row.image_path, row.prompt, [])]
     rows = data_index.edit_rows(idx, data_dir)
+    if args.target is not None:
+        validate.prompt(args.target, "--target")
     edits = [_spec(args, r.prompt, args.target or r.target, r) for r in rows]
     if args.target:  # one explicit target replaces the index's edits
         edits = edits[:1]
@@ -226,13 +288,14 @@ def run(args, log=print) -> list[Path]:
     from .models import load_models, resolve_dtype, tune_backends
     from .training import TrainConfig
 
-    if args.num_ddim_steps < 1 or args.num_inner_steps < 1:
-        raise UserError("--num_ddim_steps and --num_inner_steps must be at least 1.")
+    # Everything the flags, the index and the files say is checked here, before any model loads and
+    # before anything is written or deleted.
     inversion_method = get_inversion(args.inversion)
     if not args.is_train:
         get_edit(args.edit, args.inversion)
     jobs = resolve_jobs(args)
-    options = {"variant": args.variant, **method_options(args.method_option)}
+    options = {"variant": args.variant, **check_method_options(method_options(args.method_option), args.inversion,
+                                                                None if args.is_train else args.edit)}
     for job in jobs:
         if job.image_path is not None:
             _check_image_readable(job.image_path)
@@ -246,6 +309,7 @@ def run(args, log=print) -> list[Path]:
     if bundle.untrained:
         log("note: --model tiny has random, untrained weights: outputs show the mechanics, not real edits.")
     T = args.num_ddim_steps
+    from .methods.registry import check_method_options
     for job in jobs:  # word-level problems (unknown blend word, unequal word counts...) before any training
         for spec in job.edits:
             build_controller(spec, bundle.tokenizer, T)
@@ -261,6 +325,7 @@ def run(args, log=print) -> list[Path]:
             ckpt.unlink()
         if args.is_train and ckpt.is_file():
             log(f"{ckpt} is already trained (use --retrain to train again)")
+    check_output_paths(args, jobs)
             continue
         if not ckpt.is_file() and args.inversion == "stylediffusion":
             log(f"no trained inversion at {ckpt}: training it first (T={T}, K={args.num_inner_steps})"
@@ -269,6 +334,7 @@ def run(args, log=print) -> list[Path]:
         torch.manual_seed(args.seed)
         t0 = time.perf_counter()
         inverted = inversion_method.invert(ctx)
+    check_num_steps(T, bundle.scheduler)
         log(f"{args.inversion} inversion ready in {time.perf_counter() - t0:.1f}s"
             + (f" ({ckpt})" if ckpt.is_file() else ""))
         if ckpt.is_file():
@@ -313,9 +379,8 @@ def save_edit_outputs(outdir: Path, image, pixels, result, spec, bundle, T: int,
               "eq_params": spec.eq_params, "guidance_scale": spec.guidance_scale, "num_ddim_steps": T,
               "model": bundle.model_id, "untrained_model": bundle.untrained,
               "dtype": str(bundle.dtype).removeprefix("torch."), "edit_seconds": round(seconds, 3)}
-    tmp = outdir / ".edit.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(outdir / "edit.json")
+    from .files import atomic_write_text
+    atomic_write_text(outdir / "edit.json", json.dumps(report, indent=2) + "\n")
     return paths + [outdir / "edit.json"]
 
 
@@ -331,7 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
         return 0
 
-    return exit_code(body, "interrupted: a partial inversion is kept and the next run resumes it.")
+    return exit_code(body, "interrupted: nothing half-written is kept; a partially trained inversion resumes "
+                           "on the next run.")
 
 if __name__ == "__main__":
     sys.exit(main())
+        quiet_libraries()

@@ -25,7 +25,7 @@ from ptp_utils import COND, UNCOND, AttentionController, install_attention_contr
 
 from ..editing import EditSpec, num_steps_for, run_edit
 from .common import ALL_INVERSIONS, hooks_for, learned_embedding, option
-from .registry import Inverted, MethodContext, MethodOutput, register_edit
+from .registry import Inverted, MethodContext, MethodOption, MethodOutput, register_edit
 
 ATTENTION_EDIT_INVERSIONS = ALL_INVERSIONS
 
@@ -142,10 +142,12 @@ def fpe_edit(ctx: MethodContext, inv: Inverted, spec: EditSpec) -> MethodOutput:
 
 @register_edit("masactrl", "Cao et al., MasaCtrl: Tuning-Free Mutual Self-Attention Control (ICCV 2023)",
                ("ddim", "directinv", "spdinv", "generated"),
-               "masactrl_start_step=4, masactrl_start_layer=round(10/16 layers) (10 for SD1)")
+               "masactrl_start_step=4, masactrl_start_layer=round(10/16 layers) (10 for SD1)",
+               options=(MethodOption("masactrl_start_step", 4, minimum=0, maximum=10_000),
+                        MethodOption("masactrl_start_layer", -1, minimum=-1, maximum=1_000)))
 def masactrl_edit(ctx: MethodContext, inv: Inverted, spec: EditSpec) -> MethodOutput:
-    layer = option(ctx, "masactrl_start_layer", -1)
-    controller = MutualSelfAttention(option(ctx, "masactrl_start_step", 4),
+    layer = option(ctx, "masactrl_start_layer")
+    controller = MutualSelfAttention(option(ctx, "masactrl_start_step"),
                                      masactrl_start_layer(ctx.bundle.unet, None if layer < 0 else layer))
     return _edit(ctx, inv, spec, controller)
 
@@ -153,11 +155,13 @@ def masactrl_edit(ctx: MethodContext, inv: Inverted, spec: EditSpec) -> MethodOu
 @register_edit("pnp", "Tumanyan et al., Plug-and-Play Diffusion Features (CVPR 2023)",
                ("ddim", "directinv", "spdinv", "generated"),
                "pnp_feature_fraction=0.8 (up_blocks[1].resnets[1] output), pnp_attention_fraction=0.5 "
-               "(decoder self-attention maps but the first layer)")
+               "(decoder self-attention maps but the first layer)",
+               options=(MethodOption("pnp_feature_fraction", 0.8, minimum=0.0, maximum=1.0),
+                        MethodOption("pnp_attention_fraction", 0.5, minimum=0.0, maximum=1.0)))
 def pnp_edit(ctx: MethodContext, inv: Inverted, spec: EditSpec) -> MethodOutput:
     unet, T = ctx.bundle.unet, ctx.num_steps
-    feature_steps = num_steps_for(option(ctx, "pnp_feature_fraction", 0.8), T)
-    controller = PlugAndPlayAttention(num_steps_for(option(ctx, "pnp_attention_fraction", 0.5), T),
+    feature_steps = num_steps_for(option(ctx, "pnp_feature_fraction"), T)
+    controller = PlugAndPlayAttention(num_steps_for(option(ctx, "pnp_attention_fraction"), T),
                                       pnp_attention_layers(unet))
     with feature_injection(unet, pnp_feature_block(unet), feature_steps):
         return _edit(ctx, inv, spec, controller)

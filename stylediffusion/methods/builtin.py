@@ -15,16 +15,19 @@ from ..encoders import encode_latent, encode_prompts
 from ..errors import UserError
 from ..inversion import load_inversion, train_inversion
 from ..sampling import ddim_inversion, guided_sampling
-from ..training import embedding_inputs
+from ..mapping import VARIANTS
+from ..training import EMBEDDINGS, embedding_inputs
 from .common import ALL_INVERSIONS, hooks_for, learned_embedding
-from .registry import Inverted, MethodContext, MethodOutput, register_edit, register_inversion
+from .registry import Inverted, MethodContext, MethodOption, MethodOutput, register_edit, register_inversion
 
 logger = logging.getLogger(__name__)
 
 
 @register_inversion("stylediffusion", "Li et al., StyleDiffusion: Prompt-Embedding Inversion (2023)",
                     "T=30, K=100, lr 1e-2, modulate mapping, attention loss on; options variant=modulate|replace, "
-                    "embedding=value|key|key_value (the paper's key and key+value ablations, Fig. 14)")
+                    "embedding=value|key|key_value (the paper's key and key+value ablations, Fig. 14)",
+                    options=(MethodOption("variant", "modulate", choices=VARIANTS),
+                             MethodOption("embedding", "value", choices=EMBEDDINGS)))
 def stylediffusion_inversion(ctx: MethodContext) -> Inverted:
     b = ctx.bundle
     variant = ctx.options.get("variant", "modulate")

@@ -19,24 +19,19 @@ from ..checkpoint import check_identity, read_checkpoint, save_checkpoint
 from ..editing import EditHooks
 from ..errors import UserError
 from ..inversion import identity
-from .registry import Inverted, MethodContext
+from .registry import OPTIONS, Inverted, MethodContext
 
 # Every registered inversion; an edit that works with any inversion lists this tuple.
 ALL_INVERSIONS = ("stylediffusion", "ddim", "nulltext", "npi", "proxnpi", "directinv", "spdinv", "generated")
 REAL_IMAGE_INVERSIONS = tuple(n for n in ALL_INVERSIONS if n != "generated")
 
 
-def option(ctx: MethodContext, name: str, default):
-    """A method option from ``ctx.options``, converted to the default's type."""
-    value = ctx.options.get(name, default)
-    if value is None or default is None or isinstance(value, type(default)):
-        return value
-    try:
-        if isinstance(default, bool):
-            return str(value).lower() in ("1", "true", "yes", "on")
-        return type(default)(value)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"option {name}={value!r} is not a valid {type(default).__name__}.") from err
+def option(ctx: MethodContext, name: str):
+    """The value of the declared method option ``name`` (``register_*(options=...)``): the caller's
+    value checked and converted by the declaration, or its default."""
+    declared = OPTIONS[name]
+    value = ctx.options.get(name)
+    return declared.default if value is None else declared.convert(value)
 
 
 def soft_threshold(x: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:

@@ -14,7 +14,7 @@ from ..encoders import encode_prompts
 from ..models import ModelBundle
 from ..sampling import guided_sampling
 from .common import option
-from .registry import Inverted, MethodContext, MethodOutput, register_inversion, run_method
+from .registry import Inverted, MethodContext, MethodOption, MethodOutput, register_inversion, run_method
 
 
 def seeded_latent(bundle: ModelBundle, seed: int) -> torch.Tensor:
@@ -25,10 +25,11 @@ def seeded_latent(bundle: ModelBundle, seed: int) -> torch.Tensor:
 
 
 @register_inversion("generated", "text-to-image generation from a seed (no inversion; P2P's synthetic-image setting)",
-                    "generated_seed=0; z0 = the guided generation of the source prompt")
+                    "generated_seed=0; z0 = the guided generation of the source prompt",
+                    options=(MethodOption("generated_seed", 0, minimum=0, maximum=2**63 - 1),))
 def generated_inversion(ctx: MethodContext) -> Inverted:
     b = ctx.bundle
-    seed = option(ctx, "generated_seed", 0)
+    seed = option(ctx, "generated_seed")
     z_T = seeded_latent(b, seed)
     z0 = guided_sampling(b, ctx.schedule, z_T, encode_prompts(b, [ctx.source]), encode_prompts(b, [""]),
                          ctx.train_cfg.guidance_scale, progress=ctx.progress)

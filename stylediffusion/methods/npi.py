@@ -20,7 +20,7 @@ from __future__ import annotations
 from ..encoders import encode_latent, encode_prompts
 from ..sampling import ddim_inversion
 from .common import checkpointed, option, stack, unstack
-from .registry import Inverted, MethodContext, register_inversion
+from .registry import Inverted, MethodContext, MethodOption, register_inversion
 
 
 def _invert(ctx: MethodContext, method: str, settings: dict):
@@ -44,10 +44,13 @@ def npi_inversion(ctx: MethodContext) -> Inverted:
 
 @register_inversion("proxnpi", "Han et al., Improving Negative-Prompt Inversion via Proximal Guidance (ProxEdit, 2023)",
                     "NPI + soft-thresholded guidance (prox_quantile=0.7) + reconstruction guidance "
-                    "(prox_recon_lr=0.1 for timesteps < prox_recon_t=400)")
+                    "(prox_recon_lr=0.1 for timesteps < prox_recon_t=400)",
+                    options=(MethodOption("prox_quantile", 0.7, minimum=0.0, maximum=1.0),
+                             MethodOption("prox_recon_lr", 0.1, minimum=0.0, maximum=1.0),
+                             MethodOption("prox_recon_t", 400, minimum=-1000, maximum=1000)))
 def proxnpi_inversion(ctx: MethodContext) -> Inverted:
-    prox = {"quantile": option(ctx, "prox_quantile", 0.7), "recon_lr": option(ctx, "prox_recon_lr", 0.1),
-            "recon_t": option(ctx, "prox_recon_t", 400)}
+    prox = {"quantile": option(ctx, "prox_quantile"), "recon_lr": option(ctx, "prox_recon_lr"),
+            "recon_t": option(ctx, "prox_recon_t")}
     traj, meta = _invert(ctx, "proxnpi", {})
     extras = {"negative_prompt": True, "prox": prox, "timesteps": ctx.schedule.timesteps.tolist()}
     return Inverted("proxnpi", traj[0], traj[-1], trajectory=traj, extras=extras, metadata={**meta, "prox": prox})

@@ -24,7 +24,7 @@ from ..encoders import encode_latent, encode_prompts
 from ..sampling import ddim_inversion, predict
 from ..training import attention_loss, early_stop_threshold, gradient_scaler, step_lr
 from .common import checkpointed, option
-from .registry import Inverted, MethodContext, register_inversion
+from .registry import Inverted, MethodContext, MethodOption, register_inversion
 
 
 def nulltext_optimise(ctx: MethodContext, iterations: int = 10, lr: float = 1e-2, att_loss: bool = False):
@@ -78,10 +78,12 @@ def nulltext_optimise(ctx: MethodContext, iterations: int = 10, lr: float = 1e-2
     "nulltext", "Mokady et al., Null-text Inversion for Editing Real Images (CVPR 2023)",
     "T from --num_ddim_steps (paper 50), guidance 7.5, <=10 Adam iterations/step, lr 1e-2(1-i/100), early stop "
     "1e-5+2e-5 i; options nulltext_iterations=10, nulltext_attention_loss=false (StyleDiffusion ablation, Fig. 15); "
-    "with --edit p2p and tau_u>0 it is the paper's 'Null-text + P2Plus' ablation (Fig. 14)")
+    "with --edit p2p and tau_u>0 it is the paper's 'Null-text + P2Plus' ablation (Fig. 14)",
+    options=(MethodOption("nulltext_iterations", 10, minimum=0, maximum=10_000),
+             MethodOption("nulltext_attention_loss", False)))
 def nulltext_inversion(ctx: MethodContext) -> Inverted:
-    iterations = option(ctx, "nulltext_iterations", 10)
-    att = option(ctx, "nulltext_attention_loss", False)
+    iterations = option(ctx, "nulltext_iterations")
+    att = option(ctx, "nulltext_attention_loss")
     settings = {"iterations": iterations, "lr": 1e-2, "attention_loss": att,
                 "guidance_scale": ctx.train_cfg.guidance_scale}
 

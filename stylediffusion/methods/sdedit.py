@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..sampling import predict
 from ..training import embedding_inputs
 from .common import learned_embedding, option
-from .registry import Inverted, MethodContext, MethodOutput, register_edit
+from .registry import Inverted, MethodContext, MethodOption, MethodOutput, register_edit
 
 
 @torch.no_grad()
@@ -52,7 +52,9 @@ def sdedit(ctx: MethodContext, inv: Inverted, spec: EditSpec, strength: float = 
 
 
 @register_edit("sdedit", "Meng et al., SDEdit (ICLR 2022); with stylediffusion: the paper's Fig. 18 ablation",
-               ("ddim", "stylediffusion"), "sdedit_strength=0.5, sdedit_seed=0, guidance 7.5")
+               ("ddim", "stylediffusion"), "sdedit_strength=0.5, sdedit_seed=0, guidance 7.5",
+               options=(MethodOption("sdedit_strength", 0.5, minimum=0.0, maximum=1.0),
+                        MethodOption("sdedit_seed", 0, minimum=0, maximum=2**63 - 1)))
 def sdedit_edit(ctx: MethodContext, inv: Inverted, spec: EditSpec) -> MethodOutput:
-    z = sdedit(ctx, inv, spec, option(ctx, "sdedit_strength", 0.5), option(ctx, "sdedit_seed", 0))
+    z = sdedit(ctx, inv, spec, option(ctx, "sdedit_strength"), option(ctx, "sdedit_seed"))
     return MethodOutput(z, inv)

@@ -21,7 +21,7 @@ from ..encoders import encode_latent, encode_prompts
 from ..sampling import predict
 from ..training import gradient_scaler
 from .common import checkpointed, option, stack, unstack
-from .registry import Inverted, MethodContext, register_inversion
+from .registry import Inverted, MethodContext, MethodOption, register_inversion
 
 
 def fixed_point_map(ctx: MethodContext, schedule, cond: torch.Tensor, z_prev: torch.Tensor, i: int, z: torch.Tensor):
@@ -71,9 +71,10 @@ def spd_inversion(ctx: MethodContext, rounds: int = 25, lr: float = 1e-3, tol: f
 
 @register_inversion("spdinv", "Li et al., Source Prompt Disentangled Inversion (SPDInv, ECCV 2024)",
                     "fixed point per step by AdamW on the latent: spdinv_rounds=25, lr 1e-3, stop at MSE<5e-6; "
-                    "NPI-style editing (source prompt as the unconditional embedding)")
+                    "NPI-style editing (source prompt as the unconditional embedding)",
+                    options=(MethodOption("spdinv_rounds", 25, minimum=0, maximum=10_000),))
 def spdinv_inversion(ctx: MethodContext) -> Inverted:
-    rounds = option(ctx, "spdinv_rounds", 25)
+    rounds = option(ctx, "spdinv_rounds")
     settings = {"rounds": rounds, "lr": 1e-3, "tol": 5e-6}
 
     def compute():

@@ -1,0 +1,174 @@
+"""One check per kind of input, shared by the CLI, the benchmark runners, the index readers and the API.
+
+Every function raises ``UserError`` with a message naming ``what`` (the flag, file or field the value
+came from), so that whoever calls it answers with the same one line. Nothing here imports torch: the
+checks run before any model loads.
+"""
+from __future__ import annotations
+
+import ast
+import math
+import unicodedata
+from pathlib import Path
+
+from .errors import UserError
+
+# A literal longer than this is refused before it is parsed: ``ast.literal_eval`` builds a syntax
+# tree first, whose size (and nesting depth) grows with the text, so an unbounded input can exhaust
+# memory or the C stack. The longest literal the project ever reads (a per-word tau_c dict, an
+# eq_params dict) is well under a hundred characters.
+MAX_LITERAL_CHARS = 10_000
+# A file or folder name built from data or flags is one path component of at most this many bytes
+# (the common file-system limit is 255; the suffixes added to a name need the rest).
+MAX_COMPONENT_BYTES = 200
+# A re-weighting factor multiplies attention probabilities; P2P's own examples use factors of -5..10.
+# Far beyond that the attention output is dominated by one word and the image turns blank.
+MAX_REWEIGHT = 20.0
+# Classifier-free guidance w: 1 = none, 7.5 = the paper's; far beyond 50 every sample saturates.
+MAX_GUIDANCE = 50.0
+
+
+def safe_component(name, what: str) -> str:
+    """``name`` as one file or folder name that stays inside the folder it is joined to, or a UserError.
+
+    Refused: empty or whitespace-only names, ``.`` and ``..``, separators (``/``, ``\\``), NUL and other
+    control characters, a leading ``-`` or ``~`` (read as options or home folders by other tools), and
+    names longer than MAX_COMPONENT_BYTES.
+    """
+    text = str(name)
+    bad = None
+    if not text.strip():
+        bad = "is empty"
+    elif text in (".", "..") or set(text) <= {"."}:
+        bad = "is a relative folder reference"
+    elif "/" in text or "\\" in text:
+        bad = "contains a path separator"
+    elif any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in text):
+        bad = "contains a control character"
+    elif text[0] in "-~":
+        bad = f"starts with {text[0]!r}"
+    elif len(text.encode("utf-8", "surrogatepass")) > MAX_COMPONENT_BYTES:
+        bad = f"is longer than {MAX_COMPONENT_BYTES} bytes"
+    if bad:
+        raise UserError(f"{what} {_short(text)} {bad}: it becomes a file name, which must stay inside its folder.")
+    return text
+
+
+def inside(folder: str | Path, path: str | Path, what: str) -> Path:
+    """``path`` if it resolves to a place under ``folder`` (symlinks followed), else a UserError."""
+    root, target = Path(folder).resolve(), Path(path).resolve()
+    if target != root and root not in target.parents:
+        raise UserError(f"{what} '{path}' would be outside '{folder}'.")
+    return Path(path)
+
+
+def prompt(text, what: str) -> str:
+    """A prompt: a string with at least one visible character."""
+    if not isinstance(text, str):
+        raise UserError(f"{what} must be text, not {type(text).__name__} {_short(text)}.")
+    if not text.strip():
+        raise UserError(f"{what} is empty: give the words of the prompt.")
+    if any(unicodedata.category(ch) == "Cc" and ch not in "\t\n\r" for ch in text):
+        raise UserError(f"{what} {_short(text)} contains a control character.")
+    return text
+
+
+def number(value, what: str, *, minimum: float | None = None, maximum: float | None = None,
+           above: float | None = None, integer: bool = False) -> float | int:
+    """A finite number (an int when ``integer``) in [minimum, maximum] and > ``above``; booleans refused."""
+    ok_type = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok_type):
+        kind = "a whole number" if integer else "a number"
+        raise UserError(f"{what} must be {kind}, not {_short(value)}.")
+    if not integer and not math.isfinite(value):
+        raise UserError(f"{what} must be a finite number, not {value!r}.")
+    if minimum is not None and value < minimum:
+        raise UserError(f"{what} = {value!r} is below its minimum {minimum!r}.")
+    if maximum is not None and value > maximum:
+        raise UserError(f"{what} = {value!r} is above its maximum {maximum!r}.")
+    if above is not None and not value > above:
+        raise UserError(f"{what} = {value!r} must be greater than {above!r}.")
+    return value
+
+
+def fraction(value, what: str) -> float:
+    """A fraction of the DDIM steps (a τ): a finite number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise UserError(f"{what} = {value!r} is outside [0, 1]: it is a fraction of the DDIM steps.")
+    return value
+
+
+def tau_c(value, what: str = "tau_c"):
+    """τ_c: a fraction, or a dict of word -> fraction (``default_`` for every other word)."""
+    if isinstance(value, dict):
+        for word, frac in value.items():
+            if not isinstance(word, str) or not word.strip():
+                raise UserError(f"{what} keys must be words (or 'default_'), not {_short(word)}.")
+            fraction(frac, f"{what}[{word}]")
+        return value
+    return fraction(value, what)
+
+
+def blend_words(value, what: str = "--blend_word"):
+    """LocalBlend words: None or two non-empty words (source word, target word)."""
+    if value is None:
+        return None
+    if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(isinstance(w, str) and w.strip() for w in value):
+        raise UserError(f"{what} needs two words (source word, target word), got {_short(value)}.")
+    return tuple(value)
+
+
+def reweight_factors(pairs, what: str = "--eq_params") -> None:
+    """Re-weighting (word, factor) pairs: finite factors within ±MAX_REWEIGHT."""
+    for word, factor in pairs:
+        number(factor, f"{what} factor of {word!r}", minimum=-MAX_REWEIGHT, maximum=MAX_REWEIGHT)
+
+
+def eq_params(value, what: str = "--eq_params") -> None:
+    """Re-weighting parameters: the forms ``seq_aligner`` reads, with finite factors within ±MAX_REWEIGHT."""
+    if value is None:
+        return
+    from seq_aligner import _pairs  # the one parser of the re-weighting forms (words as text or indices)
+
+    pairs = _pairs(value)
+    for word, _ in pairs:
+        if isinstance(word, bool) or not isinstance(word, (str, int)) or (isinstance(word, str) and not word.strip()):
+            raise UserError(f"{what}: {_short(word)} is not a word of the target prompt.")
+    reweight_factors(pairs, what)
+
+
+def edit_spec(spec) -> None:
+    """Everything an ``EditSpec`` says that can be checked without a tokenizer (the words themselves are
+    checked against the prompts by ``editing.build_controller``)."""
+    from .editing import EDIT_TYPES
+
+    prompt(spec.source, "the source prompt")
+    prompt(spec.target, "the target prompt (--target)")
+    if spec.edit_type not in EDIT_TYPES:
+        raise UserError(f"--edit_type {spec.edit_type!r} is not one of {', '.join(EDIT_TYPES)}.")
+    fraction(spec.tau_v, "tau_v")
+    tau_c(spec.tau_c, "tau_c")
+    fraction(spec.tau_s, "tau_s")
+    fraction(spec.tau_u, "tau_u")
+    number(spec.guidance_scale, "--guidance_scale", minimum=0.0, maximum=MAX_GUIDANCE)
+    blend_words(spec.blend_words)
+    eq_params(spec.eq_params)
+    if spec.edit_type == "Reweight" and not spec.eq_params:
+        raise UserError("a Reweight edit needs --eq_params, e.g. \"{'words': ['red'], 'values': [2]}\".")
+
+
+def literal(text, what: str):
+    """A Python literal (number, string, tuple, list, dict) parsed as data, never evaluated as code."""
+    text = str(text).strip()
+    if len(text) > MAX_LITERAL_CHARS:
+        raise UserError(f"{what} is {len(text)} characters long: a literal here has at most {MAX_LITERAL_CHARS}.")
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as err:
+        raise UserError(f"{what} {_short(text)} is not a literal (number, tuple, list or dict): "
+                        f"{type(err).__name__}.") from err
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...'"
