@@ -26,10 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stylediffusion.clip_preprocess import CLIP_MEAN, CLIP_STD, clip_pixel_values  # noqa: F401 (CLIP_* re-exported)
 from stylediffusion.errors import UserError
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -251,19 +250,6 @@ def _as_clip(model: Any, tokenizer: Any, device) -> ClipBackbone:
 
 
 # ----------------------------------------------------------------------------- CLIP score
-def _clip_preprocess(x: torch.Tensor, size: int) -> torch.Tensor:
-    """CLIPImageProcessor's recipe on tensors: bicubic shorter side -> size, centre crop, normalise."""
-    h, w = x.shape[-2:]
-    s = size / min(h, w)
-    nh, nw = max(size, round(h * s)), max(size, round(w * s))
-    x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    x = x[..., top : top + size, left : left + size]
-    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
 def clip_score(image: Any, text: str | Sequence[str], mask: Any = None, model: Any = DEFAULT_CLIP,
                tokenizer: Any = None, device: str | torch.device | None = None) -> float:
     """CLIP similarity ``max(100 * cos(image, text), 0)`` (as torchmetrics' CLIPScore), batch mean.
@@ -284,7 +270,7 @@ def clip_score(image: Any, text: str | Sequence[str], mask: Any = None, model: A
     bb = _as_clip(model, tokenizer, device)
     dev = next(bb.model.parameters()).device
     cfg = bb.model.config
-    pixels = _clip_preprocess(img.to(dev), cfg.vision_config.image_size)
+    pixels = clip_pixel_values(img.to(dev), cfg.vision_config.image_size)
     tokens = bb.tokenizer(texts, padding=True, truncation=True,
                           max_length=cfg.text_config.max_position_embeddings, return_tensors="pt")
     with torch.inference_mode():
