@@ -117,3 +117,48 @@ def test_evaluate_cli_rejects_bad_input(tmp_path, capsys):
     assert E.main(["--n", "0"]) == 2
     assert "error:" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def _init_folder(path):
+    """A minimal exported test-bed folder (untrained components) to start a run from."""
+    import json
+
+    torch.manual_seed(0)
+    M.build_vae().save_pretrained(path / "vae")
+    M.build_text_encoder().save_pretrained(path / "text_encoder")
+    M.build_vision_encoder().save_pretrained(path / "image_encoder")
+    M.build_tokenizer().save_pretrained(path / "tokenizer")
+    M.build_scheduler().save_pretrained(path / "scheduler")
+    M.build_unet().save_pretrained(path / "unet")
+    (path / "model_index.json").write_text("{}")
+    (path / "testbed.json").write_text(json.dumps({"training": {"unet": {"steps": 5}}, "evaluation": {"old": 1}}))
+
+
+def test_export_from_init_ships_the_trained_unet_with_the_starting_parts(tmp_path):
+    import json
+
+    init, out, dst = tmp_path / "init", tmp_path / "run", tmp_path / "model"
+    out.mkdir()
+    _init_folder(init)
+    te, vae, unet, hashes = T.frozen_parts_from_folder(str(init))
+    torch.manual_seed(1)
+    trained = M.build_unet()
+    opt = torch.optim.AdamW(trained.parameters())
+    T.save_checkpoint(str(out), "unet", {"unet": trained}, opt, dict(
+        step=7, batch=2, seconds=1.0, losses=[0.1] * 7, attn_losses=[0.2] * 7,
+        extra={"init_from": str(init), "init_hashes": hashes, "attn_weight": 0.3}))
+    T.export(str(out), str(dst))
+    from diffusers import UNet2DConditionModel
+
+    shipped = UNet2DConditionModel.from_pretrained(dst / "unet")
+    for (k, a), b in zip(shipped.state_dict().items(), trained.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert (dst / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (init / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    info = json.loads((dst / "testbed.json").read_text())
+    assert "evaluation" not in info                      # the starting model's numbers are not carried over
+    assert info["training"]["unet"]["steps"] == 7 and info["training"]["unet_start"] == {"steps": 5}
+    # a changed VAE in the starting folder is refused
+    M.build_vae().save_pretrained(init / "vae")
+    with pytest.raises(SystemExit, match="error:"):
+        T.export(str(out), str(dst))

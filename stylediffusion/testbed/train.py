@@ -628,8 +628,12 @@ def export_from_init(out: str, model_dir: str, init_from: str) -> None:
     if os.path.exists(info_path):
         with open(info_path) as f:
             info = json.load(f)
+    info.pop("evaluation", None)  # the starting model's numbers do not describe this one
     losses, attn = meta.get("losses", []), meta.get("attn_losses", [])
-    info.setdefault("training", {})["unet"] = dict(
+    training = info.setdefault("training", {})
+    if training.get("unet") and "unet_start" not in training:
+        training["unet_start"] = training["unet"]  # what the starting UNet had been trained with
+    training["unet"] = dict(
         steps=meta["step"], batch=meta.get("batch"), seconds=round(meta["seconds"], 1),
         final_loss=float(np.mean(losses[-50:])) if losses else None,
         final_attn_loss=float(np.mean(attn[-50:])) if attn else None,
