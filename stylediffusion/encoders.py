@@ -8,7 +8,6 @@ from .errors import UserError
 from .models import ModelBundle
 
 
-@torch.no_grad()
 def check_prompt_length(tokenizer, prompt: str) -> None:
     """Refuse a prompt longer than the text encoder reads: truncating it would drop words silently,
     and a blend or re-weight word past the cut would have no map to edit."""
@@ -19,6 +18,7 @@ def check_prompt_length(tokenizer, prompt: str) -> None:
                         f"{limit} (start and end tokens included): shorten it.")
 
 
+@torch.no_grad()
 def encode_prompts(bundle: ModelBundle, prompts: list[str]) -> torch.Tensor:
     """Text embeddings (n, max_tokens, width) of the padded prompts, in float32 (``predict`` casts them)."""
     for prompt in prompts:
@@ -41,38 +41,18 @@ def decode_latent(bundle: ModelBundle, z: torch.Tensor) -> torch.Tensor:
     return bundle.vae.decode((z.to(torch.float32) / bundle.scaling_factor).to(bundle.vae.dtype)).sample.float()
 
 
-def clip_pixel_values(image: torch.Tensor, size: int, antialias: bool = True, clamp: bool = True) -> torch.Tensor:
-    """SD input in [-1, 1] -> the CLIP vision tower's input: [0, 1], bicubic resize of the shorter side to
-    ``size``, centre crop, CLIP mean/std.
-
-    ``antialias=True`` (default) low-pass filters while shrinking, as PIL's bicubic resize in CLIP's
-    own preprocessing does; the released code ran torchvision's ``Resize`` on a tensor, which (before
-    torchvision 0.17) does not antialias, and did not clamp the bicubic overshoot. Both differences
-    are measured in docs/method.md (``benchmarks/clip_preprocessing_antialias.py``).
-    """
-    x = (image.to(torch.float32) + 1) / 2
-    h, w = x.shape[-2:]
-    scale = size / min(h, w)
-    x = F.interpolate(x, size=(max(size, round(h * scale)), max(size, round(w * scale))), mode="bicubic",
-                      align_corners=False, antialias=antialias)
-    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
-    x = x[..., top:top + size, left:left + size]
-    if clamp:
-        x = x.clamp(0, 1)
-    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
 @torch.no_grad()
 def clip_image_features(bundle: ModelBundle, image: torch.Tensor) -> torch.Tensor:
     """E(x): the final layer norm over ALL tokens of the vision tower's last hidden state, no projection.
 
-    Input preprocessing: :func:`clip_pixel_values` (antialiased bicubic resize, centre crop, CLIP
-    normalisation). Shape (1, patches + 1, vision width), fp32.
+    SD input in [-1, 1] -> [0, 1] -> :func:`clip_preprocess.clip_pixel_values` (antialiased bicubic
+    resize, clamp, centre crop, CLIP normalisation). The released code did not antialias or clamp
+    (torchvision ``Resize`` on a tensor); what that changes is measured in docs/method.md
+    (``benchmarks/clip_preprocessing_antialias.py``). Shape (1, patches + 1, vision width), fp32.
     """
     enc = bundle.image_encoder
-    pixels = clip_pixel_values(image.to(bundle.device), int(enc.config.image_size))
+    x = (image.to(bundle.device, torch.float32) + 1) / 2
+    pixels = clip_pixel_values(x, int(enc.config.image_size))
     hidden = enc(pixel_values=pixels.to(enc.dtype)).last_hidden_state
     # transformers 5 flattened CLIPVisionModel; 4.x keeps the layers under .vision_model
     post_layernorm = getattr(enc, "post_layernorm", None) or enc.vision_model.post_layernorm
