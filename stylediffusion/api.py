@@ -27,6 +27,7 @@ from .encoders import decode_latent
 from .errors import UserError
 from .image_io import image_grid, load_image, prepare_image, tensor_to_pil
 from .methods import MethodContext, get_edit, get_inversion, run_method
+from .methods.registry import check_method_options
 from .models import DEFAULT_IMAGE_ENCODER, DEFAULT_MODEL, ModelBundle, load_models, resolve_dtype
 from .results import Inversion
 from .training import TrainConfig
@@ -183,6 +184,7 @@ class StyleDiffusionEditor:
             pixels = self._pixels(image)
         cfg = TrainConfig(num_inner_steps=num_inner_steps, guidance_scale=float(guidance_scale),
                           **{k: options.pop(k) for k in _TRAIN_OPTIONS if k in options})
+        options = _method_options(options, method)
         progress = self.progress if progress is None else progress
         ctx = MethodContext(self.bundle, pixels, prompt, num_inference_steps, cfg,
                             None if checkpoint is None else Path(checkpoint), progress=progress, options=options)
@@ -217,7 +219,7 @@ class StyleDiffusionEditor:
         targets = [target] if isinstance(target, str) else list(target) if isinstance(target, (list, tuple)) else None
         if not targets or not all(isinstance(t, str) and t.strip() for t in targets):
             raise UserError("edit needs a target prompt (the edited caption) or a non-empty list of them.")
-        get_edit(method, inversion.method)
+        edit_method = get_edit(method, inversion.method)
         T = inversion.num_steps
         blend = _blend_words(blend_words)
         specs = [EditSpec(inversion.source, t, edit_type or default_edit_type(inversion.source, t), tau_v=tau_v,
@@ -225,8 +227,9 @@ class StyleDiffusionEditor:
                           guidance_scale=float(guidance_scale)) for t in targets]
         for spec in specs:  # every word-level problem before any work
             build_controller(spec, self.bundle.tokenizer, T)
-        if generator is not None:
+        if generator is not None and any(o.name == "sdedit_seed" for o in edit_method.options):
             options.setdefault("sdedit_seed", generator if isinstance(generator, int) else generator.initial_seed())
+        options = _method_options(options, inversion.method, method)
         progress = self.progress if progress is None else progress
         inv = inversion.to(self.bundle.device)
         ctx = MethodContext(self.bundle, inv.image, inv.source, T, TrainConfig(guidance_scale=float(guidance_scale)),
@@ -299,6 +302,14 @@ class StyleDiffusionEditor:
                 p.requires_grad_(flag)
             for sub, mode in modes:
                 sub.training = mode
+
+
+def _method_options(options: dict, inversion: str, edit: str | None = None) -> dict:
+    """Keyword options checked against what the methods declare (a typo is a UserError naming what they
+    take); callables (``on_step``, an observer of the edit loop) pass through."""
+    callbacks = {k: v for k, v in options.items() if callable(v)}
+    plain = {k: v for k, v in options.items() if not callable(v)}
+    return {**check_method_options(plain, inversion, edit), **callbacks}
 
 
 def _blend_words(value) -> tuple[str, str] | None:

@@ -101,8 +101,8 @@ TARGETS = ["a photo of a dog", "a photo of a tiger"]
                                          ("directinv", "masactrl"), ("stylediffusion", "sdedit")])
 def test_save_and_load_give_the_same_edit(editor, tmp_path, method, edit):
     image = np.asarray(Image.open(SCENE).convert("RGB"))
-    inv = editor.invert(image, "a photo of a cat", method=method, num_inference_steps=3, num_inner_steps=2,
-                        nulltext_iterations=2)
+    options = {"nulltext_iterations": 2} if method == "nulltext" else {}
+    inv = editor.invert(image, "a photo of a cat", method=method, num_inference_steps=3, num_inner_steps=2, **options)
     path = inv.save(tmp_path / "inv.safetensors")
     loaded = Inversion.load(path)
     assert loaded.method == method and loaded.source == "a photo of a cat" and loaded.num_steps == 3
@@ -165,6 +165,8 @@ def small_inversion(tiny):
     (lambda e, inv: e.edit(inv, "a photo of a dog", edit_type="Swap"), "--edit_type 'Swap'"),
     (lambda e, inv: e.edit(inv, []), "target prompt"),
     (lambda e, inv: e.edit(inv, "a photo of a dog", method="fancy"), "unknown --edit 'fancy'"),
+    (lambda e, inv: e.invert(SCENE, "a cat", nulltext_iteration=3), "'nulltext_iteration' is not an option"),
+    (lambda e, inv: e.edit(inv, "a photo of a dog", method="masactrl", masactrl_start_step=-2), "masactrl_start_step"),
     (lambda e, inv: e.edit("inv.safetensors", "a photo of a dog"), "needs an Inversion"),
     (lambda e, inv: Inversion.load("no/such/inversion.safetensors"), "does not exist"),
 ])
