@@ -24,10 +24,8 @@ import torch
 from ptp_utils import COND, UNCOND, AttentionController, install_attention_control
 
 from ..editing import EditSpec, num_steps_for, run_edit
-from .common import ALL_INVERSIONS, hooks_for, learned_embedding, option
-from .registry import Inverted, MethodContext, MethodOption, MethodOutput, register_edit
-
-ATTENTION_EDIT_INVERSIONS = ALL_INVERSIONS
+from .common import option
+from .registry import EditMethod, Inversion, MethodContext, MethodOption, MethodOutput, edit_loop_inputs
 
 
 def _copy_source_rows(x: torch.Tensor, layout, branches=(UNCOND, COND)) -> torch.Tensor:
@@ -126,42 +124,62 @@ def feature_injection(unet, module, steps: int):
 
 
 def _edit(ctx, inv, spec, controller) -> MethodOutput:
-    result = run_edit(ctx.bundle, ctx.schedule, inv.z_T, spec, inv.mappers, inv.image_features,
-                      controller=controller, progress=ctx.progress, hooks=hooks_for(ctx, inv),
-                      embedding=learned_embedding(inv))
+    result = run_edit(ctx.bundle, ctx.schedule, inv.z_T, spec, controller=controller, progress=ctx.progress,
+                      **edit_loop_inputs(ctx, inv))
     return MethodOutput(result.latents, inv)
 
 
-@register_edit("fpe", "Liu et al., Towards Understanding Cross and Self-Attention in SD for Text-Guided Image Editing "
-               "(FPE, CVPR 2024)", ATTENTION_EDIT_INVERSIONS,
-               "self-attention replacement only (cond branch, layers <= (latent/2)^2 queries) for i < tau_s T "
-               "(tau_s .6); no cross-attention swap")
-def fpe_edit(ctx: MethodContext, inv: Inverted, spec: EditSpec) -> MethodOutput:
+def fpe_edit(ctx: MethodContext, inv: Inversion, spec: EditSpec) -> MethodOutput:
     return _edit(ctx, inv, spec, SelfAttentionReplace(num_steps_for(spec.tau_s, ctx.num_steps)))
 
 
-@register_edit("masactrl", "Cao et al., MasaCtrl: Tuning-Free Mutual Self-Attention Control (ICCV 2023)",
-               ("ddim", "directinv", "spdinv", "generated"),
-               "masactrl_start_step=4, masactrl_start_layer=round(10/16 layers) (10 for SD1)",
-               options=(MethodOption("masactrl_start_step", 4, minimum=0, maximum=10_000),
-                        MethodOption("masactrl_start_layer", -1, minimum=-1, maximum=1_000)))
-def masactrl_edit(ctx: MethodContext, inv: Inverted, spec: EditSpec) -> MethodOutput:
+def masactrl_edit(ctx: MethodContext, inv: Inversion, spec: EditSpec) -> MethodOutput:
     layer = option(ctx, "masactrl_start_layer")
     controller = MutualSelfAttention(option(ctx, "masactrl_start_step"),
                                      masactrl_start_layer(ctx.bundle.unet, None if layer < 0 else layer))
     return _edit(ctx, inv, spec, controller)
 
 
-@register_edit("pnp", "Tumanyan et al., Plug-and-Play Diffusion Features (CVPR 2023)",
-               ("ddim", "directinv", "spdinv", "generated"),
-               "pnp_feature_fraction=0.8 (up_blocks[1].resnets[1] output), pnp_attention_fraction=0.5 "
-               "(decoder self-attention maps but the first layer)",
-               options=(MethodOption("pnp_feature_fraction", 0.8, minimum=0.0, maximum=1.0),
-                        MethodOption("pnp_attention_fraction", 0.5, minimum=0.0, maximum=1.0)))
-def pnp_edit(ctx: MethodContext, inv: Inverted, spec: EditSpec) -> MethodOutput:
+def pnp_edit(ctx: MethodContext, inv: Inversion, spec: EditSpec) -> MethodOutput:
     unet, T = ctx.bundle.unet, ctx.num_steps
     feature_steps = num_steps_for(option(ctx, "pnp_feature_fraction"), T)
     controller = PlugAndPlayAttention(num_steps_for(option(ctx, "pnp_attention_fraction"), T),
                                       pnp_attention_layers(unet))
     with feature_injection(unet, pnp_feature_block(unet), feature_steps):
         return _edit(ctx, inv, spec, controller)
+
+
+class FPEEdit(EditMethod):
+    name = "fpe"
+    paper = ("Liu et al., Towards Understanding Cross and Self-Attention in SD for Text-Guided Image Editing "
+             "(FPE, CVPR 2024)")
+    defaults = ("self-attention replacement only (cond branch, layers <= (latent/2)^2 queries) for i < tau_s T "
+                "(tau_s .6); no cross-attention swap")
+
+    def edit(self, ctx: MethodContext, inv: Inversion, spec: EditSpec) -> MethodOutput:
+        return fpe_edit(ctx, inv, spec)
+
+
+class MasaCtrlEdit(EditMethod):
+    name = "masactrl"
+    paper = "Cao et al., MasaCtrl: Tuning-Free Mutual Self-Attention Control (ICCV 2023)"
+    defaults = "masactrl_start_step=4, masactrl_start_layer=round(10/16 layers) (10 for SD1)"
+    options = (MethodOption("masactrl_start_step", 4, minimum=0, maximum=10_000),
+               MethodOption("masactrl_start_layer", -1, minimum=-1, maximum=1_000))
+    defined_for = ("ddim", "directinv", "spdinv", "generated")
+
+    def edit(self, ctx: MethodContext, inv: Inversion, spec: EditSpec) -> MethodOutput:
+        return masactrl_edit(ctx, inv, spec)
+
+
+class PlugAndPlayEdit(EditMethod):
+    name = "pnp"
+    paper = "Tumanyan et al., Plug-and-Play Diffusion Features (CVPR 2023)"
+    defaults = ("pnp_feature_fraction=0.8 (up_blocks[1].resnets[1] output), pnp_attention_fraction=0.5 "
+                "(decoder self-attention maps but the first layer)")
+    options = (MethodOption("pnp_feature_fraction", 0.8, minimum=0.0, maximum=1.0),
+               MethodOption("pnp_attention_fraction", 0.5, minimum=0.0, maximum=1.0))
+    defined_for = ("ddim", "directinv", "spdinv", "generated")
+
+    def edit(self, ctx: MethodContext, inv: Inversion, spec: EditSpec) -> MethodOutput:
+        return pnp_edit(ctx, inv, spec)

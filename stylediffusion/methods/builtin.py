@@ -1,7 +1,6 @@
 """Built-in methods: StyleDiffusion and plain DDIM inversion; P2P/P2Plus and word-swap edits.
 
-The other methods live in their own modules, imported at the end of this file so that importing the
-registry's built-ins registers everything (see docs/methods.md).
+Every method is registered in ``methods/__init__.py`` (see docs/methods.md).
 """
 from __future__ import annotations
 
@@ -17,18 +16,14 @@ from ..inversion import load_inversion, train_inversion
 from ..sampling import ddim_inversion, guided_sampling
 from ..mapping import VARIANTS
 from ..training import EMBEDDINGS, embedding_inputs
-from .common import ALL_INVERSIONS, hooks_for, learned_embedding
-from .registry import Inverted, MethodContext, MethodOption, MethodOutput, register_edit, register_inversion
+from .common import learned_embedding
+from .registry import (EditMethod, Inversion, InversionMethod, MethodContext, MethodOption, MethodOutput,
+                       edit_loop_inputs)
 
 logger = logging.getLogger(__name__)
 
 
-@register_inversion("stylediffusion", "Li et al., StyleDiffusion: Prompt-Embedding Inversion (2023)",
-                    "T=30, K=100, lr 1e-2, modulate mapping, attention loss on; options variant=modulate|replace, "
-                    "embedding=value|key|key_value (the paper's key and key+value ablations, Fig. 14)",
-                    options=(MethodOption("variant", "modulate", choices=VARIANTS),
-                             MethodOption("embedding", "value", choices=EMBEDDINGS)))
-def stylediffusion_inversion(ctx: MethodContext) -> Inverted:
+def stylediffusion_inversion(ctx: MethodContext) -> Inversion:
     b = ctx.bundle
     variant = ctx.options.get("variant", "modulate")
     embedding = ctx.options.get("embedding")
@@ -44,33 +39,27 @@ def stylediffusion_inversion(ctx: MethodContext) -> Inverted:
     else:  # without a checkpoint path the trained networks live only in memory
         inv = train_inversion(b, ctx.image, ctx.source, ctx.num_steps, cfg, ctx.checkpoint, variant=variant,
                               progress=ctx.progress, log=logger.info)
-    return Inverted("stylediffusion", inv.z0, inv.z_T, mappers=inv.mappers, image_features=inv.image_features,
+    return Inversion("stylediffusion", inv.z0, inv.z_T, mappers=inv.mappers, image_features=inv.image_features,
                     metadata=inv.metadata)
 
 
-@register_inversion("ddim", "Song et al., DDIM (2021); inversion at guidance 1", "T=30")
-def ddim_inversion_method(ctx: MethodContext) -> Inverted:
+def ddim_inversion_method(ctx: MethodContext) -> Inversion:
     b = ctx.bundle
     z0 = encode_latent(b, ctx.image)
     cond = encode_prompts(b, [ctx.source])
     traj = ddim_inversion(b, ctx.schedule, z0, cond, record_maps=False, progress=ctx.progress)
-    return Inverted("ddim", z0, traj.z_T, cond_embedding=cond, trajectory=traj.latents)
+    return Inversion("ddim", z0, traj.z_T, cond_embedding=cond, trajectory=traj.latents)
 
 
-@register_edit("p2p", "Hertz et al., Prompt-to-Prompt (2022); P2Plus (StyleDiffusion) when tau_u > 0",
-               ALL_INVERSIONS, "tau_v .5, tau_c .6, tau_s .6, tau_u 0, LocalBlend threshold .3")
-def p2p_edit(ctx: MethodContext, inv: Inverted, spec: EditSpec) -> MethodOutput:
-    result = run_edit(ctx.bundle, ctx.schedule, inv.z_T, spec, inv.mappers, inv.image_features, progress=ctx.progress,
-                      hooks=hooks_for(ctx, inv), embedding=learned_embedding(inv))
+def p2p_edit(ctx: MethodContext, inv: Inversion, spec: EditSpec) -> MethodOutput:
+    result = run_edit(ctx.bundle, ctx.schedule, inv.z_T, spec, progress=ctx.progress, **edit_loop_inputs(ctx, inv))
     return MethodOutput(result.latents, inv, result.controller.average_maps())
 
 
-@register_edit("word_swap", "DDIM inversion, then sample the target prompt with no attention control",
-               ALL_INVERSIONS, "guidance 7.5")
-def word_swap_edit(ctx: MethodContext, inv: Inverted, spec: EditSpec) -> MethodOutput:
+def word_swap_edit(ctx: MethodContext, inv: Inversion, spec: EditSpec) -> MethodOutput:
     b = ctx.bundle
-    hooks = hooks_for(ctx, inv)
-    if not hooks.active:  # plain sampling, as before
+    hooks = edit_loop_inputs(ctx, inv).get("hooks")  # the inversion's per-step changes, not its learned values
+    if hooks is None:  # plain sampling
         cond = encode_prompts(b, [spec.source, spec.target])
         z = guided_sampling(b, ctx.schedule, inv.z_T, cond, encode_prompts(b, [""]), spec.guidance_scale,
                             progress=ctx.progress)
@@ -81,4 +70,45 @@ def word_swap_edit(ctx: MethodContext, inv: Inverted, spec: EditSpec) -> MethodO
     return MethodOutput(result.latents, inv)
 
 
-from . import attention_edits, directinv, generated, npi, nulltext, sdedit, spdinv  # noqa: E402,F401  (register)
+
+class StyleDiffusionInversion(InversionMethod):
+    name = "stylediffusion"
+    paper = "Li et al., StyleDiffusion: Prompt-Embedding Inversion (2023)"
+    defaults = ("T=30, K=100, lr 1e-2, modulate mapping, attention loss on; options variant=modulate|replace, "
+                "embedding=value|key|key_value (the paper's key and key+value ablations, Fig. 14)")
+    options = (MethodOption("variant", "modulate", choices=VARIANTS), MethodOption("embedding", "value", choices=EMBEDDINGS))
+
+    def invert(self, ctx: MethodContext) -> Inversion:
+        return stylediffusion_inversion(ctx)
+
+    def edit_inputs(self, ctx: MethodContext, inv: Inversion) -> dict:
+        """The learned embeddings: M_i(E(x), c) in the conditional rows (source always, target while i < tau_v T),
+        as values (or keys, for the paper's ablations)."""
+        return {"mappers": inv.mappers, "image_features": inv.image_features, "embedding": learned_embedding(inv)}
+
+
+class DDIMInversion(InversionMethod):
+    name = "ddim"
+    paper = "Song et al., DDIM (2021); inversion at guidance 1"
+    defaults = "T=30"
+
+    def invert(self, ctx: MethodContext) -> Inversion:
+        return ddim_inversion_method(ctx)
+
+
+class PromptToPromptEdit(EditMethod):
+    name = "p2p"
+    paper = "Hertz et al., Prompt-to-Prompt (2022); P2Plus (StyleDiffusion) when tau_u > 0"
+    defaults = "tau_v .5, tau_c .6, tau_s .6, tau_u 0, LocalBlend threshold .3"
+
+    def edit(self, ctx: MethodContext, inv: Inversion, spec: EditSpec) -> MethodOutput:
+        return p2p_edit(ctx, inv, spec)
+
+
+class WordSwapEdit(EditMethod):
+    name = "word_swap"
+    paper = "DDIM inversion, then sample the target prompt with no attention control"
+    defaults = "guidance 7.5"
+
+    def edit(self, ctx: MethodContext, inv: Inversion, spec: EditSpec) -> MethodOutput:
+        return word_swap_edit(ctx, inv, spec)

@@ -20,7 +20,8 @@ from ..ddim import guided
 from ..encoders import encode_latent, encode_prompts
 from ..sampling import ddim_inversion, predict
 from .common import checkpointed
-from .registry import Inverted, MethodContext, register_inversion
+from ..editing import EditHooks
+from .registry import Inversion, InversionMethod, MethodContext
 
 
 @torch.no_grad()
@@ -36,9 +37,7 @@ def direct_offsets(ctx: MethodContext, trajectory: list[torch.Tensor], guidance_
     return torch.cat(offsets)
 
 
-@register_inversion("directinv", "Ju et al., PnP Inversion / DirectInversion (ICLR 2024)",
-                    "DDIM inversion + per-step source-branch offsets at guidance 7.5; no optimisation")
-def directinv_inversion(ctx: MethodContext) -> Inverted:
+def directinv_inversion(ctx: MethodContext) -> Inversion:
     w = ctx.train_cfg.guidance_scale
     b = ctx.bundle
 
@@ -50,5 +49,27 @@ def directinv_inversion(ctx: MethodContext) -> Inverted:
 
     tensors, meta = checkpointed(ctx, "directinv", {"guidance_scale": w}, compute)
     dev = b.device
-    return Inverted("directinv", tensors["z0"].to(dev), tensors["z_T"].to(dev),
+    return Inversion("directinv", tensors["z0"].to(dev), tensors["z_T"].to(dev),
                     extras={"latent_offsets": tensors["offsets"].to(dev)}, metadata=meta)
+
+
+class SourceOffsetHooks(EditHooks):
+    """After step i the stored offset o_i is added to the source row only (it then follows z*_{t-1})."""
+
+    def __init__(self, offsets: torch.Tensor):
+        self.offsets = offsets  # (T, C, h, w)
+
+    def after_step(self, i, z):
+        return torch.cat([z[:1] + self.offsets[i].to(z), z[1:]])
+
+
+class DirectInversion(InversionMethod):
+    name = "directinv"
+    paper = "Ju et al., PnP Inversion / DirectInversion (ICLR 2024)"
+    defaults = "DDIM inversion + per-step source-branch offsets at guidance 7.5; no optimisation"
+
+    def invert(self, ctx: MethodContext) -> Inversion:
+        return directinv_inversion(ctx)
+
+    def edit_hooks(self, ctx: MethodContext, inv: Inversion) -> EditHooks:
+        return SourceOffsetHooks(inv.extras["latent_offsets"])

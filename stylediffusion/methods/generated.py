@@ -14,7 +14,7 @@ from ..encoders import encode_prompts
 from ..models import ModelBundle
 from ..sampling import guided_sampling
 from .common import option
-from .registry import Inverted, MethodContext, MethodOption, MethodOutput, register_inversion, run_method
+from .registry import Inversion, InversionMethod, MethodContext, MethodOption, MethodOutput, run_method
 
 
 def seeded_latent(bundle: ModelBundle, seed: int) -> torch.Tensor:
@@ -24,16 +24,13 @@ def seeded_latent(bundle: ModelBundle, seed: int) -> torch.Tensor:
     return z.to(bundle.device)
 
 
-@register_inversion("generated", "text-to-image generation from a seed (no inversion; P2P's synthetic-image setting)",
-                    "generated_seed=0; z0 = the guided generation of the source prompt",
-                    options=(MethodOption("generated_seed", 0, minimum=0, maximum=2**63 - 1),))
-def generated_inversion(ctx: MethodContext) -> Inverted:
+def generated_inversion(ctx: MethodContext) -> Inversion:
     b = ctx.bundle
     seed = option(ctx, "generated_seed")
     z_T = seeded_latent(b, seed)
     z0 = guided_sampling(b, ctx.schedule, z_T, encode_prompts(b, [ctx.source]), encode_prompts(b, [""]),
                          ctx.train_cfg.guidance_scale, progress=ctx.progress)
-    return Inverted("generated", z0, z_T, metadata={"seed": seed, "prompt": ctx.source})
+    return Inversion("generated", z0, z_T, metadata={"seed": seed, "prompt": ctx.source})
 
 
 def edit_generated(bundle: ModelBundle, spec: EditSpec, edit: str = "p2p", seed: int = 0, num_steps: int = 50,
@@ -42,3 +39,13 @@ def edit_generated(bundle: ModelBundle, spec: EditSpec, edit: str = "p2p", seed:
     ctx = MethodContext(bundle, None, spec.source, num_steps, progress=progress,
                         options={**(options or {}), "generated_seed": seed})
     return run_method(ctx, spec, "generated", edit)
+
+
+class GeneratedImage(InversionMethod):
+    name = "generated"
+    paper = "text-to-image generation from a seed (no inversion; P2P's synthetic-image setting)"
+    defaults = "generated_seed=0; z0 = the guided generation of the source prompt"
+    options = (MethodOption("generated_seed", 0, minimum=0, maximum=2**63 - 1),)
+
+    def invert(self, ctx: MethodContext) -> Inversion:
+        return generated_inversion(ctx)

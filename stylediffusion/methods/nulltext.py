@@ -20,11 +20,12 @@ from tqdm.auto import tqdm
 from ptp_utils import BatchLayout, CrossAttentionRecorder, controlled, install_attention_control
 
 from ..ddim import guided
+from ..editing import EditHooks
 from ..encoders import encode_latent, encode_prompts
 from ..sampling import ddim_inversion, predict
 from ..training import attention_loss, early_stop_threshold, gradient_scaler, step_lr
 from .common import checkpointed, option
-from .registry import Inverted, MethodContext, MethodOption, register_inversion
+from .registry import Inversion, InversionMethod, MethodContext, MethodOption
 
 
 def nulltext_optimise(ctx: MethodContext, iterations: int = 10, lr: float = 1e-2, att_loss: bool = False):
@@ -74,14 +75,7 @@ def nulltext_optimise(ctx: MethodContext, iterations: int = 10, lr: float = 1e-2
     return z0, traj.z_T, embeddings, losses, cond
 
 
-@register_inversion(
-    "nulltext", "Mokady et al., Null-text Inversion for Editing Real Images (CVPR 2023)",
-    "T from --num_ddim_steps (paper 50), guidance 7.5, <=10 Adam iterations/step, lr 1e-2(1-i/100), early stop "
-    "1e-5+2e-5 i; options nulltext_iterations=10, nulltext_attention_loss=false (StyleDiffusion ablation, Fig. 15); "
-    "with --edit p2p and tau_u>0 it is the paper's 'Null-text + P2Plus' ablation (Fig. 14)",
-    options=(MethodOption("nulltext_iterations", 10, minimum=0, maximum=10_000),
-             MethodOption("nulltext_attention_loss", False)))
-def nulltext_inversion(ctx: MethodContext) -> Inverted:
+def nulltext_inversion(ctx: MethodContext) -> Inversion:
     iterations = option(ctx, "nulltext_iterations")
     att = option(ctx, "nulltext_attention_loss")
     settings = {"iterations": iterations, "lr": 1e-2, "attention_loss": att,
@@ -95,5 +89,31 @@ def nulltext_inversion(ctx: MethodContext) -> Inverted:
     tensors, meta = checkpointed(ctx, "nulltext", settings, compute)
     dev = ctx.bundle.device
     embeddings = [tensors[f"uncond.{i}"].to(dev) for i in range(ctx.num_steps)]
-    return Inverted("nulltext", tensors["z0"].to(dev), tensors["z_T"].to(dev), uncond_embeddings=embeddings,
+    return Inversion("nulltext", tensors["z0"].to(dev), tensors["z_T"].to(dev), uncond_embeddings=embeddings,
                     metadata=meta)
+
+
+class NullTextHooks(EditHooks):
+    """Both unconditional rows use the optimised embedding u_i of step i."""
+
+    def __init__(self, embeddings: list[torch.Tensor]):
+        self.embeddings = embeddings
+
+    def text(self, i, text):
+        return torch.cat([self.embeddings[i].to(text).expand(2, -1, -1), text[2:]])
+
+
+class NullTextInversion(InversionMethod):
+    name = "nulltext"
+    paper = "Mokady et al., Null-text Inversion for Editing Real Images (CVPR 2023)"
+    defaults = ("T from --num_ddim_steps (paper 50), guidance 7.5, <=10 Adam iterations/step, lr 1e-2(1-i/100), "
+                "early stop 1e-5+2e-5 i; options nulltext_iterations=10, nulltext_attention_loss=false (StyleDiffusion "
+                "ablation, Fig. 15); with --edit p2p and tau_u>0 it is the paper's 'Null-text + P2Plus' ablation (Fig. 14)")
+    options = (MethodOption("nulltext_iterations", 10, minimum=0, maximum=10_000),
+               MethodOption("nulltext_attention_loss", False))
+
+    def invert(self, ctx: MethodContext) -> Inversion:
+        return nulltext_inversion(ctx)
+
+    def edit_hooks(self, ctx: MethodContext, inv: Inversion) -> EditHooks:
+        return NullTextHooks(inv.uncond_embeddings)

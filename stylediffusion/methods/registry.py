@@ -1,10 +1,11 @@
-"""The one place where inversion and edit methods are registered and combined.
+"""The registry of inversion and edit methods, and how they are combined.
 
-An inversion turns (image, source prompt) into an ``Inverted``: z_T plus whatever its edits need
-(StyleDiffusion's mapping networks, Null-text's per-step embeddings, DirectInversion's offsets...).
-An edit turns an ``Inverted`` and an ``EditSpec`` into latents [reconstruction, edit].
-Adding a method = one class with ``name``, ``paper``, ``defaults`` and one function, registered with
-``@register_inversion`` / ``@register_edit``; an edit lists the inversions it is defined for.
+An inversion (``InversionMethod`` subclass) turns (image, source prompt) into an ``Inversion``: z_T plus
+whatever its edits need (StyleDiffusion's mapping networks, Null-text's per-step embeddings,
+DirectInversion's offsets...), and owns what it changes in the edit loop (``edit_hooks``,
+``edit_inputs``). An edit (``EditMethod`` subclass) turns an ``Inversion`` and an ``EditSpec`` into
+latents [reconstruction, edit] and lists the inversions it is defined for. Instances are registered
+explicitly, in ``methods/__init__.py``; docs/methods.md shows how to add one.
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from typing import Callable
 
 import torch
 
+from .. import validate
 from ..ddim import DDIMSchedule
-from ..editing import EditSpec
+from ..editing import EditHooks, EditSpec
 from ..errors import UserError
 from ..models import ModelBundle
 from ..results import Inversion
@@ -39,14 +41,14 @@ class MethodContext:
         return DDIMSchedule(self.bundle.scheduler, self.num_steps)
 
 
-# One result type for every inversion (``results.Inversion``); ``Inverted`` is its former name.
+# The one result type of every inversion is ``results.Inversion``; ``Inverted`` is its former name.
 Inverted = Inversion
 
 
 @dataclass
 class MethodOutput:
     latents: torch.Tensor  # (2, C, h, w): reconstruction (source row), edit (target row)
-    inverted: Inverted
+    inverted: Inversion
     attention_maps: torch.Tensor | None = None  # (prompts, queries, tokens) averaged mid-low maps, if recorded
     seconds: dict = field(default_factory=dict)
 
@@ -63,8 +65,6 @@ class MethodOption:
     maximum: float | None = None
 
     def convert(self, value):
-        from .. import validate
-
         what = f"--method_option {self.name}"
         if isinstance(self.default, bool):
             words = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
@@ -88,23 +88,46 @@ class MethodOption:
         return f"{self.name}={self.default} ({allowed})"
 
 
-@dataclass(frozen=True)
 class InversionMethod:
-    name: str
-    paper: str
-    defaults: str
-    invert: Callable[[MethodContext], Inverted]
+    """One inversion method. A subclass sets ``name``, ``paper``, ``defaults`` (and ``options``) and
+    implements ``invert``; when the inversion changes the edit loop it says how in ``edit_hooks``
+    (per-step text, guidance or latents) and ``edit_inputs`` (further ``editing.run_edit`` arguments)."""
+
+    name: str = ""
+    paper: str = ""
+    defaults: str = ""  # one line for --list_methods
     options: tuple[MethodOption, ...] = ()
 
+    def invert(self, ctx: MethodContext) -> Inversion:
+        raise NotImplementedError
 
-@dataclass(frozen=True)
+    def edit_hooks(self, ctx: MethodContext, inv: Inversion) -> EditHooks | None:
+        """What this inversion changes in every step of an edit (None: nothing)."""
+        return None
+
+    def edit_inputs(self, ctx: MethodContext, inv: Inversion) -> dict:
+        """Further ``run_edit`` keyword arguments (StyleDiffusion: its learned values)."""
+        return {}
+
+
 class EditMethod:
-    name: str
-    paper: str
-    defaults: str
-    inversions: tuple[str, ...]  # the inversions this edit is defined for
-    edit: Callable[[MethodContext, Inverted, EditSpec], MethodOutput]
+    """One edit method. A subclass sets ``name``, ``paper``, ``defaults``, ``options`` and the
+    inversions it is defined for (``defined_for``; None = every registered inversion), and implements
+    ``edit``; it reaches the inversion's contribution through ``edit_loop_inputs(ctx, inv)``."""
+
+    name: str = ""
+    paper: str = ""
+    defaults: str = ""
     options: tuple[MethodOption, ...] = ()
+    defined_for: tuple[str, ...] | None = None
+
+    @property
+    def inversions(self) -> tuple[str, ...]:
+        """The inversions this edit is defined for, in registration order when it takes every one."""
+        return tuple(INVERSIONS) if self.defined_for is None else tuple(self.defined_for)
+
+    def edit(self, ctx: MethodContext, inv: Inversion, spec: EditSpec) -> MethodOutput:
+        raise NotImplementedError
 
 
 INVERSIONS: dict[str, InversionMethod] = {}
@@ -120,19 +143,51 @@ def _declare(options) -> tuple[MethodOption, ...]:
     return tuple(options)
 
 
-def register_inversion(name: str, paper: str, defaults: str = "", options: tuple[MethodOption, ...] = ()):
-    def wrap(fn):
-        INVERSIONS[name] = InversionMethod(name, paper, defaults, fn, _declare(options))
-        return fn
-    return wrap
+def register(method: InversionMethod | EditMethod) -> InversionMethod | EditMethod:
+    """Add a method (an instance) to the registry; ``methods/__init__.py`` registers every built-in one."""
+    if isinstance(method, InversionMethod):
+        table = INVERSIONS
+    elif isinstance(method, EditMethod):
+        table = EDITS
+    else:
+        raise TypeError(f"register() takes an InversionMethod or EditMethod instance, not {type(method).__name__}")
+    if not method.name or method.name in table:
+        raise ValueError(f"method name {method.name!r} is empty or registered twice")
+    _declare(method.options)
+    table[method.name] = method
+    return method
 
 
-def register_edit(name: str, paper: str, inversions: tuple[str, ...], defaults: str = "",
-                  options: tuple[MethodOption, ...] = ()):
-    def wrap(fn):
-        EDITS[name] = EditMethod(name, paper, defaults, tuple(inversions), fn, _declare(options))
-        return fn
-    return wrap
+class _ObservedHooks(EditHooks):
+    """An inversion's hooks plus an observer of the latents after every step (``options["on_step"]``)."""
+
+    def __init__(self, inner: EditHooks, on_step: Callable[[int, torch.Tensor], None]):
+        self.inner, self.on_step = inner, on_step
+
+    def text(self, i, text):
+        return self.inner.text(i, text)
+
+    def guide(self, i, eps_u, eps_c, z, guidance_scale):
+        return self.inner.guide(i, eps_u, eps_c, z, guidance_scale)
+
+    def after_step(self, i, z):
+        z = self.inner.after_step(i, z)
+        self.on_step(i, z)
+        return z
+
+
+def edit_loop_inputs(ctx: MethodContext, inv: Inversion) -> dict:
+    """The ``editing.run_edit`` keyword arguments that carry what ``inv``'s method contributes to an edit:
+    its ``edit_inputs`` and its hooks (with the ``on_step`` observer, if one is given)."""
+    method = get_inversion(inv.method)
+    inputs = dict(method.edit_inputs(ctx, inv))
+    hooks = method.edit_hooks(ctx, inv)
+    on_step = ctx.options.get("on_step")
+    if on_step is not None:
+        hooks = _ObservedHooks(hooks or EditHooks(), on_step)
+    if hooks is not None:
+        inputs["hooks"] = hooks
+    return inputs
 
 
 def check_method_options(options: dict, inversion: str, edit: str | None = None) -> dict:
@@ -152,14 +207,12 @@ def check_method_options(options: dict, inversion: str, edit: str | None = None)
 
 
 def get_inversion(name: str) -> InversionMethod:
-    _load_builtin_methods()
     if name not in INVERSIONS:
         raise UserError(f"unknown --inversion {name!r}; registered: {', '.join(sorted(INVERSIONS))}.")
     return INVERSIONS[name]
 
 
 def get_edit(name: str, inversion: str) -> EditMethod:
-    _load_builtin_methods()
     if name not in EDITS:
         raise UserError(f"unknown --edit {name!r}; registered: {', '.join(sorted(EDITS))}.")
     method = EDITS[name]
@@ -171,7 +224,6 @@ def get_edit(name: str, inversion: str) -> EditMethod:
 
 
 def describe_methods() -> str:
-    _load_builtin_methods()
     lines = ["inversions:"]
     lines += [f"  {m.name:<15} {m.paper}" + (f"  [{m.defaults}]" if m.defaults else "") for m in INVERSIONS.values()]
     lines.append("edits:")
@@ -181,7 +233,7 @@ def describe_methods() -> str:
 
 
 def run_method(ctx: MethodContext, spec: EditSpec, inversion: str = "stylediffusion", edit: str = "p2p",
-               inverted: Inverted | None = None) -> MethodOutput:
+               inverted: Inversion | None = None) -> MethodOutput:
     """Invert (unless ``inverted`` is given) and edit; the combination is checked before any work."""
     edit_method = get_edit(edit, inversion)
     inversion_method = get_inversion(inversion)
@@ -193,7 +245,3 @@ def run_method(ctx: MethodContext, spec: EditSpec, inversion: str = "stylediffus
     out = edit_method.edit(ctx, inverted, spec)
     out.seconds = {"inversion": t1 - t0, "edit": time.perf_counter() - t1, **out.seconds}
     return out
-
-
-def _load_builtin_methods() -> None:
-    from . import builtin  # noqa: F401  (registers on import)

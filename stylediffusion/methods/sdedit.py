@@ -20,11 +20,11 @@ from ..errors import UserError
 from ..sampling import predict
 from ..training import embedding_inputs
 from .common import learned_embedding, option
-from .registry import Inverted, MethodContext, MethodOption, MethodOutput, register_edit
+from .registry import EditMethod, Inversion, MethodContext, MethodOption, MethodOutput
 
 
 @torch.no_grad()
-def sdedit(ctx: MethodContext, inv: Inverted, spec: EditSpec, strength: float = 0.5, seed: int = 0) -> torch.Tensor:
+def sdedit(ctx: MethodContext, inv: Inversion, spec: EditSpec, strength: float = 0.5, seed: int = 0) -> torch.Tensor:
     if not 0.0 < strength <= 1.0:
         raise UserError(f"sdedit_strength = {strength} must be in (0, 1].")
     b, schedule, T = ctx.bundle, ctx.schedule, ctx.num_steps
@@ -51,10 +51,18 @@ def sdedit(ctx: MethodContext, inv: Inverted, spec: EditSpec, strength: float = 
     return z
 
 
-@register_edit("sdedit", "Meng et al., SDEdit (ICLR 2022); with stylediffusion: the paper's Fig. 18 ablation",
-               ("ddim", "stylediffusion"), "sdedit_strength=0.5, sdedit_seed=0, guidance 7.5",
-               options=(MethodOption("sdedit_strength", 0.5, minimum=0.0, maximum=1.0),
-                        MethodOption("sdedit_seed", 0, minimum=0, maximum=2**63 - 1)))
-def sdedit_edit(ctx: MethodContext, inv: Inverted, spec: EditSpec) -> MethodOutput:
+def sdedit_edit(ctx: MethodContext, inv: Inversion, spec: EditSpec) -> MethodOutput:
     z = sdedit(ctx, inv, spec, option(ctx, "sdedit_strength"), option(ctx, "sdedit_seed"))
     return MethodOutput(z, inv)
+
+
+class SDEditEdit(EditMethod):
+    name = "sdedit"
+    paper = "Meng et al., SDEdit (ICLR 2022); with stylediffusion: the paper's Fig. 18 ablation"
+    defaults = "sdedit_strength=0.5, sdedit_seed=0, guidance 7.5"
+    options = (MethodOption("sdedit_strength", 0.5, minimum=0.0, maximum=1.0),
+               MethodOption("sdedit_seed", 0, minimum=0, maximum=2**63 - 1))
+    defined_for = ("ddim", "stylediffusion")
+
+    def edit(self, ctx: MethodContext, inv: Inversion, spec: EditSpec) -> MethodOutput:
+        return sdedit_edit(ctx, inv, spec)

@@ -21,7 +21,9 @@ from ..encoders import encode_latent, encode_prompts
 from ..sampling import predict
 from ..training import gradient_scaler
 from .common import checkpointed, option, stack, unstack
-from .registry import Inverted, MethodContext, MethodOption, register_inversion
+from ..editing import EditHooks
+from .npi import NegativePromptHooks
+from .registry import Inversion, InversionMethod, MethodContext, MethodOption
 
 
 def fixed_point_map(ctx: MethodContext, schedule, cond: torch.Tensor, z_prev: torch.Tensor, i: int, z: torch.Tensor):
@@ -69,11 +71,7 @@ def spd_inversion(ctx: MethodContext, rounds: int = 25, lr: float = 1e-3, tol: f
     return latents, initial, final
 
 
-@register_inversion("spdinv", "Li et al., Source Prompt Disentangled Inversion (SPDInv, ECCV 2024)",
-                    "fixed point per step by AdamW on the latent: spdinv_rounds=25, lr 1e-3, stop at MSE<5e-6; "
-                    "NPI-style editing (source prompt as the unconditional embedding)",
-                    options=(MethodOption("spdinv_rounds", 25, minimum=0, maximum=10_000),))
-def spdinv_inversion(ctx: MethodContext) -> Inverted:
+def spdinv_inversion(ctx: MethodContext) -> Inversion:
     rounds = option(ctx, "spdinv_rounds")
     settings = {"rounds": rounds, "lr": 1e-3, "tol": 5e-6}
 
@@ -83,4 +81,18 @@ def spdinv_inversion(ctx: MethodContext) -> Inverted:
 
     tensors, meta = checkpointed(ctx, "spdinv", settings, compute)
     traj = unstack(tensors["trajectory"], ctx.bundle.device)
-    return Inverted("spdinv", traj[0], traj[-1], trajectory=traj, extras={"negative_prompt": True}, metadata=meta)
+    return Inversion("spdinv", traj[0], traj[-1], trajectory=traj, metadata=meta)
+
+
+class SourcePromptDisentangledInversion(InversionMethod):
+    name = "spdinv"
+    paper = "Li et al., Source Prompt Disentangled Inversion (SPDInv, ECCV 2024)"
+    defaults = ("fixed point per step by AdamW on the latent: spdinv_rounds=25, lr 1e-3, stop at MSE<5e-6; "
+                "NPI-style editing (source prompt as the unconditional embedding)")
+    options = (MethodOption("spdinv_rounds", 25, minimum=0, maximum=10_000),)
+
+    def invert(self, ctx: MethodContext) -> Inversion:
+        return spdinv_inversion(ctx)
+
+    def edit_hooks(self, ctx: MethodContext, inv: Inversion) -> EditHooks:
+        return NegativePromptHooks()
