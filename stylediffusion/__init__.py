@@ -8,8 +8,20 @@
 
 __version__ = "0.1.0"
 
-from .api import EditOutput, StyleDiffusionEditor  # noqa: E402
 from .errors import UserError  # noqa: E402
-from .results import Inversion  # noqa: E402
 
 __all__ = ["EditOutput", "Inversion", "StyleDiffusionEditor", "UserError"]
+_LAZY = {"EditOutput": ".api", "StyleDiffusionEditor": ".api", "Inversion": ".results"}
+
+
+def __getattr__(name: str):
+    # The API (torch, diffusers) is imported on first use, not by ``import stylediffusion``: the command
+    # lines then answer bad flags without loading them, and a Ctrl-C while they load is caught by the
+    # command's own handler (one line, exit 130) instead of printing a traceback.
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

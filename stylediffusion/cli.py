@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import validate
-from .errors import UserError, exit_code, one_line, quiet_libraries
+from .errors import UserError, exit_code, one_line, quiet_libraries, started
 
 # torch.manual_seed takes at most 64 bits; seeds are kept to the non-negative half so that every
 # seed means one thing on every platform.
@@ -272,6 +273,31 @@ def checkpoint_path(args, job: Job, model_id: str, options: dict | None = None) 
     return args.checkpoint_dir / f"{job.name}_{slug}_T{args.num_ddim_steps}{method}.safetensors"
 
 
+def check_num_steps(num_steps: int, scheduler) -> None:
+    """T DDIM steps need T distinct training timesteps of the model's scheduler."""
+    limit = int(scheduler.config.num_train_timesteps)
+    if num_steps > limit:
+        raise UserError(f"--num_ddim_steps {num_steps} is more than the scheduler's {limit} training timesteps: "
+                        f"use at most {limit}.")
+
+
+def check_output_paths(args, jobs: list[Job]) -> None:
+    """Where this run writes: refused before any work when a file stands where a folder must be (or the
+    other way round) or the place is read-only."""
+    from .files import writable_file, writable_folder
+
+    if not args.is_train:
+        writable_folder(args.outdir, "--outdir")
+    if args.checkpoint is not None:
+        if args.checkpoint.is_dir():
+            raise UserError(f"--checkpoint '{args.checkpoint}' is a folder: pass a file name, or pass the folder "
+                            f"as --checkpoint_dir.")
+        if args.retrain or not args.checkpoint.is_file():
+            writable_file(args.checkpoint, "--checkpoint")
+    elif args.inversion not in ("ddim", "generated"):  # these two store nothing
+        writable_folder(args.checkpoint_dir, "--checkpoint_dir")
+
+
 def _check_image_readable(path: Path) -> None:
     from .image_io import load_image
 
@@ -285,6 +311,7 @@ def run(args, log=print) -> list[Path]:
     from .encoders import decode_latent
     from .image_io import load_image
     from .methods import MethodContext, get_edit, get_inversion, run_method
+    from .methods.registry import check_method_options
     from .models import load_models, resolve_dtype, tune_backends
     from .training import TrainConfig
 
@@ -301,6 +328,7 @@ def run(args, log=print) -> list[Path]:
             _check_image_readable(job.image_path)
         for spec in job.edits:
             spec.validate()
+    check_output_paths(args, jobs)
     torch.manual_seed(args.seed)
     device = _device(args.device)
     tune_backends(device)
@@ -309,23 +337,25 @@ def run(args, log=print) -> list[Path]:
     if bundle.untrained:
         log("note: --model tiny has random, untrained weights: outputs show the mechanics, not real edits.")
     T = args.num_ddim_steps
-    from .methods.registry import check_method_options
+    check_num_steps(T, bundle.scheduler)
     for job in jobs:  # word-level problems (unknown blend word, unequal word counts...) before any training
         for spec in job.edits:
             build_controller(spec, bundle.tokenizer, T)
     cfg = TrainConfig(num_inner_steps=args.num_inner_steps, guidance_scale=args.guidance_scale, lr=args.lr,
                       attention_loss=args.attention_loss, early_stop=args.early_stop)
+    started()  # from here on files are written: Ctrl-C keeps what is finished (see errors.exit_code)
     written: list[Path] = []
     for job in jobs:
         image, notes = (None, []) if job.image_path is None else load_image(job.image_path, bundle.image_size)
         for note in notes:
             log(f"note: {note}")
         ckpt = checkpoint_path(args, job, bundle.model_id, options)
-        if args.retrain and ckpt.is_file():
+        if args.checkpoint is None:  # a name built from data and flags must not leave its folder
+            validate.inside(args.checkpoint_dir, ckpt, "the checkpoint")
+        if args.retrain and ckpt.is_file():  # only now: every input above has been checked
             ckpt.unlink()
         if args.is_train and ckpt.is_file():
             log(f"{ckpt} is already trained (use --retrain to train again)")
-    check_output_paths(args, jobs)
             continue
         if not ckpt.is_file() and args.inversion == "stylediffusion":
             log(f"no trained inversion at {ckpt}: training it first (T={T}, K={args.num_inner_steps})"
@@ -334,7 +364,6 @@ def run(args, log=print) -> list[Path]:
         torch.manual_seed(args.seed)
         t0 = time.perf_counter()
         inverted = inversion_method.invert(ctx)
-    check_num_steps(T, bundle.scheduler)
         log(f"{args.inversion} inversion ready in {time.perf_counter() - t0:.1f}s"
             + (f" ({ckpt})" if ckpt.is_file() else ""))
         if ckpt.is_file():
@@ -354,6 +383,7 @@ def run(args, log=print) -> list[Path]:
 
 def save_edit_outputs(outdir: Path, image, pixels, result, spec, bundle, T: int, seconds: float,
                       inversion: str = "stylediffusion", edit: str = "p2p") -> list[Path]:
+    from .files import atomic_write_text
     from .image_io import image_grid, save_atomic, tensor_to_pil
     from .visualize import save_attention_figure
 
@@ -379,15 +409,15 @@ def save_edit_outputs(outdir: Path, image, pixels, result, spec, bundle, T: int,
               "eq_params": spec.eq_params, "guidance_scale": spec.guidance_scale, "num_ddim_steps": T,
               "model": bundle.model_id, "untrained_model": bundle.untrained,
               "dtype": str(bundle.dtype).removeprefix("torch."), "edit_seconds": round(seconds, 3)}
-    from .files import atomic_write_text
     atomic_write_text(outdir / "edit.json", json.dumps(report, indent=2) + "\n")
     return paths + [outdir / "edit.json"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-
     def body() -> int:
+        # inside exit_code: these import torch and diffusers, and a Ctrl-C while they load is one line too
+        quiet_libraries()
+        args = build_parser().parse_args(argv)
         if args.list_methods:
             from .methods import describe_methods
 
@@ -401,4 +431,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-        quiet_libraries()

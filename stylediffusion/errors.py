@@ -15,11 +15,46 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def exit_code(action, interrupted_message: str) -> int:
-    """Run a command's body: 0 on success, 2 with one ``error:`` line for a UserError or a
-    file-system fault, 130 with one line on Ctrl-C."""
+_startup = {"active": False}
+
+
+def _interrupt_at_startup(signum, frame):
+    import os
     import sys
 
+    sys.stdout.flush()
+    sys.stderr.write("interrupted during start-up: nothing was written.\n")
+    sys.stderr.flush()
+    os._exit(130)
+
+
+def started() -> None:
+    """Start-up (imports, model loading, checks) is over and work that writes files begins: from
+    here on a Ctrl-C is a KeyboardInterrupt again, which the command turns into its own one line
+    after cleaning up (e.g. keeping the partial inversion)."""
+    import signal
+
+    if _startup["active"]:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _startup["active"] = False
+
+
+def exit_code(action, interrupted_message: str) -> int:
+    """Run a command's body: 0 on success, 2 with one ``error:`` line for a UserError or a
+    file-system fault, 130 with one line on Ctrl-C.
+
+    Until the body calls ``started()``, Ctrl-C ends the process at once with one line: a
+    KeyboardInterrupt raised while torch/diffusers are being imported can be swallowed by the import
+    machinery of those libraries (the run then went on as if nothing happened), and nothing has been
+    written yet that would need cleaning up."""
+    import signal
+    import sys
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, _interrupt_at_startup)
+        _startup["active"] = True
     try:
         return action() or 0
     except UserError as err:
@@ -35,6 +70,10 @@ def exit_code(action, interrupted_message: str) -> int:
     except KeyboardInterrupt:
         print(one_line(interrupted_message), file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+            _startup["active"] = False
 
 
 def quiet_libraries() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..errors import UserError, exit_code
+from ..errors import UserError, exit_code, quiet_libraries
 
 USAGE = """usage: python -m stylediffusion.bench {pie,reproduce,report} [options]
 
@@ -18,12 +18,18 @@ Multi-process: accelerate launch --num_processes N -m stylediffusion.bench pie .
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
-        return 0 if argv else 2
+        return 0
+    if not argv or argv[0] not in ("pie", "reproduce", "report"):
+        got = f"unknown command {argv[0]!r}" if argv else "no command given"
+        print(f"error: {got}: use pie, reproduce or report (see python -m stylediffusion.bench --help)",
+              file=sys.stderr)
+        return 2
     command, rest = argv[0], argv[1:]
 
     def body() -> int:
+        quiet_libraries()
         if command == "pie":
             from .pie import main as pie_main
 
@@ -36,15 +42,12 @@ def main(argv: list[str] | None = None) -> int:
             from .report import write_reports
 
             if len(rest) != 1 or rest[0].startswith("-"):
-                print("usage: python -m stylediffusion.bench report OUTDIR", file=sys.stderr)
-                return 2
+                raise UserError("report takes one argument, the --outdir of a 'pie' run: "
+                                "python -m stylediffusion.bench report OUTDIR")
             if not (Path(rest[0]) / "results.csv").is_file():
                 raise UserError(f"'{rest[0]}' holds no results.csv: pass the --outdir of a 'pie' run.")
             for path in write_reports(Path(rest[0])):
                 print(f"wrote {path}")
-        else:
-            print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-            return 2
         return 0
 
     return exit_code(body, "interrupted: finished items are kept; rerun the same command to resume.")

@@ -5,7 +5,8 @@ import argparse
 import re
 from pathlib import Path
 
-from ..cli import fraction_or_dict, literal, str2bool
+from .. import validate
+from ..cli import count_at_least, finite_float, fraction_or_dict, guidance_float, literal, lr_float, seed_int, str2bool
 from ..errors import UserError
 
 
@@ -20,9 +21,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="auto (this process's accelerate device: cuda:<local rank>, or cpu), cpu, cuda, ...")
     g.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
                    help="dtype of the frozen models (auto: bfloat16 on CUDA, float32 on the CPU)")
-    g.add_argument("--seed", type=int, default=0, help="torch seed, reset before every item (so sharding "
+    g.add_argument("--seed", type=seed_int, default=0, help="torch seed, reset before every item (so sharding "
                    "does not change results)")
-    g.add_argument("--timeout_hours", type=float, default=48.0,
+    g.add_argument("--timeout_hours", type=finite_float(above=0.0), default=48.0,
                    help="how long a finished process waits for the others at the final barrier")
 
 
@@ -32,10 +33,10 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--edit", default="p2p")
     g.add_argument("--method_name", default=None,
                    help="label of this configuration in the CSV and output folder (default <inversion>+<edit>)")
-    g.add_argument("--num_ddim_steps", type=int, default=30, help="T (30 in the StyleDiffusion paper; PIE-Bench's other methods use 50)")
-    g.add_argument("--num_inner_steps", type=int, default=100, help="K: StyleDiffusion inner iterations at the first step")
-    g.add_argument("--guidance_scale", type=float, default=7.5)
-    g.add_argument("--lr", type=float, default=1e-2)
+    g.add_argument("--num_ddim_steps", type=count_at_least(1), default=30, help="T (30 in the StyleDiffusion paper; PIE-Bench's other methods use 50)")
+    g.add_argument("--num_inner_steps", type=count_at_least(1), default=100, help="K: StyleDiffusion inner iterations at the first step")
+    g.add_argument("--guidance_scale", type=guidance_float, default=7.5)
+    g.add_argument("--lr", type=lr_float, default=1e-2)
     g.add_argument("--variant", choices=("modulate", "replace"), default="modulate")
     g.add_argument("--attention_loss", type=str2bool, default=True, metavar="True|False")
     g.add_argument("--early_stop", type=str2bool, default=True, metavar="True|False")
@@ -61,18 +62,26 @@ def method_label(args) -> str:
 
 
 def safe_dirname(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", text).strip("_") or "method"
+    """A method label as one folder name: other characters become ``_``; no leading dots (``..``)."""
+    name = re.sub(r"[^A-Za-z0-9_.+=-]+", "_", text).strip("_.")[:validate.MAX_COMPONENT_BYTES] or "method"
+    return validate.safe_component(name, "--method_name")
 
 
 def check_method(args) -> None:
-    """Unknown names or combinations fail before any model is loaded."""
+    """Unknown names or combinations, method options they do not take, and an output folder that cannot
+    be written fail before any model is loaded."""
+    from ..files import writable_folder
     from ..methods import get_edit, get_inversion
+    from ..methods.registry import check_method_options
 
-    if args.num_ddim_steps < 1 or args.num_inner_steps < 1:
-        raise UserError("--num_ddim_steps and --num_inner_steps must be at least 1.")
     get_inversion(args.inversion)
     get_edit(args.edit, args.inversion)
-    method_options(args)
+    from ..cli import method_options as parse_pairs
+
+    check_method_options(parse_pairs(args.method_option or []), args.inversion, args.edit)
+    writable_folder(args.outdir, "--outdir")
+    if getattr(args, "checkpoint_dir", None) is not None:
+        writable_folder(args.checkpoint_dir, "--checkpoint_dir")
 
 
 def train_config(args):
@@ -85,6 +94,7 @@ def train_config(args):
 def load_bundle(args, device: str, log=print):
     import torch
 
+    from ..cli import check_num_steps
     from ..models import load_models, resolve_dtype, tune_backends
 
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -92,6 +102,7 @@ def load_bundle(args, device: str, log=print):
     tune_backends(device)
     bundle = load_models(args.model, args.image_encoder, device=device, dtype=resolve_dtype(args.dtype, device),
                          seed=args.seed)
+    check_num_steps(args.num_ddim_steps, bundle.scheduler)
     if bundle.untrained:
         log("note: --model tiny has random, untrained weights: numbers show the mechanics, not real edits.")
     return bundle

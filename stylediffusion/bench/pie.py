@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from .. import validate
+from ..errors import UserError, started
 from . import options
 from .report import METRICS, NA, read_reasons as _read_reasons, write_reports
 from .sharding import RowLog, init_shard, merge_parts, part_path, resume
@@ -59,19 +60,36 @@ def decode_rle(rle, shape: tuple[int, int] = PIE_SIZE, border: bool = True) -> n
     Keep it on to compare with published numbers.
     """
     h, w = shape
-    values = np.asarray(list(rle) if rle is not None else [], dtype=np.int64).ravel()
-    if values.size % 2:
-        raise UserError(f"mask RLE has an odd number of values ({values.size}): expected start, length pairs.")
-    if (values < 0).any():
-        raise UserError("mask RLE holds a negative start or length.")
+    values = check_rle(rle)
     flat = np.zeros(h * w, dtype=np.uint8)
-    for start, length in values.reshape(-1, 2):
-        flat[start : start + length] = 1
+    for k in range(0, len(values), 2):  # Python ints: a huge start or length cannot overflow
+        start, length = values[k], values[k + 1]
+        flat[min(start, h * w) : min(start + length, h * w)] = 1
     mask = flat.reshape(h, w)
     if border:
         mask[0, :] = mask[-1, :] = 1
         mask[:, 0] = mask[:, -1] = 1
     return mask
+
+
+def check_rle(rle, what: str = "mask RLE") -> list[int]:
+    """A mask RLE as a flat list of ints (start, length pairs, none negative), or a UserError.
+
+    Used when the mapping file is read, so that a malformed mask stops the run before any image is
+    written, and again by ``decode_rle``."""
+    if rle is None:
+        return []
+    if not isinstance(rle, (list, tuple)):
+        raise UserError(f"{what} is {type(rle).__name__}, not a list of start, length numbers.")
+    bad = next((v for v in rle if isinstance(v, bool) or not isinstance(v, (int, np.integer))), None)
+    if bad is not None:
+        raise UserError(f"{what} holds {validate._short(bad)}, not a whole number.")
+    if len(rle) % 2:
+        raise UserError(f"{what} has an odd number of values ({len(rle)}): expected start, length pairs.")
+    values = [int(v) for v in rle]
+    if any(v < 0 for v in values):
+        raise UserError(f"{what} holds a negative start or length.")
+    return values
 
 
 def encode_rle(mask: np.ndarray) -> list[int]:
@@ -106,22 +124,13 @@ def load_mapping(mapping_file: Path, images: Path, limit: int | None = None, edi
         raise UserError(f"mapping file '{mapping_file}' does not exist: pass PIE-Bench's mapping_file.json.")
     try:
         data = json.loads(mapping_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"mapping file '{mapping_file}' is not valid JSON: {e}") from e
+    except UnicodeDecodeError as e:
+        raise UserError(f"mapping file '{mapping_file}' is not UTF-8 text (byte {e.start}).") from e
+    except (json.JSONDecodeError, RecursionError, MemoryError) as e:
+        raise UserError(f"mapping file '{mapping_file}' is not valid JSON: {type(e).__name__}: {e}") from e
     if not isinstance(data, dict):
         raise UserError(f"mapping file '{mapping_file}' must be a JSON object keyed by image id.")
-    entries = []
-    for key in sorted(data):
-        e = data[key]
-        missing = [k for k in ("image_path", "original_prompt", "editing_prompt") if k not in e]
-        if missing:
-            raise UserError(f"mapping entry {key} lacks {', '.join(missing)}.")
-        blend = tuple(str(e.get("blended_word") or "").split()) or None
-        entries.append(PieEntry(
-            str(key), Path(images) / e["image_path"], strip_brackets(e["original_prompt"]),
-            strip_brackets(e["editing_prompt"]), e.get("editing_instruction", ""),
-            str(e.get("editing_type_id", "0")), blend, e.get("mask"),
-        ))
+    entries = [_entry(str(key), data[key], Path(images)) for key in sorted(data)]
     if editing_types:
         wanted = {str(t) for t in editing_types}
         entries = [e for e in entries if e.editing_type_id in wanted]
@@ -129,13 +138,42 @@ def load_mapping(mapping_file: Path, images: Path, limit: int | None = None, edi
         wanted = {str(i) for i in ids}
         entries = [e for e in entries if e.id in wanted]
     if limit is not None:
-        entries = entries[:limit]
+        entries = entries[:validate.number(limit, "--limit", minimum=1, integer=True)]
     missing = [e for e in entries if not e.image_path.is_file()]
     if missing:
         raise UserError(f"{len(missing)} image(s) of the mapping file are missing under --images "
                         f"(first: '{missing[0].image_path}'): pass the folder that holds PIE-Bench's "
                         f"annotation_images.")
     return entries
+
+
+def _entry(key: str, e, images: Path) -> PieEntry:
+    """One mapping entry, every field checked: the id and edit type become file and folder names, so
+    they must stay inside the output folder; the mask is checked before anything is written."""
+    where = f"mapping entry {validate._short(key)}"
+    validate.safe_component(key, f"{where}: the image id")
+    if not isinstance(e, dict):
+        raise UserError(f"{where} is {type(e).__name__}, not an object with image_path, prompts and mask.")
+    missing = [k for k in ("image_path", "original_prompt", "editing_prompt") if k not in e]
+    if missing:
+        raise UserError(f"{where} lacks {', '.join(missing)}.")
+    if not isinstance(e["image_path"], str) or not e["image_path"].strip():
+        raise UserError(f"{where}: image_path {validate._short(e['image_path'])} is not a file path.")
+    source = strip_brackets(validate.prompt(e["original_prompt"], f"{where}: original_prompt"))
+    target = strip_brackets(validate.prompt(e["editing_prompt"], f"{where}: editing_prompt"))
+    for text, name in ((source, "original_prompt"), (target, "editing_prompt")):
+        validate.prompt(text, f"{where}: {name} without its brackets")
+    type_id = e.get("editing_type_id", "0")
+    if isinstance(type_id, bool) or not isinstance(type_id, (str, int)):
+        raise UserError(f"{where}: editing_type_id {validate._short(type_id)} is not an id like \"1\".")
+    type_id = validate.safe_component(str(type_id), f"{where}: editing_type_id")
+    blend = e.get("blended_word") or ""
+    if not isinstance(blend, str):
+        raise UserError(f"{where}: blended_word {validate._short(blend)} is not text like \"cat dog\".")
+    instruction = e.get("editing_instruction", "")
+    check_rle(e.get("mask"), f"{where}: mask")
+    return PieEntry(key, images / e["image_path"], source, target, instruction if isinstance(instruction, str) else "",
+                    type_id, tuple(blend.split()) or None, e.get("mask"))
 
 
 def edit_spec(entry: PieEntry, args):
@@ -229,17 +267,17 @@ def _cell(value) -> str:
 
 # ----------------------------------------------------------------------------- runner
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import str2bool
+    from ..cli import ArgumentParser, count_at_least, str2bool
     from ..metrics import DEFAULT_CLIP, DEFAULT_DINO
 
-    p = argparse.ArgumentParser(prog="python -m stylediffusion.bench pie",
+    p = ArgumentParser(prog="python -m stylediffusion.bench pie",
                                 description="Run an inversion x edit method over PIE-Bench and score it.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--mapping_file", type=Path, required=True, help="PIE-Bench's mapping_file.json")
     g.add_argument("--images", type=Path, required=True, help="folder the entries' image_path are relative to")
     g.add_argument("--outdir", type=Path, required=True)
-    g.add_argument("--limit", type=int, default=None, help="only the first N ids (sorted)")
+    g.add_argument("--limit", type=count_at_least(1), default=None, help="only the first N ids (sorted)")
     g.add_argument("--editing_types", default=None, help="comma-separated editing_type_id values to keep")
     g.add_argument("--ids", default=None, help="comma-separated image ids to keep")
     g.add_argument("--mask_border", type=str2bool, default=True, metavar="True|False",
@@ -274,10 +312,13 @@ def run(args, log=print) -> dict:
     """Run (or resume) the benchmark; returns ``{"processed": n, "skipped": n, "rank": r, "world": w}``."""
     options.check_method(args)
     entries = load_mapping(args.mapping_file, args.images, args.limit, _split(args.editing_types), _split(args.ids))
+    for entry in entries:  # taus, guidance, re-weighting: the checks the CLI makes, before any model loads
+        edit_spec(entry, args).validate()
     shard = init_shard(args.device, args.timeout_hours)
     method = options.method_label(args)
     out = Path(args.outdir)
     results, parts = out / "results.csv", out / "parts"
+    started()  # files are written from here on: Ctrl-C keeps the finished rows
     done = resume(shard, results, parts, "results", RESULT_COLUMNS, _key)
     todo = [e for e in entries if (e.id, method) not in done]
     mine = shard.take(todo)
@@ -299,10 +340,10 @@ def run(args, log=print) -> dict:
 
 
 def _merge_reasons(path: Path, reasons: dict) -> None:
+    from ..files import atomic_write_text
+
     merged = {**_read_reasons(path), **reasons}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(merged, indent=2, sort_keys=True) + "\n")
 
 
 def _process(args, mine: list[PieEntry], method: str, shard, part: Path, log) -> dict:
@@ -322,6 +363,7 @@ def _process(args, mine: list[PieEntry], method: str, shard, part: Path, log) ->
     for n, entry in enumerate(mine):
         t0 = time.perf_counter()
         image, notes = load_image(entry.image_path, bundle.image_size)
+        mask = decode_rle(entry.mask_rle, PIE_SIZE, args.mask_border) if entry.mask_rle else None  # before any write
         if entry.blended_word and len(entry.blended_word) != 2:
             notes.append(f"blended_word {' '.join(entry.blended_word)!r} is not two words: no LocalBlend")
         row = {"id": entry.id, "editing_type_id": entry.editing_type_id, "method": method}
@@ -345,7 +387,6 @@ def _process(args, mine: list[PieEntry], method: str, shard, part: Path, log) ->
         edited = tensor_to_pil(pixels[0])
         save_atomic(edited, method_dir / entry.type_dir / f"{entry.id}.png")
         source = tensor_to_pil(image)
-        mask = decode_rle(entry.mask_rle, PIE_SIZE, args.mask_border) if entry.mask_rle else None
         if mask is None:
             notes.append("no mask: background metrics over the whole image")
         scores = M.evaluate_pair(source, edited, edit_mask=mask, target_prompt=spec.target, backbones=backbones,

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from ..files import atomic_write, atomic_write_text
 from .sharding import read_rows, write_csv_atomic
 
 METRICS = ("structure_distance", "psnr", "lpips", "mse", "ssim", "clip_whole", "clip_edited", "ns_lpips")
@@ -131,11 +132,8 @@ def boxplots(rows: Sequence[dict], path: Path) -> Path:
             ax.set_yticks([])
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
-    return path
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    return Path(path)
 
 
 def read_reasons(path: Path) -> dict:
@@ -156,10 +154,7 @@ def write_reports(outdir: Path, rows: Sequence[dict] | None = None, notes: Seque
                  for k, v in sorted(per.items())]
     summary = summarize(rows)
     write_csv_atomic(outdir / "summary.csv", summary, SUMMARY_COLUMNS)
-    md = outdir / "summary.md"
-    tmp = outdir / ".summary.md.tmp"
-    tmp.write_text(summary_markdown(summary, notes), encoding="utf-8")
-    tmp.replace(md)
+    md = atomic_write_text(outdir / "summary.md", summary_markdown(summary, notes))
     paths = [outdir / "summary.csv", md]
     if rows:
         paths.append(boxplots(rows, outdir / "metrics_boxplots.png"))

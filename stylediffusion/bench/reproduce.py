@@ -15,7 +15,7 @@ import argparse
 import time
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, started
 from . import options
 from .sharding import RowLog, init_shard, merge_parts, part_path, resume
 
@@ -25,7 +25,9 @@ MIN_CELL = 192  # grids of small models are upscaled to at least this many pixel
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m stylediffusion.bench reproduce",
+    from ..cli import ArgumentParser
+
+    p = ArgumentParser(prog="python -m stylediffusion.bench reproduce",
                                 description="Figure-style grids (input | reconstruction | edit) for rows of the "
                                             "data index, and a contact sheet of all of them.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -47,7 +49,7 @@ def index_items(idx, data_dir) -> list[tuple[int, int, object]]:
     from .. import data_index
 
     data_dir = Path(data_dir) if data_dir is not None else data_index.DEFAULT_DATA_DIR
-    cases = None if idx is None else [int(c) for c in str(idx).split(",") if c.strip()]
+    cases = None if idx is None else [_case(c) for c in str(idx).split(",") if c.strip()]
     rows = data_index.edit_rows(None, data_dir)
     if cases is not None:
         known = {r.case_number for r in rows}
@@ -62,6 +64,13 @@ def index_items(idx, data_dir) -> list[tuple[int, int, object]]:
         if cases is None or r.case_number in cases:
             items.append((r.case_number, k, r))
     return items
+
+
+def _case(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError as err:
+        raise UserError(f"--idx {text.strip()!r} is not a case number: pass numbers separated by commas.") from err
 
 
 def row_spec(row, args):
@@ -119,6 +128,7 @@ def run(args, log=print) -> dict:
     method = options.method_label(args)
     out = Path(args.outdir)
     manifest, parts = out / "reproduce.csv", out / "parts"
+    started()  # files are written from here on: Ctrl-C keeps the finished rows
     done = resume(shard, manifest, parts, "reproduce", COLUMNS, _key)
     todo = [it for it in items if (method, it[0], it[1]) not in done]
     cases = sorted({c for c, _, _ in todo})

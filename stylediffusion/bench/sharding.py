@@ -116,16 +116,17 @@ class RowLog:
 
 
 def write_csv_atomic(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as f:
-        f.write(_csv_line(columns))
-        for row in rows:
-            f.write(_csv_line(row.get(c, "") for c in columns))
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    from ..files import atomic_write
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8", newline="") as f:
+            f.write(_csv_line(columns))
+            for row in rows:
+                f.write(_csv_line(row.get(c, "") for c in columns))
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
 
 
 def part_path(parts_dir: Path, name: str, rank: int) -> Path:
