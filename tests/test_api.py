@@ -189,3 +189,27 @@ def test_pairs_and_models_are_checked_before_any_work(editor, small_inversion, t
         Inversion.load(bad)
     with pytest.raises(UserError, match="safetensors"):
         small_inversion.save(tmp_path / "inv.pt")
+
+
+def test_the_docs_example_method_is_one_class_and_one_line(editor):
+    """docs/methods.md's "Adding a method" example, registered as its one line says, edits through the API."""
+    from stylediffusion.methods import registry
+
+    text = (ROOT / "docs" / "methods.md").read_text()
+    code = re.search(r"## Adding a method.*?```python\n(.*?)```", text, re.S).group(1)
+    code = code.replace("from ..", "from stylediffusion.").replace("from .", "from stylediffusion.methods.")
+    namespace = {}
+    exec(compile(code, "docs/methods.md (Adding a method)", "exec"), namespace)
+    registry.register(namespace["MyInversion"]())
+    try:
+        assert "mymethod" in registry.get_edit("p2p", "mymethod").inversions
+        inv = editor.invert(SCENE, "a photo of a cat", method="mymethod", num_inference_steps=2, my_strength=0.25)
+        assert inv.metadata == {"my_strength": 0.25}
+        out = editor.edit(inv, "a photo of a dog")
+        ddim = editor.invert(SCENE, "a photo of a cat", method="ddim", num_inference_steps=2)
+        assert torch.equal(inv.z_T, ddim.z_T)
+        plain = editor.edit(ddim, "a photo of a dog")
+        assert not torch.allclose(out.latents[0], plain.latents[0])  # its hooks (half guidance) changed the edit
+    finally:  # the registry as it was
+        registry.INVERSIONS.pop("mymethod", None)
+        registry.OPTIONS.pop("my_strength", None)
