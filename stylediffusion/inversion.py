@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,19 +13,9 @@ from .errors import UserError
 from .image_io import image_sha256
 from .mapping import MappingConfig, MappingNetworks
 from .models import ModelBundle
+from .results import Inversion
 from .sampling import ddim_inversion
 from .training import TrainConfig, train_mapping_networks
-
-
-@dataclass
-class Inversion:
-    """What an edit needs: the learned M_i, z*_T, and the identity of what they were trained for."""
-
-    mappers: MappingNetworks
-    z_T: torch.Tensor
-    metadata: dict
-    z0: torch.Tensor | None = None  # the image's VAE latent
-    image_features: torch.Tensor | None = None  # E(x), computed once and handed to the edit
 
 
 def identity(bundle: ModelBundle, image: torch.Tensor, prompt: str, num_steps: int) -> dict:
@@ -98,12 +87,14 @@ def train_inversion(bundle: ModelBundle, image: torch.Tensor, prompt: str, num_s
                 inner_iterations=sum(r.iterations for r in reports),
                 final_losses=[float(f"{r.loss:.4g}") for r in reports])
     if checkpoint is None:
-        return Inversion(mappers.eval(), trajectory.z_T, meta, z0=z0, image_features=features)
+        return Inversion("stylediffusion", z0, trajectory.z_T, mappers=mappers.eval(), image_features=features,
+                         metadata=meta)
     save_checkpoint(checkpoint, _tensors(mappers, trajectory.z_T, None, num_steps), meta)
     if partial.exists():
         partial.unlink()
         partial.with_suffix(".json").unlink(missing_ok=True)
-    return Inversion(mappers.eval(), trajectory.z_T, meta, z0=z0, image_features=features)
+    return Inversion("stylediffusion", z0, trajectory.z_T, mappers=mappers.eval(), image_features=features,
+                     metadata=meta)
 
 
 def load_inversion(bundle: ModelBundle, checkpoint: Path, image: torch.Tensor, prompt: str, num_steps: int) -> Inversion:
@@ -119,5 +110,6 @@ def load_inversion(bundle: ModelBundle, checkpoint: Path, image: torch.Tensor, p
         z_T = tensors["z_T"]
     except (KeyError, TypeError, RuntimeError) as err:
         raise UserError(f"checkpoint '{checkpoint}' is damaged: its tensors do not match its metadata ({err}).") from err
-    return Inversion(mappers.to(bundle.device).eval(), z_T.to(bundle.device), meta,
-                     z0=encode_latent(bundle, image), image_features=clip_image_features(bundle, image))
+    return Inversion("stylediffusion", encode_latent(bundle, image), z_T.to(bundle.device),
+                     mappers=mappers.to(bundle.device).eval(), image_features=clip_image_features(bundle, image),
+                     metadata=meta)

@@ -39,8 +39,7 @@ def stylediffusion_inversion(ctx: MethodContext) -> Inversion:
     else:  # without a checkpoint path the trained networks live only in memory
         inv = train_inversion(b, ctx.image, ctx.source, ctx.num_steps, cfg, ctx.checkpoint, variant=variant,
                               progress=ctx.progress, log=logger.info)
-    return Inversion("stylediffusion", inv.z0, inv.z_T, mappers=inv.mappers, image_features=inv.image_features,
-                    metadata=inv.metadata)
+    return inv
 
 
 def ddim_inversion_method(ctx: MethodContext) -> Inversion:
