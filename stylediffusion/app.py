@@ -448,7 +448,8 @@ def build_ui(app: DemoApp, inversion_methods: list[str], edit_methods: list[str]
                 edit_status = gr.Markdown(elem_id="edit-status")
         examples = app.examples()
         if examples:
-            gr.Examples(examples, inputs=[image, prompt, targets, blend], label="examples (the data index)")
+            gr.Examples(examples, inputs=[image, prompt, targets, blend], label="examples (the data index)",
+                        elem_id="examples")
 
         step1 = [image, prompt, method, steps, inner]
         # One model: inversions and edits share one queue slot ("model"), so requests take turns.
