@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from .editing import TAU_C, TAU_S, TAU_U, TAU_V, EditSpec, build_controller, default_edit_type
-from .encoders import decode_latent
+from .encoders import check_prompt_length, decode_latent
 from .errors import UserError
 from .image_io import image_grid, load_image, prepare_image, tensor_to_pil
 from .methods import MethodContext, get_edit, get_inversion, run_method
@@ -179,6 +179,7 @@ class StyleDiffusionEditor:
             raise UserError("num_inference_steps and num_inner_steps must be whole numbers of at least 1.")
         if not isinstance(prompt, str) or not prompt.strip():
             raise UserError("invert needs the source prompt: a caption of the image, e.g. 'a photo of a cat'.")
+        check_prompt_length(self.bundle.tokenizer, prompt)
         pixels = None
         if image is not None or method != "generated":
             pixels = self._pixels(image)
@@ -197,11 +198,14 @@ class StyleDiffusionEditor:
         inv.options = {k: v for k, v in options.items() if not callable(v)}
         return inv
 
-    def edit(self, inversion: Inversion, target: str | list[str], tau_v: float = TAU_V, tau_c: float | dict = TAU_C,
+    def edit(self, inversion: Inversion, target: str | EditSpec | list, tau_v: float = TAU_V, tau_c: float | dict = TAU_C,
              tau_s: float = TAU_S, tau_u: float = TAU_U, blend_words=None, edit_type: str | None = None,
              eq_params: dict | None = None, method: str = "p2p", generator=None, guidance_scale: float = 7.5,
              progress: bool | None = None, **options) -> EditOutput:
         """Edit an inversion into one target prompt or several (one output image each).
+
+        A target may also be an ``editing.EditSpec`` (with its own τ, edit type, blend words...; its
+        source must be the inversion's prompt): the other edit arguments then do not apply to it.
 
         The τ are fractions of the T steps (defaults as on the command line: τ_v .5, τ_c .6, τ_s .6,
         τ_u 0; τ_u > 0 is P2Plus); ``tau_c`` may be a per-word dict ``{'default_': .6, 'wooden': .2}``.
@@ -216,16 +220,23 @@ class StyleDiffusionEditor:
             raise UserError(f"edit needs an Inversion (from editor.invert or Inversion.load), got "
                             f"{type(inversion).__name__}.")
         self._check_model(inversion)
-        targets = [target] if isinstance(target, str) else list(target) if isinstance(target, (list, tuple)) else None
-        if not targets or not all(isinstance(t, str) and t.strip() for t in targets):
+        single = isinstance(target, (str, EditSpec))
+        targets = [target] if single else list(target) if isinstance(target, (list, tuple)) else None
+        if not targets or not all(isinstance(t, EditSpec) or (isinstance(t, str) and t.strip()) for t in targets):
             raise UserError("edit needs a target prompt (the edited caption) or a non-empty list of them.")
         edit_method = get_edit(method, inversion.method)
         T = inversion.num_steps
         blend = _blend_words(blend_words)
-        specs = [EditSpec(inversion.source, t, edit_type or default_edit_type(inversion.source, t), tau_v=tau_v,
+        specs = [t if isinstance(t, EditSpec) else
+                 EditSpec(inversion.source, t, edit_type or default_edit_type(inversion.source, t), tau_v=tau_v,
                           tau_c=tau_c, tau_s=tau_s, tau_u=tau_u, blend_words=blend, eq_params=eq_params,
                           guidance_scale=float(guidance_scale)) for t in targets]
+        for spec in specs:
+            if spec.source != inversion.source:
+                raise UserError(f"the edit's source prompt {spec.source!r} is not the inverted image's "
+                                f"{inversion.source!r}.")
         for spec in specs:  # every word-level problem before any work
+            check_prompt_length(self.bundle.tokenizer, spec.target)
             build_controller(spec, self.bundle.tokenizer, T)
         if generator is not None and any(o.name == "sdedit_seed" for o in edit_method.options):
             options.setdefault("sdedit_seed", generator if isinstance(generator, int) else generator.initial_seed())

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from stylediffusion import EditOutput, Inversion, StyleDiffusionEditor, UserError
+from stylediffusion.editing import EditSpec
 from stylediffusion.models import tiny_components
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,6 +109,8 @@ def test_save_and_load_give_the_same_edit(editor, tmp_path, method, edit):
     assert loaded.method == method and loaded.source == "a photo of a cat" and loaded.num_steps == 3
     assert torch.equal(loaded.image, inv.image.cpu())
     first = editor.edit(inv, TARGETS, method=edit, generator=3)
+    spec = EditSpec(inv.source, TARGETS[1], "Replacement")  # a target given as a spec: its own settings
+    assert torch.equal(editor.edit(inv, spec, method=edit, generator=3).latents[0], first.latents[1])
     again = editor.edit(loaded, TARGETS, method=edit, generator=torch.Generator().manual_seed(3))
     assert len(first.images) == 2
     for a, b in zip(first.latents, again.latents):
@@ -157,6 +160,8 @@ def small_inversion(tiny):
     (lambda e, inv: e.invert(42, "a cat"), "PIL image, a file path or an array"),
     (lambda e, inv: e.invert(np.full((8, 8, 3), 2.0), "a cat"), "[0, 1]"),
     (lambda e, inv: e.invert(SCENE, ""), "source prompt"),
+    (lambda e, inv: e.invert(SCENE, "a cat " * 60), "tokens long"),
+    (lambda e, inv: e.edit(inv, EditSpec("a photo of a dog", "a photo of a cat")), "not the inverted image's"),
     (lambda e, inv: e.invert(SCENE, "a cat", method="magic"), "unknown --inversion 'magic'"),
     (lambda e, inv: e.invert(SCENE, "a cat", num_inference_steps=0), "at least 1"),
     (lambda e, inv: e.edit(inv, "a photo of a dog", tau_v=2), "tau_v = 2 is outside [0, 1]"),
