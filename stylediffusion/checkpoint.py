@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
 from pathlib import Path
 
 import torch
@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import UserError
+from .files import atomic_write
 
 FORMAT = "stylediffusion-inversion"
 FORMAT_VERSION = 1
@@ -29,23 +30,29 @@ IDENTITY_KEYS = {
 
 
 def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    # a full disk or read-only folder is a one-line UserError; the temporary is removed and the
+    # previous file (e.g. the last good partial inversion) stays
+    atomic_write(path, lambda tmp: write(str(tmp)))
+
+
+def _save_safetensors(tensors: dict, path: str, metadata: dict) -> None:
+    """safetensors' ``save_file``; its I/O failures (reported as its own error type, naming the OS error)
+    become the ``OSError`` they are, so that a full disk is answered like any other file-system fault."""
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        save_file(tensors, path, metadata=metadata)
+    except Exception as err:  # noqa: BLE001 - only I/O errors are translated, the rest is re-raised
+        found = re.search(r"os error (\d+)", str(err))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from err
 
 
 def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict) -> Path:
     path = Path(path)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **metadata}
     blob = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(blob, tmp, metadata={"stylediffusion": json.dumps(meta)}))
+    _atomic_write(path, lambda tmp: _save_safetensors(blob, tmp, {"stylediffusion": json.dumps(meta)}))
     text = json.dumps(meta, indent=2, sort_keys=True)
     _atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text + "\n"))
     return path
@@ -66,9 +73,61 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
         raise UserError(f"checkpoint '{path}' is corrupt or truncated ({type(err).__name__}: {err}); "
                         f"delete it and train again with --is_train True.") from err
+    if not isinstance(meta, dict):
+        raise UserError(f"checkpoint '{path}' has metadata of the wrong shape ({type(meta).__name__}, not an "
+                        f"object): it was not written by this toolkit.")
     if meta.get("format") != FORMAT:
         raise UserError(f"checkpoint '{path}' is a {meta.get('format')!r} file, not a {FORMAT}.")
+    for key, tensor in tensors.items():  # NaN/inf weights would give a blank edit with exit 0
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"checkpoint '{path}' is damaged: tensor '{key}' holds NaN or infinite values; "
+                            f"delete it and train again.")
     return tensors, meta
+
+
+# The metadata an inversion checkpoint must carry, with the type of each value.
+_INVERSION_FIELDS = {"image_sha256": str, "prompt": str, "model_id": str, "num_ddim_steps": int,
+                     "trained_steps": int, "variant": str, "mapping_config": dict, "train_config": dict}
+_MAPPING_INT_FIELDS = ("image_tokens", "image_width", "text_tokens", "text_width", "hidden_layers")
+
+
+def validate_inversion(tensors: dict[str, torch.Tensor], meta: dict, path: str | Path, num_steps: int,
+                       latent_shape: tuple[int, ...], partial: bool = False) -> None:
+    """Refuse a StyleDiffusion checkpoint whose content does not fit this run: metadata of the wrong
+    type, an unknown variant, a step count out of range, or a ``z_T`` (and a partial's ``pivot``)
+    whose shape or dtype is not the model's latent."""
+    from .mapping import VARIANTS
+
+    def bad(what: str) -> UserError:
+        return UserError(f"checkpoint '{path}' is damaged or foreign: {what}; delete it and train again.")
+
+    for key, kind in _INVERSION_FIELDS.items():
+        value = meta.get(key)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise bad(f"metadata '{key}' is {value!r}, not {'a number' if kind is int else 'an object' if kind is dict else 'text'}")
+    if meta["variant"] not in VARIANTS:
+        raise bad(f"unknown variant {meta['variant']!r} (known: {', '.join(VARIANTS)})")
+    mapping = meta["mapping_config"]
+    for key in _MAPPING_INT_FIELDS:
+        value = mapping.get(key, 1 if key == "hidden_layers" else None)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "hidden_layers" else 1):
+            raise bad(f"mapping_config '{key}' is {value!r}, not a positive whole number")
+    if mapping.get("variant", "modulate") not in VARIANTS:
+        raise bad(f"mapping_config variant {mapping.get('variant')!r} is unknown")
+    unknown = set(mapping) - set(_MAPPING_INT_FIELDS) - {"variant"}
+    if unknown:
+        raise bad(f"mapping_config has unknown keys {sorted(unknown)}")
+    steps = meta["trained_steps"]
+    if not 1 <= steps <= num_steps or (partial and steps == num_steps):
+        raise bad(f"trained_steps is {steps} for T = {num_steps}")
+    for key in ("z_T", "pivot") if partial else ("z_T",):
+        tensor = tensors.get(key)
+        if tensor is None:
+            raise bad(f"it has no '{key}' tensor")
+        if tuple(tensor.shape) != tuple(latent_shape) or tensor.dtype != torch.float32:
+            raise bad(f"'{key}' is {tensor.dtype} {tuple(tensor.shape)}, while this model's latent is torch.float32 "
+                      f"{tuple(latent_shape)}")
+
 
 
 def check_identity(meta: dict, expected: dict, path: str | Path) -> None:

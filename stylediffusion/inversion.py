@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import check_identity, read_checkpoint, save_checkpoint
+from .checkpoint import check_identity, read_checkpoint, save_checkpoint, validate_inversion
 from .ddim import DDIMSchedule
 from .encoders import clip_image_features, encode_latent, encode_prompts
 from .errors import UserError
@@ -59,17 +59,22 @@ def train_inversion(bundle: ModelBundle, image: torch.Tensor, prompt: str, num_s
     partial = None if checkpoint is None else checkpoint.with_name(checkpoint.stem + ".partial.safetensors")
     start, pivot = 0, None
     if resume and partial is not None and partial.is_file():
-        tensors, meta = read_checkpoint(partial)
-        same = all(meta.get(k) == v for k, v in ident.items()) and meta.get("train_config") == cfg.to_dict() \
-            and meta.get("mapping_config") == mappers.cfg.to_dict()
-        if same:
-            start = int(meta["trained_steps"])
-            mappers.load_state_dict({k[len("mappers."):]: v for k, v in tensors.items() if k.startswith("mappers.")},
-                                    strict=False)
-            pivot = tensors["pivot"]
-            log(f"resuming training from {partial} at DDIM step {start}/{num_steps}")
-        else:
-            log(f"ignoring {partial}: it was made for another image, prompt, model or setting")
+        try:
+            tensors, meta = read_checkpoint(partial)
+            same = all(meta.get(k) == v for k, v in ident.items()) and meta.get("train_config") == cfg.to_dict() \
+                and meta.get("mapping_config") == mappers.cfg.to_dict()
+            if same:
+                validate_inversion(tensors, meta, partial, num_steps, latent_shape(bundle), partial=True)
+                start = meta["trained_steps"]
+                _load_trained_mappers(mappers, tensors, start, partial)
+                pivot = tensors["pivot"]
+                log(f"resuming training from {partial} at DDIM step {start}/{num_steps}")
+            else:
+                log(f"ignoring {partial}: it was made for another image, prompt, model or setting")
+        except UserError as err:  # a damaged partial must not block training: it is overwritten as we go
+            start, pivot = 0, None
+            mappers = MappingNetworks(mappers.cfg, num_steps)
+            log(f"note: ignoring {partial} and training from the first step: {err}")
 
     t0 = time.perf_counter()
     trajectory = ddim_inversion(bundle, schedule, z0, cond, record_maps=cfg.attention_loss, progress=progress)
@@ -97,19 +102,37 @@ def train_inversion(bundle: ModelBundle, image: torch.Tensor, prompt: str, num_s
                      metadata=meta)
 
 
+def latent_shape(bundle: ModelBundle) -> tuple[int, int, int, int]:
+    """(1, C, h, w) of this model's latent for one image: what z_T must be."""
+    side = int(bundle.unet.config.sample_size)
+    return (1, int(bundle.unet.config.in_channels), side, side)
+
+
+def _load_trained_mappers(mappers: MappingNetworks, tensors: dict, trained: int, path: Path) -> None:
+    """Load M_0..M_{trained-1} from a (partial) checkpoint; any missing or misshapen tensor is a UserError."""
+    stored = {k[len("mappers."):]: v for k, v in tensors.items() if k.startswith("mappers.")}
+    wanted = [k for k in mappers.state_dict() if int(k.split(".")[1]) < trained]
+    missing = [k for k in wanted if k not in stored]
+    if missing:
+        raise UserError(f"checkpoint '{path}' is damaged: it lacks the tensor 'mappers.{missing[0]}'.")
+    try:
+        mappers.load_state_dict({k: stored[k] for k in wanted}, strict=False)
+    except RuntimeError as err:
+        raise UserError(f"checkpoint '{path}' is damaged: its tensors do not match its metadata "
+                        f"({' '.join(str(err).split())[:300]}).") from err
+
+
 def load_inversion(bundle: ModelBundle, checkpoint: Path, image: torch.Tensor, prompt: str, num_steps: int) -> Inversion:
     """Load a finished inversion, refusing one made for another image, prompt, model or T."""
     tensors, meta = read_checkpoint(checkpoint)
     check_identity(meta, identity(bundle, image, prompt, num_steps), checkpoint)
-    if int(meta.get("trained_steps", -1)) != num_steps:
+    validate_inversion(tensors, meta, checkpoint, num_steps, latent_shape(bundle))
+    if meta["trained_steps"] != num_steps:
         raise UserError(f"checkpoint '{checkpoint}' is incomplete ({meta.get('trained_steps')}/{num_steps} steps); "
                         f"finish it with --is_train True.")
-    try:
-        mappers = MappingNetworks(MappingConfig(**meta["mapping_config"]), num_steps)
-        mappers.load_state_dict({k[len("mappers."):]: v for k, v in tensors.items() if k.startswith("mappers.")})
-        z_T = tensors["z_T"]
-    except (KeyError, TypeError, RuntimeError) as err:
-        raise UserError(f"checkpoint '{checkpoint}' is damaged: its tensors do not match its metadata ({err}).") from err
+    mappers = MappingNetworks(MappingConfig(**meta["mapping_config"]), num_steps)
+    _load_trained_mappers(mappers, tensors, num_steps, checkpoint)
+    z_T = tensors["z_T"]
     return Inversion("stylediffusion", encode_latent(bundle, image), z_T.to(bundle.device),
                      mappers=mappers.to(bundle.device).eval(), image_features=clip_image_features(bundle, image),
                      metadata=meta)

@@ -60,7 +60,7 @@ def decode_rle(rle, shape: tuple[int, int] = PIE_SIZE, border: bool = True) -> n
     Keep it on to compare with published numbers.
     """
     h, w = shape
-    values = check_rle(rle)
+    values = check_rle(rle, shape=shape)
     flat = np.zeros(h * w, dtype=np.uint8)
     for k in range(0, len(values), 2):  # Python ints: a huge start or length cannot overflow
         start, length = values[k], values[k + 1]
@@ -72,8 +72,9 @@ def decode_rle(rle, shape: tuple[int, int] = PIE_SIZE, border: bool = True) -> n
     return mask
 
 
-def check_rle(rle, what: str = "mask RLE") -> list[int]:
-    """A mask RLE as a flat list of ints (start, length pairs, none negative), or a UserError.
+def check_rle(rle, what: str = "mask RLE", shape: tuple[int, int] = PIE_SIZE) -> list[int]:
+    """A mask RLE as a flat list of ints (start, length pairs), or a UserError: no negative value, no
+    start or length beyond the image's pixel count (a run that merely ends past the image is clipped).
 
     Used when the mapping file is read, so that a malformed mask stops the run before any image is
     written, and again by ``decode_rle``."""
@@ -89,6 +90,9 @@ def check_rle(rle, what: str = "mask RLE") -> list[int]:
     values = [int(v) for v in rle]
     if any(v < 0 for v in values):
         raise UserError(f"{what} holds a negative start or length.")
+    pixels = shape[0] * shape[1]
+    if any(v > pixels for v in values):
+        raise UserError(f"{what} holds {max(values)}, more than the {pixels} pixels of a {shape[0]}x{shape[1]} mask.")
     return values
 
 
