@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from ptp_utils import BatchLayout
 
 from ..ddim import guided
-from ..editing import EditSpec, num_steps_for
+from ..editing import EditSpec, value_steps_for
 from ..encoders import encode_prompts
 from ..errors import UserError
 from ..sampling import predict
@@ -36,7 +36,7 @@ def sdedit(ctx: MethodContext, inv: Inversion, spec: EditSpec, strength: float =
     cond = encode_prompts(b, [spec.source, spec.target])
     uncond = encode_prompts(b, [""]).expand(2, -1, -1)
     text = torch.cat([uncond, cond])
-    value_steps = num_steps_for(spec.tau_v, T)
+    value_steps = value_steps_for(spec.tau_v, T)
     mappers, embedding = inv.mappers, learned_embedding(inv)
     if mappers is not None:
         mappers.to(b.device).eval()
