@@ -161,7 +161,7 @@ class EditResult:
 
     def summary(self) -> str:
         n = len(self.edits)
-        return f"{n} edit{'s' if n > 1 else ''} in {self.seconds:.1f} s."
+        return f"{n} edit{'s' if n > 1 else ''} in {self.seconds:.1f} s" + (f" ({self.seconds / n:.1f} s each)." if n > 1 else ".")
 
 
 @dataclass
@@ -396,7 +396,7 @@ def build_ui(app: DemoApp, inversion_methods: list[str], edit_methods: list[str]
         return (hit.upload, hit.prompt, hit.method, hit.num_inference_steps, hit.num_inner_steps,
                 for_display(hit.reconstruction), hit.summary())
 
-    with gr.Blocks(title="StyleDiffusion: invert once, edit many") as page:
+    with gr.Blocks(title="StyleDiffusion: invert once, edit many", analytics_enabled=False) as page:
         last_key = gr.BrowserState(None, storage_key="stylediffusion-demo-inversion")
         gr.Markdown(f"## StyleDiffusion: invert once, edit many\nModel `{app.model_label}`. **Step 1** trains the "
                     "inversion of an image (slow, once per image and settings; cached on disk). **Step 2** edits "
