@@ -308,12 +308,11 @@ def run(args, log=print) -> list[Path]:
     import torch
 
     from .editing import build_controller
-    from .encoders import decode_latent
     from .image_io import load_image
-    from .methods import MethodContext, get_edit, get_inversion, run_method
+    from .api import StyleDiffusionEditor
+    from .methods import get_edit, get_inversion
     from .methods.registry import check_method_options
     from .models import load_models, resolve_dtype, tune_backends
-    from .training import TrainConfig
 
     # Everything the flags, the index and the files say is checked here, before any model loads and
     # before anything is written or deleted.
@@ -341,12 +340,16 @@ def run(args, log=print) -> list[Path]:
     for job in jobs:  # word-level problems (unknown blend word, unequal word counts...) before any training
         for spec in job.edits:
             build_controller(spec, bundle.tokenizer, T)
-    cfg = TrainConfig(num_inner_steps=args.num_inner_steps, guidance_scale=args.guidance_scale, lr=args.lr,
-                      attention_loss=args.attention_loss, early_stop=args.early_stop)
+    editor = StyleDiffusionEditor(bundle, progress=args.progress)
+    # each method gets the options it declares (--variant reaches StyleDiffusion only)
+    inversion_names = {o.name for o in inversion_method.options}
+    edit_names = set() if args.is_train else {o.name for o in get_edit(args.edit, args.inversion).options}
+    inversion_options = {k: v for k, v in options.items() if k in inversion_names}
+    edit_options = {k: v for k, v in options.items() if k in edit_names}
     started()  # from here on files are written: Ctrl-C keeps what is finished (see errors.exit_code)
     written: list[Path] = []
     for job in jobs:
-        image, notes = (None, []) if job.image_path is None else load_image(job.image_path, bundle.image_size)
+        notes = [] if job.image_path is None else load_image(job.image_path, bundle.image_size)[1]
         for note in notes:
             log(f"note: {note}")
         ckpt = checkpoint_path(args, job, bundle.model_id, options)
@@ -360,55 +363,49 @@ def run(args, log=print) -> list[Path]:
         if not ckpt.is_file() and args.inversion == "stylediffusion":
             log(f"no trained inversion at {ckpt}: training it first (T={T}, K={args.num_inner_steps})"
                 if not args.is_train else f"training the inversion (T={T}, K={args.num_inner_steps}) -> {ckpt}")
-        ctx = MethodContext(bundle, image, job.prompt, T, cfg, ckpt, progress=args.progress, options=options)
-        torch.manual_seed(args.seed)
         t0 = time.perf_counter()
-        inverted = inversion_method.invert(ctx)
+        inverted = editor.invert(job.image_path, job.prompt, method=args.inversion, num_inference_steps=T,
+                                 num_inner_steps=args.num_inner_steps, guidance_scale=args.guidance_scale,
+                                 checkpoint=ckpt, seed=args.seed, lr=args.lr, attention_loss=args.attention_loss,
+                                 early_stop=args.early_stop, **inversion_options)
         log(f"{args.inversion} inversion ready in {time.perf_counter() - t0:.1f}s"
             + (f" ({ckpt})" if ckpt.is_file() else ""))
         if ckpt.is_file():
             written.append(ckpt)
         for k, spec in enumerate(job.edits):
-            out = run_method(ctx, spec, args.inversion, args.edit, inverted=inverted)
-            pixels = decode_latent(bundle, out.latents)
-            if image is None:  # a generation: its "input" is the source prompt's own sample
-                image = decode_latent(bundle, inverted.z0)
+            out = editor.edit(inverted, spec, method=args.edit, **edit_options)
             outdir = args.outdir if len(job.edits) == 1 else args.outdir / f"{job.name}_edit{k}"
-            written += save_edit_outputs(outdir, image, pixels, out, spec, bundle, T, out.seconds["edit"],
-                                         args.inversion, args.edit)
+            written += save_edit_outputs(outdir, out, bundle, T, args.inversion, args.edit)
             log(f"edit '{spec.source}' -> '{spec.target}' ({args.inversion} + {args.edit}, {spec.edit_type}) "
-                f"in {out.seconds['edit']:.1f}s -> {outdir}")
+                f"in {out.seconds:.1f}s -> {outdir}")
     return written
 
 
-def save_edit_outputs(outdir: Path, image, pixels, result, spec, bundle, T: int, seconds: float,
-                      inversion: str = "stylediffusion", edit: str = "p2p") -> list[Path]:
+def save_edit_outputs(outdir: Path, out, bundle, T: int, inversion: str = "stylediffusion",
+                      edit: str = "p2p") -> list[Path]:
+    """The files of one edit (an ``api.EditOutput`` of one target): edited.png, reconstruction.png, grid.png,
+    attention_maps.png (edits that record the maps) and edit.json."""
     from .files import atomic_write_text
-    from .image_io import image_grid, save_atomic, tensor_to_pil
-    from .visualize import save_attention_figure
+    from .image_io import image_grid, save_atomic
 
-    source_img, recon, edited = tensor_to_pil(image), tensor_to_pil(pixels[0]), tensor_to_pil(pixels[1])
+    spec, recon, edited = out.specs[0], out.reconstruction, out.images[0]
     tag = " (untrained model)" if bundle.untrained else ""
     files = {
         "edited.png": edited,
         "reconstruction.png": recon,
-        "grid.png": image_grid([source_img, recon, edited], ["input", "reconstruction" + tag, "edit"]),
+        "grid.png": image_grid([out.input_image, recon, edited], ["input", "reconstruction" + tag, "edit"]),
     }
+    if out.attention_maps is not None:
+        files["attention_maps.png"] = out.attention_maps
     paths = []
     for name, img in files.items():
         save_atomic(img, outdir / name)
         paths.append(outdir / name)
-    maps = result.attention_maps
-    if maps is not None:
-        h, w = result.latents.shape[-2:]
-        save_attention_figure(maps[0], spec.source, bundle.tokenizer, (h // 4, w // 4), source_img,
-                              outdir / "attention_maps.png")
-        paths.append(outdir / "attention_maps.png")
     report = {"inversion": inversion, "edit": edit, "source": spec.source, "target": spec.target, "edit_type": spec.edit_type, "tau_v": spec.tau_v,
               "tau_c": spec.tau_c, "tau_s": spec.tau_s, "tau_u": spec.tau_u, "blend_words": spec.blend_words,
               "eq_params": spec.eq_params, "guidance_scale": spec.guidance_scale, "num_ddim_steps": T,
               "model": bundle.model_id, "untrained_model": bundle.untrained,
-              "dtype": str(bundle.dtype).removeprefix("torch."), "edit_seconds": round(seconds, 3)}
+              "dtype": str(bundle.dtype).removeprefix("torch."), "edit_seconds": round(out.seconds, 3)}
     atomic_write_text(outdir / "edit.json", json.dumps(report, indent=2) + "\n")
     return paths + [outdir / "edit.json"]
 

@@ -25,15 +25,13 @@ def word_attention_maps(maps: torch.Tensor, prompt: str, tokenizer, grid_hw: tup
 def attention_figure(maps: torch.Tensor, prompt: str, tokenizer, grid_hw: tuple[int, int],
                      image: Image.Image) -> Image.Image:
     """One panel per word: the image with that word's cross-attention overlaid, titled by the word."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     per_word = word_attention_maps(maps, prompt, tokenizer, grid_hw)
-    fig, axes = plt.subplots(1, len(per_word), figsize=(2.2 * len(per_word), 2.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(per_word), figsize=(2.2 * len(per_word), 2.5), squeeze=False, dpi=100)
     size = image.size[::-1]
     for ax, (word, m) in zip(axes[0], per_word):
         up = F.interpolate(torch.from_numpy(m)[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
@@ -43,12 +41,9 @@ def attention_figure(maps: torch.Tensor, prompt: str, tokenizer, grid_hw: tuple[
         ax.axis("off")
     fig.suptitle("source prompt cross-attention (mid-low layers, averaged over steps)", fontsize=9)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    fig.canvas.draw()  # rendered in memory: the caller decides whether and where it is written
+    figure = Image.fromarray(np.asarray(fig.canvas.buffer_rgba()).copy())
     plt.close(fig)
-    buffer.seek(0)
-    figure = Image.open(buffer)
-    figure.load()
     return figure
 
 
