@@ -97,6 +97,7 @@ def world(tmp_path_factory, tiny):
     """Files every case may use (never changed by a case), and one trained tiny-model checkpoint."""
     root = tmp_path_factory.mktemp("bad_input")
     WORLD.root = root
+    WORLD.tiny = tiny
     rng = np.random.default_rng(0)
     WORLD.photo = root / "photo.png"
     Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)).save(WORLD.photo)
@@ -343,12 +344,26 @@ CASES = [
     ("reproduce_steps_zero", "runner", "bench", lambda d: reproduce_args(d, "--num_ddim_steps", "0")),
     ("bench_unknown_command", "runner", "bench", lambda d: ["piee", "--outdir", str(d / "out")]),
     ("bench_report_no_results", "runner", "bench", lambda d: ["report", str(d)]),
+    # --- the Python API raises the same UserError
+    ("api_blank_prompt", "api", "python", lambda d: api_editor().invert(WORLD.photo, "   ", method="ddim")),
+    ("api_bomb_image", "api", "python", lambda d: api_editor().invert(WORLD.bomb, SOURCE, method="ddim")),
+    ("api_option_typo", "api", "python",
+     lambda d: api_editor().invert(WORLD.photo, SOURCE, method="ddim", num_inference_steps=2, ddim_bogus=1)),
+    ("api_load_nan_inversion", "api", "python",
+     lambda d: __import__("stylediffusion").Inversion.load(
+         damaged_checkpoint(d, tensors=lambda t: t.update(z_T=t["z_T"] * float("nan"))))),
     # --- file-system faults found before any work
     ("outdir_is_file", "disk", "cli", lambda d: direct(d, "--outdir", str(WORLD.photo))),
     ("outdir_under_file", "disk", "cli", lambda d: direct(d, "--outdir", str(WORLD.photo / "sub"))),
     ("checkpoint_is_folder", "disk", "cli", lambda d: direct(d, "--checkpoint", str(WORLD.root / "data"))),
     ("checkpoint_dir_is_file", "disk", "cli", lambda d: direct(d, "--checkpoint_dir", str(WORLD.victim))),
 ]
+
+
+def api_editor():
+    from stylediffusion import StyleDiffusionEditor
+
+    return StyleDiffusionEditor(WORLD.tiny, progress=False)
 
 
 def listing(root: Path, skip: list[Path]) -> dict:
@@ -406,7 +421,7 @@ def test_case_table_covers_every_class():
     print("bad-input cases per class:", counts, "total", len(CASES))
     assert len(CASES) >= 60 and len({c[0] for c in CASES}) == len(CASES)
     assert set(counts) >= {"escape", "pickle", "checkpoint", "prompt", "literal", "number", "option", "image",
-                           "index", "pie", "runner", "disk"}
+                           "index", "pie", "runner", "api", "disk"}
 
 
 # ----------------------------------------------------------------------------- faults while writing
@@ -444,8 +459,11 @@ def test_disk_full_while_saving_checkpoint_keeps_last_partial(world, tiny, tmp_p
 
 def test_disk_full_while_saving_image(world, tiny, tmp_path, capsys, monkeypatch):
     patch_tiny(monkeypatch, tiny)
+    real_save = Image.Image.save
 
     def save(self, fp, *args, **kwargs):
+        if not isinstance(fp, (str, os.PathLike)):  # in-memory buffers are not the disk
+            return real_save(self, fp, *args, **kwargs)
         Path(fp).write_bytes(b"\x89PNG half")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(fp))
     monkeypatch.setattr(Image.Image, "save", save)
@@ -547,13 +565,12 @@ def _spawn(args, cwd):
 
 def test_subprocess_one_line_and_ctrl_c_during_start_up(world, tmp_path):
     """Real processes, run side by side: stderr holds the error line and nothing else (no library
-    progress bar or warning); Ctrl-C while the libraries load is one line and exit 130."""
+    progress bar or warning, also once the model has loaded); Ctrl-C while the libraries load is one
+    line and exit 130. (Three processes: each pays torch's import time.)"""
     before = listing(world.root, [])
     cases = {
-        "tau": ["-m", "stylediffusion", *direct(tmp_path / "a", "--tau_c", "{'default_': 0.6,")],
-        "checkpoint_folder": ["edit_w_ptp_v_clip.py", *direct(tmp_path / "b", "--checkpoint", str(tmp_path))],
-        "model_loaded": ["-m", "stylediffusion", *direct(tmp_path / "c", "--num_ddim_steps", "5000")],
-        "bench": ["-m", "stylediffusion.bench", *pie_args(tmp_path, None, "--limit", "-1")],
+        "model_loaded": ["edit_w_ptp_v_clip.py", *direct(tmp_path / "c", "--num_ddim_steps", "5000")],
+        "bench": ["-m", "stylediffusion.bench", *pie_args(tmp_path, mapping_file(tmp_path, entry(mask=[0, 1, 2])))],
         "interrupted": ["-m", "stylediffusion", *direct(tmp_path / "d")],
     }
     procs = {name: _spawn(args, ROOT if args[0].endswith(".py") else tmp_path) for name, args in cases.items()}
@@ -569,7 +586,7 @@ def test_subprocess_one_line_and_ctrl_c_during_start_up(world, tmp_path):
     for name, p in procs.items():
         out, err = p.communicate(timeout=300)
         results[name] = (p.returncode, out, err)
-    for name in ("tau", "checkpoint_folder", "model_loaded", "bench"):
+    for name in ("model_loaded", "bench"):
         code, _, err = results[name]
         assert code == 2, (name, err[-2000:])
         assert_one_error_line(err)
