@@ -119,9 +119,9 @@ def parse_reweight(text: str | None) -> dict | None:
 
 
 def _write_json_atomic(path: Path, record: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
+    from .files import atomic_write_text
+
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 def _save_png_atomic(image: Image.Image, path: Path) -> None:

@@ -3,8 +3,9 @@
 It serves the demo as ``python -m stylediffusion.app`` does (``app.serve``) on a free local port
 (test-bed model, CPU, an empty cache), uploads a test-bed scene, inverts it with a small T/K, asks for
 an edit without a target (the page must show the one-line message, not a traceback), edits it to two
-targets, checks that the edits appear, that a reload restores the finished inversion, that a second tab
-finds it cached, and that the page fetched nothing from outside the machine. The screenshot goes to the test's temporary folder; with
+targets, checks that the edits appear, that a reload restores the finished inversion, that a second
+session finds it cached, that two sessions editing at once each get their own result, and that the page
+fetched nothing from outside the machine. The screenshot goes to the test's temporary folder; with
 ``STYLEDIFFUSION_UPDATE_SCREENSHOT=1`` the test inverts at T=30, K=100 instead (slower) and its
 screenshot replaces ``docs/demo.png``.
 
@@ -103,11 +104,16 @@ def test_invert_then_edit_in_a_real_browser(server, tmp_path):
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=_chromium(), headless=True, args=CHROMIUM_FLAGS)
         try:
-            context = browser.new_context(viewport={"width": 1280, "height": 1000})
-            context.route("**/*", local_only)
-            page = context.new_page()
-            page.set_default_timeout(60_000)
-            page.goto(server)
+            def session():
+                """A browser session of its own (own cookies and localStorage), fenced to the local server."""
+                context = browser.new_context(viewport={"width": 1280, "height": 1000})
+                context.route("**/*", local_only)
+                tab = context.new_page()
+                tab.set_default_timeout(60_000)
+                tab.goto(server)
+                return tab
+
+            page = session()
             expect(page.locator("#invert")).to_be_visible()
             phase("page loaded")
 
@@ -150,10 +156,8 @@ def test_invert_then_edit_in_a_real_browser(server, tmp_path):
             expect(page.locator("#reconstruction img")).to_be_visible()
             phase("reloaded")
 
-            # A second tab picking the same scene from the examples finds its inversion in the cache.
-            other = context.new_page()
-            other.set_default_timeout(60_000)
-            other.goto(server)
+            # A second session picking the same scene from the examples finds its inversion in the cache.
+            other = session()
             other.locator("#examples").get_by_text(PROMPT).first.click()  # the same scene, from the index
             expect(other.locator("#input-image img")).to_be_visible()
             expect(other.locator("#prompt textarea")).to_have_value(PROMPT)
@@ -162,7 +166,19 @@ def test_invert_then_edit_in_a_real_browser(server, tmp_path):
             other.locator("#inner-steps input").fill(str(K))
             other.locator("#invert").click()
             expect(other.locator("#invert-status")).to_contain_text("from the cache")
-            phase("second tab")
+            phase("second session")
+
+            # Both sessions edit at once, each to its own target: each gets its own result.
+            for tab, target, blend in ((page, TARGETS[0], "triangle triangle"), (other, TARGETS[1], "triangle circle")):
+                tab.locator("#targets textarea").fill(target)
+                tab.locator("#blend textarea").fill(blend)
+            page.locator("#edit").click()
+            other.locator("#edit").click()
+            for tab, target in ((page, TARGETS[0]), (other, TARGETS[1])):
+                expect(tab.locator("#edit-status")).to_contain_text("1 edit in")
+                expect(tab.locator("#edits img")).to_have_count(1)
+                expect(tab.locator("#edits")).to_contain_text(target)
+            phase("two sessions edited at once")
         finally:
             browser.close()
             print("browser test phases:", ", ".join(phases))
