@@ -19,14 +19,20 @@ from .files import atomic_write
 
 FORMAT = "stylediffusion-inversion"
 FORMAT_VERSION = 1
-# Keys that must match between a checkpoint and the run that wants to use it.
+# Keys that must match between a checkpoint and the run that wants to use it (see identity.py for
+# what the model fingerprint covers). The model's name (model_id) is recorded, not compared: the same
+# files loaded from another folder or by hub id are the same model.
 IDENTITY_KEYS = {
+    "model_identity_version": "model identity scheme",
     "image_sha256": "image",
     "prompt": "source prompt",
-    "model_id": "model",
-    "model_fingerprint": "model configuration",
+    "model_fingerprint": "model (configuration, noise schedule or weights)",
     "num_ddim_steps": "number of DDIM steps (T)",
+    "variant": "mapping-network variant (--variant)",
+    "train_config": "training settings",
+    "settings": "method settings",
 }
+MODEL_IDENTITY_VERSION = 2
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -129,12 +135,38 @@ def validate_inversion(tensors: dict[str, torch.Tensor], meta: dict, path: str |
                       f"{tuple(latent_shape)}")
 
 
+def _difference(stored, wanted, prefix: str = "") -> str:
+    """The first place where two JSON-like records differ, as 'key: stored vs wanted'."""
+    if isinstance(stored, dict) and isinstance(wanted, dict):
+        for key in sorted(set(stored) | set(wanted)):
+            if stored.get(key) != wanted.get(key):
+                return _difference(stored.get(key), wanted.get(key), f"{prefix}{key}.")
+    return f"{prefix.rstrip('.')}: {stored!r} vs {wanted!r}"
+
+
+def identity_mismatch(meta: dict, expected: dict) -> str | None:
+    """What makes a checkpoint's metadata unfit for a run expecting ``expected``, or None."""
+    try:
+        check_identity(meta, expected, "")
+    except UserError as err:
+        return str(err)
+    return None
+
 
 def check_identity(meta: dict, expected: dict, path: str | Path) -> None:
-    """Refuse a checkpoint made for another image, prompt, model or T, naming what differs."""
+    """Refuse a checkpoint made for another image, prompt, model, T or setting, naming what differs."""
+    if meta.get("model_identity_version") != MODEL_IDENTITY_VERSION and "model_identity_version" in expected:
+        raise UserError(f"checkpoint '{path}' was written by an older version of this toolkit, whose model "
+                        f"fingerprint was not stable across processes; train it again (--retrain).")
     for key, label in IDENTITY_KEYS.items():
         if key in expected and meta.get(key) != expected[key]:
+            if key == "model_fingerprint" and isinstance(meta.get("model_identity"), dict):
+                detail = _difference(meta["model_identity"], expected.get("model_identity"))
+            elif isinstance(expected[key], dict) and isinstance(meta.get(key), dict):
+                detail = _difference(meta[key], expected[key])
+            else:
+                detail = f"{meta.get(key)!r}, this run: {expected[key]!r}"
             raise UserError(
-                f"checkpoint '{path}' was trained for a different {label} ({meta.get(key)!r}, this run: "
-                f"{expected[key]!r}); train a new one with --is_train True or pass the matching --checkpoint."
+                f"checkpoint '{path}' was trained for a different {label} ({detail}); train a new one "
+                f"with --is_train True (--retrain) or pass the matching --checkpoint."
             )

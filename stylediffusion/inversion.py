@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import check_identity, read_checkpoint, save_checkpoint, validate_inversion
+from .checkpoint import (MODEL_IDENTITY_VERSION, check_identity, identity_mismatch, read_checkpoint, save_checkpoint,
+                         validate_inversion)
 from .ddim import DDIMSchedule
 from .encoders import clip_image_features, encode_latent, encode_prompts
 from .errors import UserError
@@ -19,8 +20,10 @@ from .training import TrainConfig, train_mapping_networks
 
 
 def identity(bundle: ModelBundle, image: torch.Tensor, prompt: str, num_steps: int) -> dict:
-    return {"image_sha256": image_sha256(image), "prompt": prompt, "model_id": bundle.model_id,
-            "model_fingerprint": bundle.fingerprint, "num_ddim_steps": num_steps}
+    """What a checkpoint of this image was made for (compared by checkpoint.check_identity)."""
+    return {"model_identity_version": MODEL_IDENTITY_VERSION, "image_sha256": image_sha256(image), "prompt": prompt,
+            "model_id": bundle.model_id, "model_fingerprint": bundle.fingerprint, "model_identity": bundle.identity,
+            "num_ddim_steps": num_steps}
 
 
 def mapping_config(bundle: ModelBundle, features: torch.Tensor, text: torch.Tensor, variant: str) -> MappingConfig:
@@ -61,7 +64,7 @@ def train_inversion(bundle: ModelBundle, image: torch.Tensor, prompt: str, num_s
     if resume and partial is not None and partial.is_file():
         try:
             tensors, meta = read_checkpoint(partial)
-            same = all(meta.get(k) == v for k, v in ident.items()) and meta.get("train_config") == cfg.to_dict() \
+            same = identity_mismatch(meta, {**ident, "train_config": cfg.to_dict(), "variant": variant}) is None \
                 and meta.get("mapping_config") == mappers.cfg.to_dict()
             if same:
                 validate_inversion(tensors, meta, partial, num_steps, latent_shape(bundle), partial=True)
@@ -122,10 +125,12 @@ def _load_trained_mappers(mappers: MappingNetworks, tensors: dict, trained: int,
                         f"({' '.join(str(err).split())[:300]}).") from err
 
 
-def load_inversion(bundle: ModelBundle, checkpoint: Path, image: torch.Tensor, prompt: str, num_steps: int) -> Inversion:
-    """Load a finished inversion, refusing one made for another image, prompt, model or T."""
+def load_inversion(bundle: ModelBundle, checkpoint: Path, image: torch.Tensor, prompt: str, num_steps: int,
+                   settings: dict | None = None) -> Inversion:
+    """Load a finished inversion, refusing one made for another image, prompt, model or T, or (given
+    ``settings``: ``{"variant": ..., "train_config": TrainConfig.to_dict()}``) other training settings."""
     tensors, meta = read_checkpoint(checkpoint)
-    check_identity(meta, identity(bundle, image, prompt, num_steps), checkpoint)
+    check_identity(meta, {**identity(bundle, image, prompt, num_steps), **(settings or {})}, checkpoint)
     validate_inversion(tensors, meta, checkpoint, num_steps, latent_shape(bundle))
     if meta["trained_steps"] != num_steps:
         raise UserError(f"checkpoint '{checkpoint}' is incomplete ({meta.get('trained_steps')}/{num_steps} steps); "

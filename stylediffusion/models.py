@@ -6,16 +6,18 @@ model trained on the synthetic world (``stylediffusion.testbed``), shipped in ``
 """
 from __future__ import annotations
 
-import hashlib
-import json
+import inspect
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModel
 
+from . import identity
 from .ddim import make_ddim_scheduler
 from .errors import UserError
 
@@ -61,13 +63,35 @@ class ModelBundle:
     def scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
 
+    # Weight digests taken at load time, before the dtype cast (identity.weights_digest); None = take them now.
+    weight_digests: dict | None = None
+
+    @cached_property
+    def identity(self) -> dict:
+        """What determines this model's outputs (identity.model_identity): public configs, schedule, weights."""
+        parts = {k: getattr(self, k) for k in ("vae", "unet", "text_encoder", "image_encoder", "scheduler")}
+        return identity.model_identity(parts, self.weight_digests)
+
     @property
     def fingerprint(self) -> str:
-        """Short hash of the component configs, so a checkpoint can tell two models with one name apart."""
-        cfg = {k: dict(getattr(self, k).config) for k in ("vae", "unet")}
-        cfg["text"] = self.text_encoder.config.to_dict()
-        blob = json.dumps(cfg, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        """Short hash of ``identity``: equal in every process and machine that loads the same files."""
+        return identity.fingerprint(self.identity)
+
+    @property
+    def label(self) -> str:
+        """A short, machine-independent name for file names: the hub id (also read back from a hub-cache
+        snapshot path) or the folder's name."""
+        return model_label(self.model_id)
+
+
+def model_label(model_id: str) -> str:
+    parts = Path(model_id).parts
+    for k, part in enumerate(parts):  # .../models--CompVis--stable-diffusion-v1-4/snapshots/<sha>
+        if part.startswith("models--") and k + 2 < len(parts) and parts[k + 1] == "snapshots":
+            return identity.slug(part[len("models--"):].replace("--", "-"))
+    if Path(model_id).is_dir():  # a local folder: its own name, not where it happens to sit
+        return identity.slug(Path(model_id).resolve().name)
+    return identity.slug(model_id)
 
 
 def sd_tokenizer() -> CLIPTokenizer:
@@ -125,25 +149,113 @@ def _missing_weights(what: str, name: str, flag: str, err: Exception) -> UserErr
     )
 
 
-def _load_pretrained(model: str, image_encoder: str | None):
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
+def _weight_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)) \
+        if folder.is_dir() else []
+
+
+def _local_variant(folder: Path, prefer_half: bool) -> str | None:
+    """Which weight files of a local component folder to load: None (the plain files) or "fp16".
+
+    Only safetensors count: a folder whose weights are pickles (.bin) is refused, never loaded.
+    The hub's fp16 variant (``*.fp16.safetensors``) is taken when the run is in half precision or when
+    it is all the folder has (its values are exact in float32 too).
+    """
+    files = _weight_files(folder)
+    plain = [f for f in files if f.endswith(".safetensors") and ".fp16." not in f]
+    half = [f for f in files if f.endswith(".fp16.safetensors")]
+    if not plain and not half:
+        pickles = [f for f in files if not f.endswith(".safetensors")]
+        if pickles:
+            raise UserError(
+                f"'{folder}' holds only pickled weights ({', '.join(pickles)}); this toolkit never loads pickles "
+                f"(they can run code). Convert them once, in an environment you trust, with diffusers' "
+                f"save_pretrained(..., safe_serialization=True), or download the safetensors files of the model.")
+        return None  # nothing there: let the loader say what is missing
+    return "fp16" if half and (prefer_half or not plain) else None
+
+
+def _scheduler_config(model: str) -> dict:
+    """The model's scheduler settings that DDIM understands (betas, prediction type, spacing...).
+
+    A PNDM or Euler config (SD v1.4/1.5, SD 2.1 base) also has keys DDIM has no use for
+    (``skip_prk_steps``...); passing them on would only make diffusers warn.
+    """
+    config = dict(DDIMScheduler.load_config(model, subfolder="scheduler"))
+    accepted = inspect.signature(DDIMScheduler.__init__).parameters
+    return {k: v for k, v in config.items() if k in accepted}
+
+
+def _load_component(cls, model: str, subfolder: str | None, prefer_half: bool, **hub):
+    """``cls.from_pretrained`` from safetensors only, choosing the fp16 variant where that is what there is."""
+    folder = Path(model) / subfolder if subfolder else Path(model)
+    kwargs = dict(use_safetensors=True, **hub)
+    if subfolder:
+        kwargs["subfolder"] = subfolder
+    if folder.is_dir():
+        return cls.from_pretrained(model, variant=_local_variant(folder, prefer_half), **kwargs)
+    try:  # a hub id: the plain files, else the fp16 variant
+        return cls.from_pretrained(model, **kwargs)
+    except (OSError, ValueError):
+        return cls.from_pretrained(model, variant="fp16", **kwargs)
+
+
+@contextmanager
+def _quiet_loading():
+    """Silence the libraries' load-time chatter (progress bars, the report that a CLIPVisionModel read
+    from a whole CLIP checkpoint leaves the text tower's weights unused) while components load; their
+    errors still raise and are turned into one line below."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    saved = [(mod, mod.get_verbosity(), mod.is_progress_bar_enabled()) for mod in
+             (diffusers_logging, transformers_logging)]
+    try:
+        for mod, _, _ in saved:
+            mod.set_verbosity_error()
+            mod.disable_progress_bar()
+        yield
+    finally:
+        for mod, verbosity, bars in saved:
+            mod.set_verbosity(verbosity)
+            mod.enable_progress_bar() if bars else mod.disable_progress_bar()
+
+
+def _load_pretrained(model: str, image_encoder: str | None, prefer_half: bool = False):
+    with _quiet_loading():
+        return _load_pretrained_quietly(model, image_encoder, prefer_half)
+
+
+def _load_pretrained_quietly(model: str, image_encoder: str | None, prefer_half: bool):
     local = Path(model)
+    if local.is_file():
+        raise UserError(f"'{model}' is a single file; pass the diffusers folder of the model (model_index.json, unet/, "
+                        f"vae/, text_encoder/, tokenizer/, scheduler/), e.g. one made from a single-file checkpoint "
+                        f"with diffusers' StableDiffusionPipeline.from_single_file(...).save_pretrained(folder).")
     if local.exists() and not (local / "unet").is_dir():
         raise UserError(f"'{model}' exists but is not a diffusers model folder (no unet/ inside): pass a folder saved "
                         f"by save_pretrained, or a hub id such as {DEFAULT_MODEL}.")
     try:
         parts = dict(
-            vae=AutoencoderKL.from_pretrained(model, subfolder="vae"),
-            unet=UNet2DConditionModel.from_pretrained(model, subfolder="unet"),
-            text_encoder=CLIPTextModel.from_pretrained(model, subfolder="text_encoder"),
+            vae=_load_component(AutoencoderKL, model, "vae", prefer_half),
+            unet=_load_component(UNet2DConditionModel, model, "unet", prefer_half),
+            text_encoder=_load_component(CLIPTextModel, model, "text_encoder", prefer_half),
             tokenizer=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer"),
-            scheduler=make_ddim_scheduler(DDIMScheduler.load_config(model, subfolder="scheduler")),
+            scheduler=make_ddim_scheduler(_scheduler_config(model)),
         )
+    except UserError:
+        raise
     except (OSError, ValueError) as err:
         raise _missing_weights("Stable Diffusion model", model, "--model", err) from err
     if image_encoder is None:
         image_encoder = str(local / "image_encoder") if (local / "image_encoder").is_dir() else DEFAULT_IMAGE_ENCODER
     try:
-        parts["image_encoder"] = CLIPVisionModel.from_pretrained(image_encoder)
+        parts["image_encoder"] = _load_component(CLIPVisionModel, image_encoder, None, prefer_half)
+    except UserError:
+        raise
     except (OSError, ValueError) as err:
         raise _missing_weights("CLIP image encoder", image_encoder, "--image_encoder", err) from err
     return parts, image_encoder
@@ -188,9 +300,11 @@ def load_models(model: str = DEFAULT_MODEL, image_encoder: str | None = None, de
                 raise UserError(f"the test-bed model is not in {TESTBED_DIR}; train it with "
                                 f"'python -m stylediffusion.testbed.train --stage all' or use --model tiny.")
             model = str(TESTBED_DIR)
-        parts, image_encoder_id = _load_pretrained(model, image_encoder)
+        parts, image_encoder_id = _load_pretrained(model, image_encoder, prefer_half=dtype != torch.float32)
         model_id = "testbed" if Path(model) == TESTBED_DIR else model
     device = torch.device(device)
+    # Digests before the dtype cast, so a bfloat16 run and a float32 run of one model agree.
+    digests = {k: identity.weights_digest(k, parts[k]) for k in ("vae", "unet", "text_encoder", "image_encoder")}
     for key in ("vae", "unet", "text_encoder", "image_encoder"):
         module = parts[key]
         module.requires_grad_(False)
@@ -199,4 +313,4 @@ def load_models(model: str = DEFAULT_MODEL, image_encoder: str | None = None, de
         target_dtype = torch.float32 if key == "vae" else dtype
         module.to(device) if target_dtype == torch.float32 else module.to(device=device, dtype=target_dtype)
     return ModelBundle(**parts, model_id=model_id, image_encoder_id=image_encoder_id, device=device, dtype=dtype,
-                       untrained=untrained)
+                       untrained=untrained, weight_digests=digests)

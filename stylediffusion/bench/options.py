@@ -109,9 +109,10 @@ def load_bundle(args, device: str, log=print):
 
 
 def checkpoint_file(folder: Path, name: str, args, bundle) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", bundle.model_id).strip("-")
-    suffix = "" if args.inversion == "stylediffusion" else f"_{args.inversion}"
-    return Path(folder) / f"{name}_{slug}_T{args.num_ddim_steps}_K{args.num_inner_steps}{suffix}.safetensors"
+    from ..identity import checkpoint_name
+
+    return Path(folder) / checkpoint_name(name, bundle.label, args.num_ddim_steps, args.num_inner_steps,
+                                          args.inversion, method_options(args))
 
 
 def method_options(args) -> dict:

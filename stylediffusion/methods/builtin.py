@@ -11,7 +11,6 @@ from ptp_utils import AttentionController
 
 from ..editing import EditSpec, run_edit
 from ..encoders import encode_latent, encode_prompts
-from ..errors import UserError
 from ..inversion import load_inversion, train_inversion
 from ..sampling import ddim_inversion, guided_sampling
 from ..mapping import VARIANTS
@@ -31,11 +30,9 @@ def stylediffusion_inversion(ctx: MethodContext) -> Inversion:
         embedding_inputs(str(embedding), None)  # refuses an unknown name before any work
     cfg = ctx.train_cfg if embedding is None else replace(ctx.train_cfg, embedding=str(embedding))
     if ctx.checkpoint is not None and ctx.checkpoint.is_file():
-        inv = load_inversion(b, ctx.checkpoint, ctx.image, ctx.source, ctx.num_steps)
-        stored = (inv.metadata.get("train_config") or {}).get("embedding", "value")
-        if embedding is not None and stored != embedding:
-            raise UserError(f"checkpoint '{ctx.checkpoint}' learned the {stored!r} embedding, not {embedding!r}; "
-                            f"pass another --checkpoint or delete it.")
+        # a checkpoint trained with another variant, K, lr, embedding... is refused, never reused
+        inv = load_inversion(b, ctx.checkpoint, ctx.image, ctx.source, ctx.num_steps,
+                             settings={"variant": variant, "train_config": cfg.to_dict()})
     else:  # without a checkpoint path the trained networks live only in memory
         inv = train_inversion(b, ctx.image, ctx.source, ctx.num_steps, cfg, ctx.checkpoint, variant=variant,
                               progress=ctx.progress, log=logger.info)
