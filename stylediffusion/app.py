@@ -24,15 +24,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 # Gradio would otherwise report usage to its servers; set before gradio is imported anywhere.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from PIL import Image  # noqa: E402
 
-from .editing import TAU_C, TAU_S, TAU_U, TAU_V  # noqa: E402
-from .errors import UserError  # noqa: E402
+from .errors import UserError, one_line  # noqa: E402
 
 DEFAULT_CACHE_DIR = Path("checkpoints") / "demo"
 # Test-bed pictures are 32x32: show every picture at the width of its box, pixels kept sharp.
@@ -262,10 +260,14 @@ class DemoApp:
 
     # ------------------------------------------------------------------ step 2
     def edit(self, image: Image.Image | None, prompt: str | None, method: str, num_inference_steps: int,
-             num_inner_steps: int, targets: str | None, edit_type: str = "auto", tau_v: float = TAU_V,
-             tau_c: float = TAU_C, tau_s: float = TAU_S, tau_u: float = TAU_U, blend_words: str | None = None,
+             num_inner_steps: int, targets: str | None, edit_type: str = "auto", tau_v: float | None = None,
+             tau_c: float | None = None, tau_s: float | None = None, tau_u: float | None = None,
+             blend_words: str | None = None,
              reweight: str | None = None, edit_method: str = "p2p") -> EditResult:
-        """Edit the cached inversion of (image, prompt, settings) towards every target (one per line)."""
+        """Edit the cached inversion of (image, prompt, settings) towards every target (one per line).
+
+        A τ left at None takes the command line's default (``editing.TAU_*``)."""
+        from .editing import TAU_C, TAU_S, TAU_U, TAU_V
         from .image_io import image_grid
 
         if image is None:
@@ -281,7 +283,9 @@ class DemoApp:
         blends = parse_blend_words(blend_words, len(target_list))
         eq_params = parse_reweight(reweight)
         kind = None if edit_type in (None, "", "auto") else edit_type
-        taus = {"tau_v": tau_v, "tau_c": tau_c, "tau_s": tau_s, "tau_u": tau_u}
+        taus = {name: default if value is None else value
+                for name, value, default in (("tau_v", tau_v, TAU_V), ("tau_c", tau_c, TAU_C), ("tau_s", tau_s, TAU_S),
+                                             ("tau_u", tau_u, TAU_U))}
         t0 = time.perf_counter()
         edits, specs, attention, recon = [], [], None, None
         with self._lock:
@@ -358,7 +362,7 @@ def page_errors(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as err:
-            raise gr.Error(str(err), print_exception=False) from None
+            raise gr.Error(one_line(err), print_exception=False) from None
     return wrapper
 
 
@@ -373,6 +377,8 @@ def for_display(image: Image.Image | None, side: int = 256) -> Image.Image | Non
 def build_ui(app: DemoApp, inversion_methods: list[str], edit_methods: list[str]):
     """The page: Gradio components wired to ``app``'s methods, nothing else."""
     import gradio as gr
+
+    from .editing import TAU_C, TAU_S, TAU_U, TAU_V
 
     @page_errors
     def on_invert(image, prompt, method, steps, inner, progress=gr.Progress(track_tqdm=True)):
@@ -492,17 +498,17 @@ def make_app(args) -> DemoApp:
     return DemoApp(editor, Path(args.cache_dir))
 
 
-def serve(app: DemoApp, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
+def serve(app: DemoApp, host: str = "127.0.0.1", port: int = 7860, block: bool = True, quiet: bool = False):
     """Lay the page out and serve it; ``block=False`` returns the running page (``page.close()`` stops it)."""
     page = build_ui(app, *method_names())
     page.queue()
-    page.launch(server_name=host, server_port=port, ssr_mode=False, share=False, css=PAGE_CSS, quiet=not block,
+    page.launch(server_name=host, server_port=port, ssr_mode=False, share=False, css=PAGE_CSS, quiet=quiet,
                 allowed_paths=[str(app.cache_dir.resolve())], show_error=False, prevent_thread_lock=not block)
     return page
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import exit_code
+    from .errors import exit_code, quiet_libraries, started
 
     args = build_parser().parse_args(argv)
 
@@ -511,10 +517,13 @@ def main(argv: list[str] | None = None) -> int:
             import gradio  # noqa: F401
         except ImportError as err:
             raise UserError("the web demo needs Gradio: pip install -e '.[demo]'") from err
-        serve(make_app(args), args.host, args.port)
+        quiet_libraries()
+        page = serve(make_app(args), args.host, args.port, block=False)
+        started()  # serving: from here Ctrl-C reaches Gradio, which closes the server (finished inversions stay cached)
+        page.block_thread()
         return 0
 
-    return exit_code(body, "interrupted")
+    return exit_code(body, "interrupted: finished inversions stay in the cache.")
 
 
 if __name__ == "__main__":

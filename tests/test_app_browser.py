@@ -72,7 +72,7 @@ def server(tmp_path):
 
     editor = StyleDiffusionEditor.from_pretrained("testbed", device="cpu", progress=False)
     port = _free_port()
-    page = serve(DemoApp(editor, tmp_path / "cache"), "127.0.0.1", port, block=False)
+    page = serve(DemoApp(editor, tmp_path / "cache"), "127.0.0.1", port, block=False, quiet=True)
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:
