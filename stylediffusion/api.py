@@ -47,6 +47,8 @@ class EditOutput:
     attention_maps: Image.Image | None  # the source prompt's cross-attention per word (edits that record it)
     input_image: Image.Image  # what was inverted (for a generation: the source prompt's sample)
     latents: list[torch.Tensor] = field(default_factory=list)  # (2, C, h, w) per target: [reconstruction, edit]
+    # per target: the averaged mid-low cross-attention maps (prompts, queries, tokens), None where not recorded
+    cross_attention: list[torch.Tensor | None] = field(default_factory=list)
     specs: list[EditSpec] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -260,6 +262,8 @@ class StyleDiffusionEditor:
         return EditOutput(images=[tensor_to_pil(p[1]) for p in pixels], reconstruction=tensor_to_pil(pixels[0][0]),
                           attention_maps=figure, input_image=input_image,
                           latents=[out.latents.cpu() for out in outputs], specs=specs,
+                          cross_attention=[None if out.attention_maps is None else out.attention_maps.cpu()
+                                           for out in outputs],
                           seconds=sum(out.seconds.get("edit", 0.0) for out in outputs))
 
     # ------------------------------------------------------------------ helpers

@@ -311,12 +311,12 @@ def run(args, log=print) -> list[Path]:
     from .image_io import load_image
     from .api import StyleDiffusionEditor
     from .methods import get_edit, get_inversion
-    from .methods.registry import check_method_options
+    from .methods.registry import check_method_options, split_method_options
     from .models import load_models, resolve_dtype, tune_backends
 
     # Everything the flags, the index and the files say is checked here, before any model loads and
     # before anything is written or deleted.
-    inversion_method = get_inversion(args.inversion)
+    get_inversion(args.inversion)  # an unknown name fails here, before anything loads
     if not args.is_train:
         get_edit(args.edit, args.inversion)
     jobs = resolve_jobs(args)
@@ -342,10 +342,8 @@ def run(args, log=print) -> list[Path]:
             build_controller(spec, bundle.tokenizer, T)
     editor = StyleDiffusionEditor(bundle, progress=args.progress)
     # each method gets the options it declares (--variant reaches StyleDiffusion only)
-    inversion_names = {o.name for o in inversion_method.options}
-    edit_names = set() if args.is_train else {o.name for o in get_edit(args.edit, args.inversion).options}
-    inversion_options = {k: v for k, v in options.items() if k in inversion_names}
-    edit_options = {k: v for k, v in options.items() if k in edit_names}
+    inversion_options, edit_options = split_method_options(options, args.inversion,
+                                                           None if args.is_train else args.edit)
     started()  # from here on files are written: Ctrl-C keeps what is finished (see errors.exit_code)
     written: list[Path] = []
     for job in jobs:

@@ -247,9 +247,9 @@ def test_reproduce_grids_contact_sheet_and_resume(tmp_path):
 
 
 def test_interrupted_run_keeps_finished_rows_and_resumes(single_run, pie_data, backbones, tmp_path, monkeypatch):
-    import stylediffusion.methods as methods
+    from stylediffusion.api import StyleDiffusionEditor
 
-    real, calls = methods.run_method, []
+    real, calls = StyleDiffusionEditor.edit, []
 
     def interrupted(*a, **k):
         calls.append(1)
@@ -257,14 +257,14 @@ def test_interrupted_run_keeps_finished_rows_and_resumes(single_run, pie_data, b
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(methods, "run_method", interrupted)
+    monkeypatch.setattr(StyleDiffusionEditor, "edit", interrupted)  # the runner edits through the API
     out = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
         pie.main(pie_args(pie_data, backbones, out), log=lambda *_: None)
     part = sharding.part_path(out / "parts", "results", 0)
     assert [r["id"] for r in sharding.read_rows(part)] == sorted(ENTRIES)[:2]
     assert not list(out.rglob(f"{sorted(ENTRIES)[2]}.png"))  # nothing of the image in progress
-    monkeypatch.setattr(methods, "run_method", real)
+    monkeypatch.setattr(StyleDiffusionEditor, "edit", real)
     stats = pie.main(pie_args(pie_data, backbones, out), log=lambda *_: None)
     assert stats["processed"] == 2 and stats["skipped"] == 2
     assert without_timing(read_csv(out / "results.csv")) == without_timing(read_csv(single_run[0] / "results.csv"))

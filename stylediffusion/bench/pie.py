@@ -251,11 +251,11 @@ def load_metric_backbones(args, device: str, log=print) -> tuple[dict, dict]:
     return backbones, reasons
 
 
-def _attention_map(out, spec, tokenizer):
-    """The source blend word's averaged mid-low cross-attention map (h, w), for NS-LPIPS."""
+def _attention_map(maps, spec, tokenizer):
+    """The source blend word's averaged mid-low cross-attention map (h, w), for NS-LPIPS, from an edit's
+    (prompts, queries, tokens) maps."""
     import seq_aligner
 
-    maps = out.attention_maps
     if maps is None or not spec.blend_words:
         return None
     idx = seq_aligner.word_token_indices(spec.source, spec.blend_words[0], tokenizer)
@@ -354,22 +354,21 @@ def _merge_reasons(path: Path, reasons: dict) -> None:
 
 
 def _process(args, mine: list[PieEntry], method: str, shard, part: Path, log) -> dict:
-    import torch
-
     from .. import metrics as M
-    from ..encoders import decode_latent
-    from ..image_io import load_image, save_atomic, tensor_to_pil
-    from ..methods import MethodContext, run_method
+    from ..api import StyleDiffusionEditor
+    from ..image_io import load_image, save_atomic
+    from ..methods.registry import split_method_options
 
     bundle = options.load_bundle(args, shard.device, log)
     backbones, reasons = load_metric_backbones(args, str(bundle.device), log)
-    cfg = options.train_config(args)
+    editor = StyleDiffusionEditor(bundle, progress=args.progress)
+    inversion_options, edit_options = split_method_options(options.method_options(args), args.inversion, args.edit)
     T = args.num_ddim_steps
     writer = RowLog(part, RESULT_COLUMNS)
     method_dir = Path(args.outdir) / options.safe_dirname(method)
     for n, entry in enumerate(mine):
         t0 = time.perf_counter()
-        image, notes = load_image(entry.image_path, bundle.image_size)
+        notes = load_image(entry.image_path, bundle.image_size)[1]
         mask = decode_rle(entry.mask_rle, PIE_SIZE, args.mask_border) if entry.mask_rle else None  # before any write
         if entry.blended_word and len(entry.blended_word) != 2:
             notes.append(f"blended_word {' '.join(entry.blended_word)!r} is not two words: no LocalBlend")
@@ -385,19 +384,19 @@ def _process(args, mine: list[PieEntry], method: str, shard, part: Path, log) ->
             continue
         ckpt = (options.checkpoint_file(args.checkpoint_dir, entry.id, args, bundle)
                 if args.checkpoint_dir is not None else None)
-        ctx = MethodContext(bundle, image, spec.source, T, cfg, ckpt, progress=args.progress,
-                            options=options.method_options(args))
-        torch.manual_seed(args.seed)  # per item: results do not depend on which process runs it
-        result = run_method(ctx, spec, args.inversion, args.edit)
-        pixels = decode_latent(bundle, result.latents[1:2])
+        # seeded per item (invert's seed): results do not depend on which process runs it
+        inv = editor.invert(entry.image_path, spec.source, method=args.inversion, num_inference_steps=T,
+                            num_inner_steps=args.num_inner_steps, guidance_scale=args.guidance_scale, lr=args.lr,
+                            attention_loss=args.attention_loss, early_stop=args.early_stop, checkpoint=ckpt,
+                            seed=args.seed, **inversion_options)
+        out = editor.edit(inv, spec, method=args.edit, **edit_options)
         seconds = time.perf_counter() - t0
-        edited = tensor_to_pil(pixels[0])
+        edited, source = out.images[0], out.input_image
         save_atomic(edited, method_dir / entry.type_dir / f"{entry.id}.png")
-        source = tensor_to_pil(image)
         if mask is None:
             notes.append("no mask: background metrics over the whole image")
         scores = M.evaluate_pair(source, edited, edit_mask=mask, target_prompt=spec.target, backbones=backbones,
-                                 attention_map=_attention_map(result, spec, bundle.tokenizer),
+                                 attention_map=_attention_map(out.cross_attention[0], spec, bundle.tokenizer),
                                  device=str(bundle.device))
         if not args.lpips:
             scores["lpips"] = scores["ns_lpips"] = M.MetricUnavailable("--lpips False")

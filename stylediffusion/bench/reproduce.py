@@ -154,41 +154,36 @@ def run(args, log=print) -> dict:
 
 
 def _process(args, mine, method: str, shard, part: Path, log) -> None:
-    import torch
-
+    from ..api import StyleDiffusionEditor
     from ..editing import build_controller
-    from ..encoders import decode_latent
-    from ..image_io import load_image, save_atomic, tensor_to_pil
-    from ..methods import MethodContext, get_inversion, run_method
+    from ..image_io import save_atomic
+    from ..methods.registry import split_method_options
 
     bundle = options.load_bundle(args, shard.device, log)
     T = args.num_ddim_steps
     for _, _, row in mine:  # word-level problems before any training
         build_controller(row_spec(row, args), bundle.tokenizer, T)
-    cfg = options.train_config(args)
+    editor = StyleDiffusionEditor(bundle, progress=args.progress)
+    inversion_options, edit_options = split_method_options(options.method_options(args), args.inversion, args.edit)
     writer = RowLog(part, COLUMNS)
     folder = options.safe_dirname(method)
     tag = " (untrained model)" if bundle.untrained else ""
-    inversion = get_inversion(args.inversion)
     for case in sorted({c for c, _, _ in mine}):
         rows = [(k, r) for c, k, r in mine if c == case]
         first = rows[0][1]
-        image, _ = load_image(first.image_path, bundle.image_size)
         ckpt = options.checkpoint_file(Path(args.outdir) / "checkpoints", f"case{case}", args, bundle)
-        ctx = MethodContext(bundle, image, first.prompt, T, cfg, ckpt, progress=args.progress,
-                            options=options.method_options(args))
-        torch.manual_seed(args.seed)
         t0 = time.perf_counter()
-        inverted = inversion.invert(ctx)
+        inverted = editor.invert(first.image_path, first.prompt, method=args.inversion, num_inference_steps=T,
+                                 num_inner_steps=args.num_inner_steps, guidance_scale=args.guidance_scale,
+                                 lr=args.lr, attention_loss=args.attention_loss, early_stop=args.early_stop,
+                                 checkpoint=ckpt, seed=args.seed, **inversion_options)
         inv_seconds = time.perf_counter() - t0
         log(f"{shard.tag} case {case}: {args.inversion} inversion in {inv_seconds:.1f}s")
         for k, row in rows:
             spec = row_spec(row, args)
             t1 = time.perf_counter()
-            torch.manual_seed(args.seed)
-            result = run_method(ctx, spec, args.inversion, args.edit, inverted=inverted)
-            pixels = decode_latent(bundle, result.latents)
-            pics = [tensor_to_pil(image), tensor_to_pil(pixels[0]), tensor_to_pil(pixels[1])]
+            out = editor.edit(inverted, spec, method=args.edit, **edit_options)
+            pics = [out.input_image, out.reconstruction, out.images[0]]
             title = (f"case {case} #{k} [{method}]: '{spec.source}' -> '{spec.target}'\n{spec.edit_type}, "
                      f"tau_v {spec.tau_v}, tau_c {spec.tau_c}, tau_s {spec.tau_s}, tau_u {spec.tau_u}"
                      + (f", blend {' '.join(spec.blend_words)}" if spec.blend_words else "")

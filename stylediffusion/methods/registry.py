@@ -206,6 +206,15 @@ def check_method_options(options: dict, inversion: str, edit: str | None = None)
     return out
 
 
+def split_method_options(options: dict, inversion: str, edit: str | None = None) -> tuple[dict, dict]:
+    """Method options split into those the inversion declares and those the edit declares; the rest (a
+    command line's ``variant`` for an inversion without variants) is dropped. Values are not converted."""
+    inversion_names = {o.name for o in get_inversion(inversion).options}
+    edit_names = set() if edit is None else {o.name for o in get_edit(edit, inversion).options}
+    return ({k: v for k, v in options.items() if k in inversion_names},
+            {k: v for k, v in options.items() if k in edit_names})
+
+
 def get_inversion(name: str) -> InversionMethod:
     if name not in INVERSIONS:
         raise UserError(f"unknown --inversion {name!r}; registered: {', '.join(sorted(INVERSIONS))}.")
