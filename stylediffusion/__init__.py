@@ -8,7 +8,7 @@
 
 __version__ = "0.1.0"
 
-from .errors import UserError  # noqa: E402
+from .errors import UserError
 
 __all__ = ["EditOutput", "Inversion", "StyleDiffusionEditor", "UserError"]
 _LAZY = {"EditOutput": ".api", "StyleDiffusionEditor": ".api", "Inversion": ".results"}

@@ -46,7 +46,7 @@ def _save_safetensors(tensors: dict, path: str, metadata: dict) -> None:
     become the ``OSError`` they are, so that a full disk is answered like any other file-system fault."""
     try:
         save_file(tensors, path, metadata=metadata)
-    except Exception as err:  # noqa: BLE001 - only I/O errors are translated, the rest is re-raised
+    except Exception as err:  # only I/O errors are translated, the rest is re-raised
         found = re.search(r"os error (\d+)", str(err))
         if found is None:
             raise

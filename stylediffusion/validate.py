@@ -128,7 +128,8 @@ def eq_params(value, what: str = "--eq_params") -> None:
     """Re-weighting parameters: the forms ``seq_aligner`` reads, with finite factors within ±MAX_REWEIGHT."""
     if value is None:
         return
-    from seq_aligner import _pairs  # the one parser of the re-weighting forms (words as text or indices)
+    # seq_aligner's parser is the one reader of the re-weighting forms (words as text or indices)
+    from seq_aligner import _pairs
 
     pairs = _pairs(value)
     for word, _ in pairs:
