@@ -31,9 +31,8 @@ MAX_GUIDANCE = 50.0
 def safe_component(name, what: str) -> str:
     """``name`` as one file or folder name that stays inside the folder it is joined to, or a UserError.
 
-    Refused: empty or whitespace-only names, ``.`` and ``..``, separators (``/``, ``\\``), NUL and other
-    control characters, a leading ``-`` or ``~`` (read as options or home folders by other tools), and
-    names longer than MAX_COMPONENT_BYTES.
+    Refused: empty or whitespace-only names, ``.``, ``..`` (and other all-dot names), separators (``/``,
+    ``\\``), NUL and other control characters, and names longer than MAX_COMPONENT_BYTES.
     """
     text = str(name)
     bad = None
@@ -45,8 +44,6 @@ def safe_component(name, what: str) -> str:
         bad = "contains a path separator"
     elif any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in text):
         bad = "contains a control character"
-    elif text[0] in "-~":
-        bad = f"starts with {text[0]!r}"
     elif len(text.encode("utf-8", "surrogatepass")) > MAX_COMPONENT_BYTES:
         bad = f"is longer than {MAX_COMPONENT_BYTES} bytes"
     if bad:
