@@ -23,13 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stylediffusion.editing import EditSpec
-from stylediffusion.encoders import decode_latent
-from stylediffusion.image_io import image_grid, pil_to_tensor, save_atomic, tensor_to_pil
-from stylediffusion.methods import MethodContext, get_edit, get_inversion, run_method
-from stylediffusion.models import load_models
+from stylediffusion import StyleDiffusionEditor
+from stylediffusion.editing import TAU_C, TAU_S, TAU_V, EditSpec, default_edit_type
+from stylediffusion.files import atomic_write_text
+from stylediffusion.image_io import image_grid, save_atomic
+from stylediffusion.methods import get_edit, get_inversion
 from stylediffusion.testbed import analyser, world
-from stylediffusion.training import TrainConfig
 
 KINDS = ("colour", "shape", "background")
 DEFAULT_METHODS = ("stylediffusion:p2plus", "stylediffusion:p2p", "ddim:p2p", "ddim:word_swap")
@@ -37,14 +36,13 @@ DEFAULT_METHODS = ("stylediffusion:p2plus", "stylediffusion:p2p", "ddim:p2p", "d
 
 def edit_spec(ed: world.EditResult, tau_u: float, guidance: float) -> EditSpec:
     src, tgt = ed.source_caption, ed.target_caption
-    same = len(src.split()) == len(tgt.split())
     blend = None
     if ed.kind == "colour":
         shape = ed.source.objects[ed.index].shape
         blend = (shape, shape)
     elif ed.kind == "shape":
         blend = (ed.old, ed.new)
-    return EditSpec(src, tgt, edit_type="Replacement" if same else "Refinement", tau_v=0.5, tau_c=0.6, tau_s=0.6,
+    return EditSpec(src, tgt, edit_type=default_edit_type(src, tgt), tau_v=TAU_V, tau_c=TAU_C, tau_s=TAU_S,
                     tau_u=tau_u, blend_words=blend, guidance_scale=guidance)
 
 
@@ -81,6 +79,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="testbed")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (the published table ran on the CPU)")
     p.add_argument("--n", type=int, default=50, help="held-out scenes")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
@@ -101,9 +100,8 @@ def main(argv=None) -> None:
         get_inversion(inv)
         get_edit("p2p" if ed == "p2plus" else ed, inv)
         pairs.append((inv, ed))
-    bundle = load_models(args.model)
-    size = bundle.image_size
-    cfg = TrainConfig(num_inner_steps=args.num_inner_steps, guidance_scale=args.guidance_scale)
+    editor = StyleDiffusionEditor.from_pretrained(args.model, device=args.device, dtype=torch.float32, progress=False)
+    size = editor.bundle.image_size
     rng = np.random.default_rng(args.seed)
     scenes = [world.sample_scene(rng, split="heldout", size=size) for _ in range(args.n)]
     samples = defaultdict(list)
@@ -116,30 +114,28 @@ def main(argv=None) -> None:
         if s_idx in done or not start <= s_idx < stop:
             continue
         scene_rows = []
-        image = pil_to_tensor(scene.pil())
         edits = [world.edit(scene, kind, rng=np.random.default_rng(args.seed + s_idx)) for kind in args.kinds]
         inverted_cache = {}
         for inv, ed_name in pairs:
-            ctx = MethodContext(bundle, image, scene.caption, args.num_ddim_steps, cfg, progress=False)
             t0 = time.perf_counter()
             if inv not in inverted_cache:
-                torch.manual_seed(0)
-                inverted_cache[inv] = (get_inversion(inv).invert(ctx), time.perf_counter() - t0)
+                inverted = editor.invert(scene.pil(), scene.caption, method=inv, num_inference_steps=args.num_ddim_steps,
+                                         num_inner_steps=args.num_inner_steps, guidance_scale=args.guidance_scale,
+                                         seed=0)
+                inverted_cache[inv] = (inverted, time.perf_counter() - t0)
             inverted, inv_seconds = inverted_cache[inv]
             for ed in edits:
                 spec = edit_spec(ed, 0.5 if ed_name == "p2plus" else 0.0, args.guidance_scale)
-                out = run_method(ctx, spec, inv, "p2p" if ed_name == "p2plus" else ed_name, inverted=inverted)
-                pixels = decode_latent(bundle, out.latents)
-                recon = np.asarray(tensor_to_pil(pixels[0]))
-                edited = np.asarray(tensor_to_pil(pixels[1]))
+                out = editor.edit(inverted, spec, method="p2p" if ed_name == "p2plus" else ed_name)
+                recon = np.asarray(out.reconstruction)
+                edited = np.asarray(out.images[0])
                 ok, strict, bg = judge(ed, edited)
                 scene_rows.append({"scene": s_idx, "kind": ed.kind, "method": f"{inv}+{ed_name}", "source": ed.source_caption,
                              "target": ed.target_caption, "success": int(ok), "strict_success": int(strict), "background_psnr": round(bg, 3),
                              "reconstruction_psnr": round(psnr(recon, scene.image), 3),
-                             "seconds": round(inv_seconds + out.seconds["edit"], 3)})
+                             "seconds": round(inv_seconds + out.seconds, 3)})
                 if s_idx < 4:
-                    samples[(f"{inv}+{ed_name}", ed.kind)].append((scene.pil(), tensor_to_pil(pixels[1]),
-                                                                   ed.target.pil()))
+                    samples[(f"{inv}+{ed_name}", ed.kind)].append((scene.pil(), out.images[0], ed.target.pil()))
         append_rows(log_path, scene_rows)
         rows += scene_rows
         print(f"scene {s_idx + 1}/{len(scenes)} done", flush=True)
@@ -193,7 +189,7 @@ def write_outputs(args, rows) -> None:
                      + f" | {np.mean(bg) if bg else float('nan'):.2f} dB | "
                      f"{np.mean([r['reconstruction_psnr'] for r in mine]):.2f} dB | "
                      f"{np.mean([r['seconds'] for r in mine]) :.2f} |")
-    (args.outdir / "summary.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(args.outdir / "summary.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -214,8 +210,8 @@ def write_samples(args, samples) -> None:
             y += s.height
         save_atomic(sheet, args.outdir / "samples.png")
         keys = [f"{m} / {k}" for m, k in samples]
-        (args.outdir / "samples.txt").write_text("rows of samples.png (input, edit, ground truth per scene):\n"
-                                                 + "\n".join(keys) + "\n")
+        atomic_write_text(args.outdir / "samples.txt", "rows of samples.png (input, edit, ground truth per scene):\n"
+                          + "\n".join(keys) + "\n")
 
 
 if __name__ == "__main__":
