@@ -102,6 +102,7 @@ def literal(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .editing import TAU_C, TAU_S, TAU_U, TAU_V
     from .models import DEFAULT_IMAGE_ENCODER, DEFAULT_MODEL, DTYPE_NAMES
 
     p = ArgumentParser(
@@ -146,10 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("editing (Prompt-to-Prompt + P2Plus); unset values come from the index row or the README defaults")
     g.add_argument("--edit_type", choices=("Replacement", "Refinement", "Reweight"), default=None)
-    g.add_argument("--tau_v", type=float, default=None, help="fraction of steps the target uses the learned values (0.5)")
-    g.add_argument("--tau_c", type=fraction_or_dict, default=None, help="cross-attention replacement fraction or per-word dict (0.6)")
-    g.add_argument("--tau_s", type=float, default=None, help="self-attention replacement fraction, conditional branch (0.6)")
-    g.add_argument("--tau_u", type=float, default=None, help="P2Plus: self-attention replacement in the unconditional branch (0.0)")
+    g.add_argument("--tau_v", type=float, default=None, help=f"fraction of steps the target uses the learned values ({TAU_V})")
+    g.add_argument("--tau_c", type=fraction_or_dict, default=None, help=f"cross-attention replacement fraction or per-word dict ({TAU_C})")
+    g.add_argument("--tau_s", type=float, default=None, help=f"self-attention replacement fraction, conditional branch ({TAU_S})")
+    g.add_argument("--tau_u", type=float, default=None, help=f"P2Plus: self-attention replacement in the unconditional branch ({TAU_U})")
     g.add_argument("--blend_word", default=None, help="LocalBlend words: \"cat tiger\" or \"('cat', 'tiger')\"")
     g.add_argument("--eq_params", type=literal, default=None, help="re-weighting: \"{'words': ['red'], 'values': [2]}\"")
     g.add_argument("--inversion", default="stylediffusion", help="inversion method (see --list_methods)")

@@ -15,6 +15,8 @@ import gzip
 import json
 from pathlib import Path
 
+from .files import atomic_write_text
+
 # CLIP keeps the first 49,152 - 256 - 2 = 48,894 merges so that the vocabulary is 49,408 long.
 NUM_MERGES = 49152 - 256 - 2
 ASSET_DIR = Path(__file__).parent / "assets" / "clip_tokenizer"
@@ -47,9 +49,8 @@ def build_vocab_and_merges(bpe_lines: list[str]) -> tuple[dict[str, int], list[s
 def write_tokenizer_files(bpe_gz: Path, out_dir: Path = ASSET_DIR) -> None:
     lines = gzip.open(bpe_gz, "rt", encoding="utf-8").read().split("\n")
     vocab, merges = build_vocab_and_merges(lines)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    atomic_write_text(out_dir / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    atomic_write_text(out_dir / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
     print(f"wrote {len(vocab)} tokens and {len(merges)} merges to {out_dir}")
 
 

@@ -186,20 +186,19 @@ def _entry(key: str, e, images: Path) -> PieEntry:
 def edit_spec(entry: PieEntry, args):
     """EditSpec of one entry: Replacement when the prompts have as many words, else Refinement; the
     blend words from ``blended_word``; README taus unless overridden by flags."""
-    from ..editing import EditSpec
+    from ..editing import TAU_C, TAU_S, TAU_U, TAU_V, EditSpec, default_edit_type
 
     def pick(name, default):
         value = getattr(args, name, None)
         return default if value is None else value
 
-    same = len(entry.source.split()) == len(entry.target.split())
     blend = entry.blended_word if entry.blended_word and len(entry.blended_word) == 2 else None
     if not getattr(args, "blend", True):
         blend = None
     return EditSpec(source=entry.source, target=entry.target,
-                    edit_type=pick("edit_type", "Replacement" if same else "Refinement"),
-                    tau_v=pick("tau_v", 0.5), tau_c=pick("tau_c", 0.6), tau_s=pick("tau_s", 0.6),
-                    tau_u=pick("tau_u", 0.0), blend_words=blend, eq_params=pick("eq_params", None),
+                    edit_type=pick("edit_type", default_edit_type(entry.source, entry.target)),
+                    tau_v=pick("tau_v", TAU_V), tau_c=pick("tau_c", TAU_C), tau_s=pick("tau_s", TAU_S),
+                    tau_u=pick("tau_u", TAU_U), blend_words=blend, eq_params=pick("eq_params", None),
                     guidance_scale=args.guidance_scale)
 
 
