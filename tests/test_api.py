@@ -218,3 +218,16 @@ def test_the_docs_example_method_is_one_class_and_one_line(editor):
     finally:  # the registry as it was
         registry.INVERSIONS.pop("mymethod", None)
         registry.OPTIONS.pop("my_strength", None)
+
+
+def test_a_half_precision_pipeline_is_borrowed_as_it_is():
+    """A bfloat16 pipeline (VAE included) is used in its own dtype: nothing is cast or copied."""
+    pipe, image_encoder = tiny_pipeline()
+    pipe.to(dtype=torch.bfloat16)
+    image_encoder.to(dtype=torch.bfloat16)
+    editor = StyleDiffusionEditor.from_pipe(pipe, image_encoder=image_encoder, progress=False)
+    inv = editor.invert(SCENE, "a red triangle", num_inference_steps=2, num_inner_steps=1)
+    out = editor.edit(inv, "a blue triangle", tau_u=0.5)
+    assert editor.bundle.dtype == torch.bfloat16 and inv.z0.dtype == torch.float32  # DDIM math stays in fp32
+    assert pipe.vae.dtype == pipe.unet.dtype == torch.bfloat16
+    assert out.images[0].size == (64, 64) and np.asarray(out.images[0]).std() > 0
