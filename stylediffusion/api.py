@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import validate
 from .editing import TAU_C, TAU_S, TAU_U, TAU_V, EditSpec, build_controller, default_edit_type
 from .encoders import check_prompt_length, decode_latent
 from .errors import UserError
@@ -182,6 +183,12 @@ class StyleDiffusionEditor:
         if not isinstance(prompt, str) or not prompt.strip():
             raise UserError("invert needs the source prompt: a caption of the image, e.g. 'a photo of a cat'.")
         check_prompt_length(self.bundle.tokenizer, prompt)
+        limit = int(self.bundle.scheduler.config.num_train_timesteps)
+        if num_inference_steps > limit:
+            raise UserError(f"num_inference_steps {num_inference_steps} is more than the scheduler's {limit} training "
+                            f"timesteps: use at most {limit}.")
+        guidance_scale = validate.number(guidance_scale, "guidance_scale", minimum=0.0, maximum=validate.MAX_GUIDANCE)
+        seed = validate.number(seed, "seed", minimum=0, maximum=2**63 - 1, integer=True)
         pixels = None
         if image is not None or method != "generated":
             pixels = self._pixels(image)
@@ -218,6 +225,7 @@ class StyleDiffusionEditor:
         deterministic; ``generator`` (a ``torch.Generator`` or an int) seeds the noise of ``sdedit``.
         Other keywords are method options (``masactrl_start_step=4``...; docs/methods.md).
         """
+        guidance_scale = validate.number(guidance_scale, "guidance_scale", minimum=0.0, maximum=validate.MAX_GUIDANCE)
         if not isinstance(inversion, Inversion):
             raise UserError(f"edit needs an Inversion (from editor.invert or Inversion.load), got "
                             f"{type(inversion).__name__}.")
