@@ -32,6 +32,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -39,6 +40,8 @@ import torch
 
 from ptp_utils import AttentionController
 
+from ..files import atomic_write_text
+from ..image_io import save_atomic
 from . import analyser as A
 from . import model as M
 from . import world as W
@@ -269,7 +272,8 @@ def save_grid(path: str, images: np.ndarray, cols: int = 10, scale: int = 4) -> 
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
         grid[r * (h + 2): r * (h + 2) + h, c * (w + 2): c * (w + 2) + w] = im
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+    big = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    save_atomic(big, Path(path))
 
 
 def evaluate(model_dir: str, n: int = 60, seed: int = 0, steps: int = 30, guidance: float = 7.5,
@@ -306,10 +310,7 @@ def _write_eval(out: Optional[str], res: Dict[str, object], grid_images: Optiona
     if not out:
         return
     os.makedirs(out, exist_ok=True)
-    tmp = os.path.join(out, "eval.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(tmp, os.path.join(out, "eval.json"))
+    atomic_write_text(os.path.join(out, "eval.json"), json.dumps(res, indent=1))
     if grid_images is not None:
         save_grid(os.path.join(out, "eval_samples.png"), grid_images)
 

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from ptp_utils import AttentionController
 
+from ..files import atomic_write, atomic_write_text
 from . import model as M
 from . import world as W
 
@@ -55,18 +56,14 @@ STAGES = ("clip", "vae", "unet", "vae_decoder")
 
 
 def _atomic_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def _atomic_safetensors(path: str, tensors: Dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    tmp = path + ".tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
+    blob = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(blob, str(tmp)))
 
 
 def _optim_tensors(opt: torch.optim.Optimizer) -> Dict[str, torch.Tensor]:
@@ -142,10 +139,8 @@ def plot_losses(out: str, stage: str, losses: List[float]) -> None:
     ax.set_title(f"testbed {stage}")
     ax.legend()
     fig.tight_layout()
-    tmp = os.path.join(out, f"{stage}_loss.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(os.path.join(out, f"{stage}_loss.png"), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-    os.replace(tmp, os.path.join(out, f"{stage}_loss.png"))
 
 
 def lr_at(step: int, total: int, base: float, warmup: int = 50) -> float:
