@@ -1,6 +1,7 @@
 """A StyleDiffusion inversion of one image: train it (resumably), save it, load it back safely."""
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from .models import ModelBundle
 from .results import Inversion
 from .sampling import ddim_inversion
 from .training import TrainConfig, train_mapping_networks
+
+logger = logging.getLogger(__name__)
 
 
 def identity(bundle: ModelBundle, image: torch.Tensor, prompt: str, num_steps: int) -> dict:
@@ -43,7 +46,7 @@ def _tensors(mappers: MappingNetworks, z_T: torch.Tensor, pivot: torch.Tensor | 
 
 def train_inversion(bundle: ModelBundle, image: torch.Tensor, prompt: str, num_steps: int, cfg: TrainConfig,
                     checkpoint: Path | None = None, variant: str = "modulate", resume: bool = True,
-                    progress: bool = True, log=print) -> Inversion:
+                    progress: bool = True, log=None) -> Inversion:
     """Invert and train M_0..M_{T-1}; the result is returned in memory.
 
     With a ``checkpoint`` path the result is also saved there, and training is resumable: after each
@@ -51,6 +54,7 @@ def train_inversion(bundle: ModelBundle, image: torch.Tensor, prompt: str, num_s
     ``<checkpoint>.partial.safetensors`` and picked up by the next run; the final file appears only when
     training is complete. Without one nothing is written.
     """
+    log = log or logger.info  # a library reports through logging; the command line passes its own
     schedule = DDIMSchedule(bundle.scheduler, num_steps)
     ident = identity(bundle, image, prompt, num_steps)
     z0 = encode_latent(bundle, image)
