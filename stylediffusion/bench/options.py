@@ -84,13 +84,6 @@ def check_method(args) -> None:
         writable_folder(args.checkpoint_dir, "--checkpoint_dir")
 
 
-def train_config(args):
-    from ..training import TrainConfig
-
-    return TrainConfig(num_inner_steps=args.num_inner_steps, guidance_scale=args.guidance_scale, lr=args.lr,
-                       attention_loss=args.attention_loss, early_stop=args.early_stop)
-
-
 def load_bundle(args, device: str, log=print):
     import torch
 
