@@ -205,23 +205,32 @@ def _load_component(cls, model: str, subfolder: str | None, prefer_half: bool, *
 
 @contextmanager
 def _quiet_loading():
-    """Silence the libraries' load-time chatter (progress bars, the report that a CLIPVisionModel read
-    from a whole CLIP checkpoint leaves the text tower's weights unused) while components load; their
-    errors still raise and are turned into one line below."""
+    """Silence the libraries' load-time chatter while components load: progress bars, the report that
+    a CLIPVisionModel read from a whole CLIP checkpoint leaves the text tower's weights unused, and
+    huggingface_hub's "Could not reach the Hub ... using cached commit hash" when a hub id is read from
+    the cache offline. Their errors still raise, and are turned into one line below."""
     import diffusers.utils.logging as diffusers_logging
+    import huggingface_hub.utils as hub_utils
+    import huggingface_hub.utils.logging as hub_logging
     import transformers.utils.logging as transformers_logging
 
     saved = [(mod, mod.get_verbosity(), mod.is_progress_bar_enabled()) for mod in
              (diffusers_logging, transformers_logging)]
+    hub_verbosity, hub_bars = hub_logging.get_verbosity(), not hub_utils.are_progress_bars_disabled()
     try:
         for mod, _, _ in saved:
             mod.set_verbosity_error()
             mod.disable_progress_bar()
+        hub_logging.set_verbosity_error()
+        hub_utils.disable_progress_bars()
         yield
     finally:
         for mod, verbosity, bars in saved:
             mod.set_verbosity(verbosity)
             mod.enable_progress_bar() if bars else mod.disable_progress_bar()
+        hub_logging.set_verbosity(hub_verbosity)
+        if hub_bars:
+            hub_utils.enable_progress_bars()
 
 
 def _load_pretrained(model: str, image_encoder: str | None, prefer_half: bool = False):

@@ -202,6 +202,30 @@ def test_authors_two_step_workflow_across_processes(folders, name, tmp_path):
         assert len(list((tmp_path / "checkpoints").glob("*.safetensors"))) == 2
 
 
+def test_hub_ids_read_from_the_cache_offline_across_processes(folders, tmp_path):
+    """The paper's defaults (--model CompVis/stable-diffusion-v1-4, --image_encoder
+    openai/clip-vit-base-patch16) from a Hugging Face cache, offline, as a user who downloaded once has
+    them: trains, then edits in a new process, with nothing on stderr but what was asked for."""
+    import shutil
+
+    cache = tmp_path / "hub"
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    for repo, folder in (("CompVis--stable-diffusion-v1-4", folders["sd-v1-4"]),
+                         ("openai--clip-vit-base-patch16", folders["image_encoder"])):
+        (cache / f"models--{repo}" / "refs").mkdir(parents=True)
+        (cache / f"models--{repo}" / "refs" / "main").write_text(sha)
+        shutil.copytree(folder, cache / f"models--{repo}" / "snapshots" / sha)
+    env = {**ENV, "HF_HUB_CACHE": str(cache)}
+    common = ["--idx", "2", "--num_ddim_steps", "2", "--num_inner_steps", "1", "--device", "cpu", "--progress", "False"]
+    for extra in (["--is_train", "True"], ["--is_train", "False", "--outdir", "out"]):
+        done = subprocess.run([sys.executable, str(ROOT / "edit_w_ptp_v_clip.py"), *common, *extra], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert "training it first" not in done.stdout
+    assert [p.name for p in (tmp_path / "checkpoints").glob("*.safetensors")] == [
+        "case2_CompVis-stable-diffusion-v1-4_T2_K1.safetensors"]
+
+
 def test_explicit_checkpoint_with_other_settings_is_refused(folders, tmp_path):
     common = ["--model", "tiny", "--idx", "2", "--num_ddim_steps", "2", "--num_inner_steps", "1", "--device", "cpu",
               "--progress", "False", "--checkpoint", "inv.safetensors"]
