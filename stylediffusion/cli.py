@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -409,6 +411,28 @@ def save_edit_outputs(outdir: Path, out, bundle, T: int, inversion: str = "style
     return paths + [outdir / "edit.json"]
 
 
+class _StdoutHandler(logging.Handler):
+    """The package's notes (logger ``stylediffusion``: resuming or setting aside a partial inversion...)
+    shown on stdout with the command's own lines; stderr stays for the one ``error:`` line. The stream
+    is looked up at each message, so a replaced ``sys.stdout`` (tests) is honoured."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stdout)
+
+
+@contextmanager
+def package_notes_on_stdout():
+    logger = logging.getLogger("stylediffusion")
+    handler, level = _StdoutHandler(logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         # inside exit_code: these import torch and diffusers, and a Ctrl-C while they load is one line too
@@ -419,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(describe_methods())
             return 0
-        run(args)
+        with package_notes_on_stdout():
+            run(args)
         return 0
 
     return exit_code(body, "interrupted: nothing half-written is kept; a partially trained inversion resumes "
