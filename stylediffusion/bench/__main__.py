@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..cli import package_notes_on_stdout
 from ..errors import UserError, exit_code, quiet_libraries
 
 USAGE = """usage: python -m stylediffusion.bench {pie,reproduce,report} [options]
@@ -30,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         quiet_libraries()
+        with package_notes_on_stdout():
+            return run_command()
+
+    def run_command() -> int:
         if command == "pie":
             from .pie import main as pie_main
 
