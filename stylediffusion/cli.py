@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 import time
 from contextlib import contextmanager
@@ -264,16 +263,14 @@ def _device(name: str) -> str:
     return name
 
 
-def checkpoint_path(args, job: Job, model_id: str, options: dict | None = None) -> Path:
+def checkpoint_path(args, job: Job, model_label: str, options: dict | None = None) -> Path:
+    """``--checkpoint``, or ``<checkpoint_dir>/<identity.checkpoint_name(...)>``."""
+    from .identity import checkpoint_name
+
     if args.checkpoint is not None:
         return args.checkpoint
-    options = options or {}
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", model_id).strip("-")
-    method = "" if args.inversion == "stylediffusion" else f"_{args.inversion}"
-    if args.inversion == "stylediffusion":  # non-default variants get their own file
-        method += "" if options.get("variant", "modulate") == "modulate" else f"_{options['variant']}"
-        method += "" if options.get("embedding", "value") == "value" else f"_{options['embedding']}"
-    return args.checkpoint_dir / f"{job.name}_{slug}_T{args.num_ddim_steps}{method}.safetensors"
+    return args.checkpoint_dir / checkpoint_name(job.name, model_label, args.num_ddim_steps, args.num_inner_steps,
+                                                 args.inversion, options)
 
 
 def check_num_steps(num_steps: int, scheduler) -> None:
@@ -311,6 +308,7 @@ def run(args, log=print) -> list[Path]:
     import torch
 
     from .editing import build_controller
+    from .encoders import check_prompt_length
     from .image_io import load_image
     from .api import StyleDiffusionEditor
     from .methods import get_edit, get_inversion
@@ -340,8 +338,10 @@ def run(args, log=print) -> list[Path]:
         log("note: --model tiny has random, untrained weights: outputs show the mechanics, not real edits.")
     T = args.num_ddim_steps
     check_num_steps(T, bundle.scheduler)
-    for job in jobs:  # word-level problems (unknown blend word, unequal word counts...) before any training
+    for job in jobs:  # word-level problems (too long, unknown blend word, unequal word counts...) before any training
+        check_prompt_length(bundle.tokenizer, job.prompt)
         for spec in job.edits:
+            check_prompt_length(bundle.tokenizer, spec.target)
             build_controller(spec, bundle.tokenizer, T)
     editor = StyleDiffusionEditor(bundle, progress=args.progress)
     # each method gets the options it declares (--variant reaches StyleDiffusion only)
@@ -353,7 +353,7 @@ def run(args, log=print) -> list[Path]:
         notes = [] if job.image_path is None else load_image(job.image_path, bundle.image_size)[1]
         for note in notes:
             log(f"note: {note}")
-        ckpt = checkpoint_path(args, job, bundle.model_id, options)
+        ckpt = checkpoint_path(args, job, bundle.label, options)
         if args.checkpoint is None:  # a name built from data and flags must not leave its folder
             validate.inside(args.checkpoint_dir, ckpt, "the checkpoint")
         if args.retrain and ckpt.is_file():  # only now: every input above has been checked
