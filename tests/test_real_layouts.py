@@ -226,15 +226,22 @@ def test_hub_ids_read_from_the_cache_offline_across_processes(folders, tmp_path)
         "case2_CompVis-stable-diffusion-v1-4_T2_K1.safetensors"]
 
 
-def test_explicit_checkpoint_with_other_settings_is_refused(folders, tmp_path):
+def test_explicit_checkpoint_with_other_settings_is_refused(tmp_path, capsys):
+    """A --checkpoint trained with other settings is refused with one line, never silently reused."""
+    from stylediffusion.cli import main
+
     common = ["--model", "tiny", "--idx", "2", "--num_ddim_steps", "2", "--num_inner_steps", "1", "--device", "cpu",
-              "--progress", "False", "--checkpoint", "inv.safetensors"]
-    assert run_cli("--is_train", "True", *common, cwd=tmp_path).returncode == 0
-    for extra, needle in ((["--lr", "0.05"], "training settings"), (["--variant", "replace"], "variant"),
-                          (["--attention_loss", "False"], "training settings")):
-        out = run_cli("--is_train", "False", *common, *extra, cwd=tmp_path)
-        assert out.returncode == 2 and needle in out.stderr, out.stderr
-        assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+              "--progress", "False", "--checkpoint", str(tmp_path / "inv.safetensors"), "--outdir", str(tmp_path / "o")]
+    assert main(["--is_train", "True", *common]) == 0
+    capsys.readouterr()
+    for extra, needle in ((["--lr", "0.05"], "training settings (lr: 0.01 vs 0.05)"),
+                          (["--variant", "replace"], "variant"),
+                          (["--attention_loss", "False"], "training settings (attention_loss: True vs False)"),
+                          (["--num_inner_steps", "3"], "training settings (num_inner_steps: 1 vs 3)")):
+        assert main(["--is_train", "False", *common, *extra]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_pie_runner_resumes_in_a_new_process_on_a_real_layout(folders, tmp_path):
