@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-import seq_aligner
-from ptp_utils import (BatchLayout, LocalBlend, PromptToPromptController, RefinementEdit, ReplacementEdit,
+from . import seq_aligner
+from .attention_control import (BatchLayout, LocalBlend, PromptToPromptController, RefinementEdit, ReplacementEdit,
                        ReweightEdit, controlled, install_attention_control)
 
 from .ddim import DDIMSchedule, guided

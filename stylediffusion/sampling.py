@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ptp_utils import BatchLayout, CrossAttentionRecorder, controlled, install_attention_control
+from .attention_control import BatchLayout, CrossAttentionRecorder, controlled, install_attention_control
 
 from .ddim import DDIMSchedule, guided
 from .models import ModelBundle

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ptp_utils import BatchLayout, CrossAttentionRecorder, controlled, install_attention_control
+from .attention_control import BatchLayout, CrossAttentionRecorder, controlled, install_attention_control
 
 from .ddim import DDIMSchedule, guided
 from .errors import UserError

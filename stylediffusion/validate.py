@@ -126,7 +126,7 @@ def eq_params(value, what: str = "--eq_params") -> None:
     if value is None:
         return
     # seq_aligner's parser is the one reader of the re-weighting forms (words as text or indices)
-    from seq_aligner import _pairs
+    from .seq_aligner import _pairs
 
     pairs = _pairs(value)
     for word, _ in pairs:

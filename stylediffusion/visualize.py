@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import seq_aligner
+from . import seq_aligner
 
 
 def word_attention_maps(maps: torch.Tensor, prompt: str, tokenizer, grid_hw: tuple[int, int]) -> list[tuple[str, np.ndarray]]:

@@ -253,7 +253,7 @@ def load_metric_backbones(args, device: str, log=print) -> tuple[dict, dict]:
 def _attention_map(maps, spec, tokenizer):
     """The source blend word's averaged mid-low cross-attention map (h, w), for NS-LPIPS, from an edit's
     (prompts, queries, tokens) maps."""
-    import seq_aligner
+    from .. import seq_aligner
 
     if maps is None or not spec.blend_words:
         return None

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ptp_utils import COND, UNCOND, AttentionController, install_attention_control
+from ..attention_control import COND, UNCOND, AttentionController, install_attention_control
 
 from ..editing import EditSpec, num_steps_for, run_edit
 from .common import option

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from ptp_utils import AttentionController
+from ..attention_control import AttentionController
 
 from ..editing import EditSpec, run_edit
 from ..encoders import encode_latent, encode_prompts

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ptp_utils import BatchLayout
+from ..attention_control import BatchLayout
 
 from ..ddim import guided
 from ..encoders import encode_latent, encode_prompts

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ptp_utils import BatchLayout
+from ..attention_control import BatchLayout
 
 from ..ddim import guided
 from ..editing import EditSpec, value_steps_for

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ptp_utils import BatchLayout
+from ..attention_control import BatchLayout
 
 from ..encoders import encode_latent, encode_prompts
 from ..sampling import predict

@@ -38,7 +38,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ptp_utils import AttentionController
+from ..attention_control import AttentionController
 
 from ..files import atomic_write_text
 from ..image_io import save_atomic
@@ -214,12 +214,12 @@ def attention_localisation(bundle, n: int = 50, seed: int = 0, steps: int = 30, 
     ``attention_maps.png`` shows them); each mid-low (latent/4) layer's map, averaged over heads and
     steps, is scored with :func:`attention_mass_inside` against the object's disc dilated by ``dilate``
     px.  Reported per layer and per word, and for the layers' mean map (the figure's view)."""
-    import seq_aligner
+    from .. import seq_aligner
 
     from ..ddim import DDIMSchedule
     from ..encoders import encode_latent, encode_prompts
     from ..sampling import predict
-    from ptp_utils import BatchLayout, controlled, install_attention_control
+    from ..attention_control import BatchLayout, controlled, install_attention_control
 
     rng = np.random.default_rng(seed)
     scenes = [W.sample_scene(rng, split, n_objects=1) for _ in range(n)]

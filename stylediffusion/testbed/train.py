@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ptp_utils import AttentionController
+from ..attention_control import AttentionController
 
 from ..files import atomic_write, atomic_write_text
 from . import model as M
@@ -379,7 +379,7 @@ def object_word_targets(scene, caption_tokens: Dict[str, List[List[int]]], tok, 
 
     The words are found by position (``a [size] colour shape [and ...] on a <bg> background``),
     so a background word equal to an object's colour ("blue") is never confused with it."""
-    import seq_aligner
+    from .. import seq_aligner
 
     from .evaluate import object_word_positions, object_disc
 
@@ -454,7 +454,7 @@ def train_unet(args):
     caption_tokens: Dict[str, List[List[int]]] = {}
     use_attn = args.attn_weight > 0
     if use_attn:
-        from ptp_utils import COND, BatchLayout, controlled, install_attention_control
+        from ..attention_control import COND, BatchLayout, controlled, install_attention_control
 
         state = install_attention_control(unet)
 
