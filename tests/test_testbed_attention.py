@@ -86,7 +86,7 @@ def test_attention_inside_loss_gradient_moves_mass_onto_the_object():
 
 
 def test_map_keeper_keeps_cross_attention_down_to_latent_over_4():
-    from ptp_utils import COND, BatchLayout, controlled, install_attention_control
+    from stylediffusion.attention_control import COND, BatchLayout, controlled, install_attention_control
 
     torch.manual_seed(0)
     unet = M.build_unet()
