@@ -287,7 +287,7 @@ class DemoApp:
                 for name, value, default in (("tau_v", tau_v, TAU_V), ("tau_c", tau_c, TAU_C), ("tau_s", tau_s, TAU_S),
                                              ("tau_u", tau_u, TAU_U))}
         t0 = time.perf_counter()
-        edits, specs, attention, recon = [], [], None, None
+        edits, attention, recon = [], None, None
         with self._lock:
             inv = self._inversion(key)
             # One call per distinct blend pair (the API takes one pair per call); each call checks all its
