@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import UserError
-from .files import atomic_write
+from .files import atomic_write, atomic_write_text
 
 FORMAT = "stylediffusion-inversion"
 FORMAT_VERSION = 1
@@ -35,12 +35,6 @@ IDENTITY_KEYS = {
 MODEL_IDENTITY_VERSION = 2
 
 
-def _atomic_write(path: Path, write) -> None:
-    # a full disk or read-only folder is a one-line UserError; the temporary is removed and the
-    # previous file (e.g. the last good partial inversion) stays
-    atomic_write(path, lambda tmp: write(str(tmp)))
-
-
 def _save_safetensors(tensors: dict, path: str, metadata: dict) -> None:
     """safetensors' ``save_file``; its I/O failures (reported as its own error type, naming the OS error)
     become the ``OSError`` they are, so that a full disk is answered like any other file-system fault."""
@@ -58,9 +52,10 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], metadata
     path = Path(path)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **metadata}
     blob = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: _save_safetensors(blob, tmp, {"stylediffusion": json.dumps(meta)}))
-    text = json.dumps(meta, indent=2, sort_keys=True)
-    _atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text + "\n"))
+    # files.atomic_write: a full disk or read-only folder is one line, the temporary is removed and the
+    # previous file (e.g. the last good partial inversion) stays
+    atomic_write(path, lambda tmp: _save_safetensors(blob, str(tmp), {"stylediffusion": json.dumps(meta)}))
+    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return path
 
 

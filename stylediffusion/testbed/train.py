@@ -586,6 +586,11 @@ def export(out: str, model_dir: str) -> None:
                      "vae_decoder_finetune": summary(dec_meta), "unet": summary(unet_meta),
                      "hardware": "2-core CPU (shared), torch %s" % torch.__version__},
     }
+    _write_model_info(out, model_dir, info)
+
+
+def _write_model_info(out: str, model_dir: str, info: dict) -> None:
+    """testbed.json of an exported model, with the run's evaluation when there is one."""
     ev = os.path.join(out, "eval.json")
     if os.path.exists(ev):
         with open(ev) as f:
@@ -634,12 +639,7 @@ def export_from_init(out: str, model_dir: str, init_from: str) -> None:
         final_attn_loss=float(np.mean(attn[-50:])) if attn else None,
         init_from="the previous test-bed model (same text encoder and VAE)", extra={
             k: v for k, v in meta["extra"].items() if k not in ("init_from", "init_hashes")})
-    ev = os.path.join(out, "eval.json")
-    if os.path.exists(ev):
-        with open(ev) as f:
-            info["evaluation"] = json.load(f)
-    _atomic_json(os.path.join(model_dir, "testbed.json"), info)
-    print(f"exported to {model_dir}", file=sys.stderr)
+    _write_model_info(out, model_dir, info)
 
 
 # ------------------------------------------------------------------------ main
