@@ -111,6 +111,26 @@ def build_text_encoder():
     return CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
 
 
+def truncate_text_encoder(text_encoder, n_layers: int):
+    """The same CLIP text tower keeping only its first ``n_layers`` transformer layers (its token and
+    position embeddings and final layer norm unchanged).  With 0 layers a word's encoding is its own
+    embedding plus its position's, whatever words come before it: colour and shape words stay apart,
+    so a (colour, shape) pair never seen in training is made of encodings that were."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig.from_dict({**text_encoder.config.to_dict(), "num_hidden_layers": n_layers})
+    if n_layers > text_encoder.config.num_hidden_layers or n_layers < 0:
+        raise ValueError(f"cannot keep {n_layers} of {text_encoder.config.num_hidden_layers} layers")
+    out = CLIPTextModel(config)
+    import re
+
+    layer = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
+    keep = {k: v for k, v in text_encoder.state_dict().items()
+            if not layer.search(k) or int(layer.search(k).group(1)) < n_layers}
+    out.load_state_dict(keep)
+    return out.to(text_encoder.dtype).eval()
+
+
 def build_vision_encoder():
     from transformers import CLIPVisionConfig, CLIPVisionModel
 

@@ -291,24 +291,61 @@ def _grad_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def train_vae_decoder(args):
     """Sharpen the decoder with the encoder frozen (the latent space, hence the
-    UNet, is unaffected): L1 + MSE + L1 of image gradients on decode(sample)."""
-    vae, _ = load_trained_vae(args.out, with_decoder_finetune=False)
+    UNet, is unaffected): L1 + MSE + L1 of image gradients on decode(sample).
+
+    With ``--init-from`` the VAE comes from that exported folder; with ``--object-weight``
+    the pixel losses count that much more on the objects' masks dilated by 1 px, where a
+    blurred star point or cross arm is lost."""
+    if args.init_from:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(os.path.join(args.init_from, "vae"), use_safetensors=True)
+    else:
+        vae, _ = load_trained_vae(args.out, with_decoder_finetune=False)
     vae.requires_grad_(False)
+    encoder_hash = vae_encoder_sha256(vae)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     for q in params:
         q.requires_grad_(True)
     st = _Stage(args, "vae_decoder", {"vae": vae}, params, args.lr or 5e-4)
+    extra = st.meta["extra"]
+    if extra.get("encoder_sha256") not in (None, encoder_hash):
+        raise SystemExit(f"error: the VAE encoder in {args.init_from or args.out} differs from the one the run "
+                         f"in {args.out} started with; resume with the same VAE")
+    extra["encoder_sha256"] = encoder_hash
+    extra["object_weight"] = args.object_weight
+    if args.init_from:
+        extra["init_from"] = os.path.abspath(args.init_from)
 
     def step_fn(step):
-        imgs, _ = W.sample_batch(st.rng, args.batch, "train", p_two=args.p_two)
-        x = M.images_to_tensor(imgs)
+        scenes = [W.sample_scene(st.rng, "train", p_two=args.p_two) for _ in range(args.batch)]
+        x = M.images_to_tensor(np.stack([s.image for s in scenes]))
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample()
         rec = vae.decode(z).sample
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + _grad_l1(rec, x)
+        w = (object_loss_weights(scenes, tuple(x.shape[-2:]), args.object_weight)
+             if args.object_weight != 1.0 else None)
+        if w is None:
+            loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        else:
+            loss = ((rec - x).abs() * w).mean() / w.mean() + weighted_mse(rec, x, w)
+        loss = loss + _grad_l1(rec, x)
         return st.update(loss)
 
     return st.run(step_fn)
+
+
+def vae_encoder_sha256(vae) -> str:
+    """sha256 of the encoder's weights (encoder + quant_conv): what fixes the latent space."""
+    import hashlib
+
+    h = hashlib.sha256()
+    sd = vae.state_dict()
+    for k in sorted(sd):
+        if k.startswith(("encoder.", "quant_conv.")):
+            h.update(k.encode())
+            h.update(sd[k].detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_trained_text_encoder(out: str):
@@ -351,9 +388,10 @@ def frozen_parts_from_folder(model_dir: str):
     te = CLIPTextModel.from_pretrained(os.path.join(model_dir, "text_encoder"), use_safetensors=True)
     vae = AutoencoderKL.from_pretrained(os.path.join(model_dir, "vae"), use_safetensors=True)
     unet = UNet2DConditionModel.from_pretrained(os.path.join(model_dir, "unet"), use_safetensors=True)
-    hashes = {name: _file_sha256(os.path.join(model_dir, sub))
-              for name, sub in (("text_encoder", "text_encoder/model.safetensors"),
-                                ("vae", "vae/diffusion_pytorch_model.safetensors"))}
+    # the UNet depends on the text space and the latent space only: a decoder fine-tuned
+    # afterwards (stage vae_decoder) keeps both
+    hashes = {"text_encoder": _file_sha256(os.path.join(model_dir, "text_encoder/model.safetensors")),
+              "vae_encoder": vae_encoder_sha256(vae)}
     return te, vae, unet, hashes
 
 
@@ -421,6 +459,35 @@ def attention_inside_loss(maps: List[torch.Tensor], rows: List[int], tokens: Lis
     return total / len(maps)
 
 
+def object_loss_weights(scenes, latent_hw, weight: float, dilate: int = 1) -> torch.Tensor:
+    """(batch, 1, h, w) weights of the epsilon loss: ``weight`` on latent cells that hold any pixel of
+    an object's mask dilated by ``dilate`` px, 1 elsewhere.
+
+    Most of a scene is background, so an unweighted loss spends little of its signal on the few cells
+    where one shape differs from another; this puts it back there."""
+    masks = np.zeros((len(scenes), 1, scenes[0].size, scenes[0].size), dtype=np.float32)
+    for i, scene in enumerate(scenes):
+        for obj in scene.objects:
+            masks[i, 0][obj.mask] = 1.0
+    m = torch.from_numpy(masks)
+    if dilate:
+        m = F.max_pool2d(m, 2 * dilate + 1, 1, dilate)
+    m = F.adaptive_max_pool2d(m, latent_hw)
+    return 1.0 + (weight - 1.0) * m
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """MSE with per-cell weights, normalised by their mean so the loss keeps its scale."""
+    if weights is None:
+        return F.mse_loss(pred, target)
+    return ((pred - target) ** 2 * weights).mean() / weights.mean()
+
+
+def _hashes_differ(a: Optional[dict], b: dict) -> bool:
+    """True when two hash records disagree on a component both name."""
+    return bool(a) and any(a[k] != b[k] for k in a.keys() & b.keys())
+
+
 def train_unet(args):
     tok = M.build_tokenizer()
     unet = M.build_unet()
@@ -429,6 +496,8 @@ def train_unet(args):
         te, vae, init_unet, init_hashes = frozen_parts_from_folder(args.init_from)
         unet.load_state_dict(init_unet.state_dict())  # starting point; a resumed checkpoint overrides it
         del init_unet
+        if args.text_layers is not None:
+            te = M.truncate_text_encoder(te, args.text_layers)
     else:
         clip_mods, _ = load_trained_text_encoder(args.out)
         te = clip_mods["text"]
@@ -440,13 +509,18 @@ def train_unet(args):
     extra = st.meta["extra"]
     if init_hashes is not None:
         # a resumed run must keep the frozen parts it started with (the latent space and text space)
-        if extra.get("init_hashes") not in (None, init_hashes):
+        if _hashes_differ(extra.get("init_hashes"), init_hashes):
             raise SystemExit(f"error: --init-from {args.init_from} holds a different text encoder / VAE than "
                              f"the run in {args.out} started from; resume with the same components")
+        if extra.get("text_layers", args.text_layers) != args.text_layers:
+            raise SystemExit(f"error: the run in {args.out} uses --text-layers {extra['text_layers']}; "
+                             f"resume with the same value")
+        extra["text_layers"] = args.text_layers
         extra.setdefault("init_from", os.path.abspath(args.init_from))
         extra["init_hashes"] = init_hashes
         extra["scaling_factor"] = sf
     extra["attn_weight"] = args.attn_weight
+    extra["object_weight"] = args.object_weight
     st.meta.setdefault("attn_losses", [])
     sched = M.build_scheduler()
     acp = sched.alphas_cumprod.float()
@@ -481,14 +555,16 @@ def train_unet(args):
         noise = torch.randn_like(z)
         a = acp[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z + (1 - a).sqrt() * noise
+        obj_w = (object_loss_weights(scenes, tuple(z.shape[-2:]), args.object_weight)
+                 if args.object_weight != 1.0 else None)
         if not use_attn:
             pred = unet(zt, t, encoder_hidden_states=emb).sample
-            return st.update(F.mse_loss(pred, noise))
+            return st.update(weighted_mse(pred, noise, obj_w))
         keeper = AttentionMapKeeper()
         state.set(step=0, layout=BatchLayout.single(COND, len(caps)), latent_hw=tuple(zt.shape[-2:]))
         with controlled(state, keeper):
             pred = unet(zt, t, encoder_hidden_states=emb).sample
-        eps_loss = F.mse_loss(pred, noise)
+        eps_loss = weighted_mse(pred, noise, obj_w)
         rows, tokens, discs = [], [], []
         for b, (scene, d) in enumerate(zip(scenes, dropped)):
             if d:
@@ -503,7 +579,7 @@ def train_unet(args):
         attn_loss = attention_inside_loss(keeper.maps, rows, tokens, discs, weights)
         st.meta["attn_losses"].append(attn_loss.item())
         st.update(eps_loss + args.attn_weight * attn_loss)
-        return float(eps_loss)
+        return float(eps_loss.detach())
 
     return st.run(step_fn)
 
@@ -511,16 +587,17 @@ def train_unet(args):
 # ---------------------------------------------------------------------- export
 
 
-def export(out: str, model_dir: str) -> None:
+def export(out: str, model_dir: str, init_from: Optional[str] = None) -> None:
     import diffusers
     from transformers import CLIPVisionModel
 
     os.makedirs(model_dir, exist_ok=True)
-    unet_json = os.path.join(out, "unet.json")
-    init_from = None
-    if os.path.exists(unet_json):
-        with open(unet_json) as f:
-            init_from = json.load(f).get("extra", {}).get("init_from")
+    if init_from is None:
+        for stage in ("unet", "vae_decoder"):
+            path = os.path.join(out, f"{stage}.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    init_from = init_from or json.load(f).get("extra", {}).get("init_from")
     if init_from:
         return export_from_init(out, model_dir, init_from)
     clip_mods, clip_meta = load_trained_text_encoder(out)
@@ -600,45 +677,70 @@ def _write_model_info(out: str, model_dir: str, info: dict) -> None:
 
 
 def export_from_init(out: str, model_dir: str, init_from: str) -> None:
-    """Export a UNet trained with ``--init-from``: every other component (text and image encoders,
-    VAE, tokenizer, scheduler) is copied unchanged from that folder, the UNet comes from ``out``."""
+    """Export what a run started from an exported folder trained: the UNet and/or the VAE decoder
+    come from ``out`` (``unet``, ``vae_decoder`` checkpoints), every other component (text and image
+    encoders, VAE encoder, tokenizer, scheduler) is copied unchanged from ``init_from``.  The text
+    encoder and the VAE encoder must be the ones the run trained against (hash-checked)."""
     import shutil
+
+    from diffusers import AutoencoderKL
 
     unet = M.build_unet()
     meta = load_checkpoint(out, "unet", {"unet": unet}, restore_rng=False)
-    if meta is None:
-        raise SystemExit(f"error: no unet checkpoint in {out}")
-    hashes = meta["extra"].get("init_hashes", {})
-    for name, sub in (("text_encoder", "text_encoder/model.safetensors"),
-                      ("vae", "vae/diffusion_pytorch_model.safetensors")):
-        if hashes.get(name) and _file_sha256(os.path.join(init_from, sub)) != hashes[name]:
-            raise SystemExit(f"error: {init_from}/{sub} changed since the run started")
+    vae = AutoencoderKL.from_pretrained(os.path.join(init_from, "vae"), use_safetensors=True)
+    start_hashes = {"text_encoder": _file_sha256(os.path.join(init_from, "text_encoder/model.safetensors")),
+                    "vae_encoder": vae_encoder_sha256(vae)}
+    dec_meta = load_checkpoint(out, "vae_decoder", {"vae": vae}, restore_rng=False)
+    if meta is None and dec_meta is None:
+        raise SystemExit(f"error: no unet or vae_decoder checkpoint in {out}")
+    if meta is not None and _hashes_differ(meta["extra"].get("init_hashes"), start_hashes):
+        raise SystemExit(f"error: the text encoder or VAE encoder in {init_from} is not the one the UNet "
+                         f"in {out} was trained with")
+    if dec_meta is not None and dec_meta["extra"].get("encoder_sha256") not in (None, start_hashes["vae_encoder"]):
+        raise SystemExit(f"error: the VAE encoder in {init_from} is not the one the decoder in {out} was "
+                         f"trained with")
     same = os.path.abspath(init_from) == os.path.abspath(model_dir)
     if not same:
         os.makedirs(model_dir, exist_ok=True)
-        for sub in ("text_encoder", "vae", "image_encoder", "tokenizer", "scheduler"):
+        for sub in ("text_encoder", "vae", "image_encoder", "tokenizer", "scheduler", "unet"):
             dst = os.path.join(model_dir, sub)
             if os.path.isdir(dst):
                 shutil.rmtree(dst)
             shutil.copytree(os.path.join(init_from, sub), dst)
         shutil.copyfile(os.path.join(init_from, "model_index.json"), os.path.join(model_dir, "model_index.json"))
-    unet.save_pretrained(os.path.join(model_dir, "unet"))
+    if meta is not None:
+        unet.save_pretrained(os.path.join(model_dir, "unet"))
+        if meta["extra"].get("text_layers") is not None:
+            from transformers import CLIPTextModel
+
+            te = CLIPTextModel.from_pretrained(os.path.join(init_from, "text_encoder"), use_safetensors=True)
+            te = M.truncate_text_encoder(te, meta["extra"]["text_layers"])
+            te.save_pretrained(os.path.join(model_dir, "text_encoder"))
+    if dec_meta is not None:
+        vae.save_pretrained(os.path.join(model_dir, "vae"))
     info_path = os.path.join(init_from, "testbed.json")
     info = {}
     if os.path.exists(info_path):
         with open(info_path) as f:
             info = json.load(f)
     info.pop("evaluation", None)  # the starting model's numbers do not describe this one
-    losses, attn = meta.get("losses", []), meta.get("attn_losses", [])
     training = info.setdefault("training", {})
-    if training.get("unet") and "unet_start" not in training:
-        training["unet_start"] = training["unet"]  # what the starting UNet had been trained with
-    training["unet"] = dict(
-        steps=meta["step"], batch=meta.get("batch"), seconds=round(meta["seconds"], 1),
-        final_loss=float(np.mean(losses[-50:])) if losses else None,
-        final_attn_loss=float(np.mean(attn[-50:])) if attn else None,
-        init_from="the previous test-bed model (same text encoder and VAE)", extra={
-            k: v for k, v in meta["extra"].items() if k not in ("init_from", "init_hashes")})
+    if meta is not None:
+        losses, attn = meta.get("losses", []), meta.get("attn_losses", [])
+        if training.get("unet") and "unet_start" not in training:
+            training["unet_start"] = training["unet"]  # what the starting UNet had been trained with
+        training["unet"] = dict(
+            steps=meta["step"], batch=meta.get("batch"), seconds=round(meta["seconds"], 1),
+            final_loss=float(np.mean(losses[-50:])) if losses else None,
+            final_attn_loss=float(np.mean(attn[-50:])) if attn else None,
+            init_from="the previous test-bed model (same text encoder and VAE encoder)", extra={
+                k: v for k, v in meta["extra"].items() if k not in ("init_from", "init_hashes")})
+    if dec_meta is not None:
+        losses = dec_meta.get("losses", [])
+        training.setdefault("vae_decoder_finetunes", []).append(dict(
+            steps=dec_meta["step"], batch=dec_meta.get("batch"), seconds=round(dec_meta["seconds"], 1),
+            final_loss=float(np.mean(losses[-50:])) if losses else None,
+            object_weight=dec_meta["extra"].get("object_weight")))
     _write_model_info(out, model_dir, info)
 
 
@@ -662,10 +764,16 @@ def main(argv=None) -> int:
                    help="torch threads (1 is fastest when the 2 cores are shared)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--init-from", default=None,
-                   help="unet stage: diffusers folder whose text encoder and VAE are used (frozen) and whose "
-                        "UNet is the starting point")
+                   help="unet / vae_decoder / export: diffusers folder whose text encoder and VAE are used "
+                        "(frozen) and whose UNet (or VAE decoder) is the starting point")
     p.add_argument("--attn-weight", type=float, default=0.0,
                    help="unet stage: weight of the cross-attention-inside-the-object loss (0 = off)")
+    p.add_argument("--object-weight", type=float, default=1.0,
+                   help="unet / vae_decoder: weight of the loss on latent cells (pixels) covered by an object "
+                        "(mask dilated by 1 px); 1 = unweighted")
+    p.add_argument("--text-layers", type=int, default=None,
+                   help="unet stage with --init-from: keep only this many transformer layers of the frozen "
+                        "text encoder (0: context-free word encodings); export writes that text encoder")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
@@ -680,7 +788,7 @@ def main(argv=None) -> int:
         args.p_two = d[2] if user_p is None else user_p
         {"clip": train_clip, "vae": train_vae, "unet": train_unet, "vae_decoder": train_vae_decoder}[s](args)
     if args.stage in ("export", "all"):
-        export(args.out, args.model_dir)
+        export(args.out, args.model_dir, args.init_from)
     return 0
 
 

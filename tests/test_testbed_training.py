@@ -1,0 +1,125 @@
+"""Test-bed training options of issue 13 (no real training: untrained tiny components, a step or two):
+context-free text encodings, object-weighted losses, the decoder fine-tune from an exported folder,
+and exports that keep the latent and text spaces the UNet was trained in."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from stylediffusion.testbed import model as M
+from stylediffusion.testbed import train as T
+from stylediffusion.testbed import world as W
+
+from test_testbed_attention import _init_folder
+
+
+def _encode(te, caption):
+    ids = T.tokenize(M.build_tokenizer(), [caption])
+    with torch.no_grad():
+        return te(input_ids=ids).last_hidden_state[0]
+
+
+def test_truncated_text_encoder_keeps_embeddings_and_drops_context():
+    torch.manual_seed(0)
+    te = M.build_text_encoder().eval()
+    te0 = M.truncate_text_encoder(te, 0)
+    assert te0.config.num_hidden_layers == 0 and M.truncate_text_encoder(te, 2).config.num_hidden_layers == 2
+    # token 3 is "triangle" in both captions; only the word before it differs
+    red, blue = _encode(te, "a red triangle"), _encode(te, "a blue triangle")
+    assert not torch.allclose(red[3], blue[3])            # the full tower mixes "red" into "triangle"
+    red0, blue0 = _encode(te0, "a red triangle"), _encode(te0, "a blue triangle")
+    assert torch.equal(red0[3], blue0[3])                 # context-free: the same encoding
+    assert not torch.allclose(red0[2], blue0[2])
+    # the embeddings are the trained ones, not fresh ones
+    sd, sd0 = te.state_dict(), te0.state_dict()
+    for k, v in sd0.items():
+        assert torch.equal(v, sd[k]), k
+    with pytest.raises(ValueError):
+        M.truncate_text_encoder(te, 4)
+
+
+def test_object_loss_weights_mark_the_cells_that_hold_an_object():
+    scene = W.make_scene([("red", "square", None, (8, 8))], "black")
+    w = T.object_loss_weights([scene], (16, 16), 5.0, dilate=0)
+    assert w.shape == (1, 1, 16, 16)
+    obj = scene.objects[0]
+    x0, y0, x1, y1 = obj.bbox
+    cells = w[0, 0]
+    assert set(torch.unique(cells).tolist()) == {1.0, 5.0}
+    assert cells[y0 // 2, x0 // 2] == 5.0 and cells[(y1 - 1) // 2, (x1 - 1) // 2] == 5.0
+    assert cells[15, 15] == 1.0 and cells[0, 15] == 1.0
+    assert int((cells == 5.0).sum()) == len({(y // 2, x // 2) for y, x in zip(*np.nonzero(obj.mask))})
+    exact = T.object_loss_weights([scene], (32, 32), 5.0, dilate=0)[0, 0]   # the pixel grid (decoder)
+    assert torch.equal(exact == 5.0, torch.from_numpy(obj.mask))
+    grown = T.object_loss_weights([scene], (32, 32), 5.0, dilate=1)[0, 0]
+    assert int((grown == 5.0).sum()) > int(obj.mask.sum()) and bool((grown == 5.0)[torch.from_numpy(obj.mask)].all())
+
+
+def test_weighted_mse_is_mse_when_unweighted_and_keeps_its_scale():
+    a, b = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    ones = torch.ones(2, 1, 8, 8)
+    assert torch.allclose(T.weighted_mse(a, b, ones), torch.nn.functional.mse_loss(a, b))
+    assert torch.allclose(T.weighted_mse(a, b, 3 * ones), T.weighted_mse(a, b, ones))
+    w = ones.clone()
+    w[..., :4] = 9.0                                     # the left half counts 9x
+    err = (a - b) ** 2
+    expected = (9 * err[..., :4].sum() + err[..., 4:].sum()) / (9 * err[..., :4].numel() + err[..., 4:].numel())
+    assert torch.allclose(T.weighted_mse(a, b, w), expected)
+
+
+def _run(argv):
+    assert T.main(argv) == 0
+
+
+def test_decoder_finetune_from_a_folder_keeps_the_encoder_and_exports(tmp_path):
+    init, run, dst = tmp_path / "init", tmp_path / "run", tmp_path / "model"
+    _init_folder(init)
+    _run(["--stage", "vae_decoder", "--init-from", str(init), "--out", str(run), "--steps", "2",
+          "--batch", "2", "--object-weight", "4"])
+    meta = json.loads((run / "vae_decoder.json").read_text())
+    assert meta["step"] == 2 and meta["extra"]["object_weight"] == 4.0
+    _run(["--stage", "export", "--out", str(run), "--model-dir", str(dst)])   # init folder read from the run
+    from diffusers import AutoencoderKL
+
+    before = AutoencoderKL.from_pretrained(init / "vae").state_dict()
+    after = AutoencoderKL.from_pretrained(dst / "vae").state_dict()
+    enc = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    dec = [k for k in before if k.startswith("decoder.")]
+    assert enc and all(torch.equal(before[k], after[k]) for k in enc)
+    assert any(not torch.equal(before[k], after[k]) for k in dec)
+    assert (dst / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (init / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    info = json.loads((dst / "testbed.json").read_text())
+    assert info["training"]["vae_decoder_finetunes"][-1]["steps"] == 2
+    # a UNet run started from the exported folder sees the same latent space: the hashes agree
+    assert T.frozen_parts_from_folder(str(dst))[3]["vae_encoder"] == T.frozen_parts_from_folder(str(init))[3]["vae_encoder"]
+    # another encoder in the starting folder is refused, on resume and on export
+    torch.manual_seed(5)
+    M.build_vae().save_pretrained(init / "vae")
+    with pytest.raises(SystemExit, match="error:"):
+        T.main(["--stage", "vae_decoder", "--init-from", str(init), "--out", str(run), "--steps", "3",
+                "--batch", "2", "--resume"])
+    with pytest.raises(SystemExit, match="error:"):
+        T.export(str(run), str(tmp_path / "other"))
+
+
+def test_unet_run_with_context_free_text_exports_that_text_encoder(tmp_path):
+    init, run, dst = tmp_path / "init", tmp_path / "run", tmp_path / "model"
+    _init_folder(init)
+    T.M.build_unet().save_pretrained(init / "unet")
+    _run(["--stage", "unet", "--init-from", str(init), "--out", str(run), "--steps", "1", "--batch", "2",
+          "--text-layers", "0", "--object-weight", "5", "--attn-weight", "0.3"])
+    meta = json.loads((run / "unet.json").read_text())
+    assert meta["extra"]["text_layers"] == 0 and meta["extra"]["object_weight"] == 5.0
+    _run(["--stage", "export", "--out", str(run), "--model-dir", str(dst)])
+    from transformers import CLIPTextModel
+
+    te = CLIPTextModel.from_pretrained(dst / "text_encoder")
+    assert te.config.num_hidden_layers == 0
+    assert torch.equal(_encode(te, "a red triangle")[3], _encode(te, "a blue triangle")[3])
+    # resuming with another number of layers is refused
+    with pytest.raises(SystemExit, match="error:"):
+        T.main(["--stage", "unet", "--init-from", str(init), "--out", str(run), "--steps", "2", "--batch", "2",
+                "--text-layers", "1", "--resume"])
