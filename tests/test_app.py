@@ -45,7 +45,8 @@ def test_second_invert_is_read_from_the_cache(inverted, editor, monkeypatch):
 
     app, first = inverted
     assert not first.cached
-    assert first.psnr > 20  # the test-bed model reconstructs its own scenes (about 26 dB at T=4, K=2)
+    # the test-bed model reconstructs its own scenes (v1 ~26 dB, v2 ~20 dB at T=4, K=2; an unrelated image ~10 dB)
+    assert first.psnr > 15
     assert first.image.size == first.reconstruction.size == (32, 32)
 
     def no_training(*args, **kwargs):
