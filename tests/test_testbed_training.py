@@ -93,6 +93,7 @@ def test_decoder_finetune_from_a_folder_keeps_the_encoder_and_exports(tmp_path):
         (init / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     info = json.loads((dst / "testbed.json").read_text())
     assert info["training"]["vae_decoder_finetunes"][-1]["steps"] == 2
+    assert "_name_or_path" not in json.loads((dst / "vae" / "config.json").read_text())  # no local path shipped
     # a UNet run started from the exported folder sees the same latent space: the hashes agree
     assert T.frozen_parts_from_folder(str(dst))[3]["vae_encoder"] == T.frozen_parts_from_folder(str(init))[3]["vae_encoder"]
     # another encoder in the starting folder is refused, on resume and on export

@@ -718,6 +718,12 @@ def export_from_init(out: str, model_dir: str, init_from: str) -> None:
             te.save_pretrained(os.path.join(model_dir, "text_encoder"))
     if dec_meta is not None:
         vae.save_pretrained(os.path.join(model_dir, "vae"))
+        # from_pretrained recorded where the VAE was read from; a shipped config names no local path
+        cfg_path = os.path.join(model_dir, "vae", "config.json")
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        cfg.pop("_name_or_path", None)
+        _atomic_json(cfg_path, cfg)
     info_path = os.path.join(init_from, "testbed.json")
     info = {}
     if os.path.exists(info_path):
