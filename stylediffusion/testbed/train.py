@@ -325,11 +325,8 @@ def train_vae_decoder(args):
         rec = vae.decode(z).sample
         w = (object_loss_weights(scenes, tuple(x.shape[-2:]), args.object_weight)
              if args.object_weight != 1.0 else None)
-        if w is None:
-            loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
-        else:
-            loss = ((rec - x).abs() * w).mean() / w.mean() + weighted_mse(rec, x, w)
-        loss = loss + _grad_l1(rec, x)
+        err = rec - x
+        loss = weighted_mean(err.abs(), w) + weighted_mean(err ** 2, w) + _grad_l1(rec, x)
         return st.update(loss)
 
     return st.run(step_fn)
@@ -476,11 +473,16 @@ def object_loss_weights(scenes, latent_hw, weight: float, dilate: int = 1) -> to
     return 1.0 + (weight - 1.0) * m
 
 
-def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
-    """MSE with per-cell weights, normalised by their mean so the loss keeps its scale."""
+def weighted_mean(values: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean of ``values`` with per-cell weights (broadcast), normalised by their mean so a loss keeps
+    its scale; ``None`` is the plain mean."""
     if weights is None:
-        return F.mse_loss(pred, target)
-    return ((pred - target) ** 2 * weights).mean() / weights.mean()
+        return values.mean()
+    return (values * weights).mean() / weights.mean()
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    return weighted_mean((pred - target) ** 2, weights)
 
 
 def _hashes_differ(a: Optional[dict], b: dict) -> bool:
