@@ -57,6 +57,30 @@ def test_object_loss_weights_mark_the_cells_that_hold_an_object():
     assert int((grown == 5.0).sum()) > int(obj.mask.sum()) and bool((grown == 5.0)[torch.from_numpy(obj.mask)].all())
 
 
+def test_background_words_target_the_pixels_outside_the_objects():
+    tok = M.build_tokenizer()
+    # a background colour equal to an object's ("blue") must still be told apart by position
+    scene = W.make_scene([("blue", "star", "small", (8, 8)), ("red", "circle", None, (22, 22))], "blue")
+    assert scene.caption == "a small blue star and a red circle on a blue background"
+    objects_only = T.object_word_targets(scene, {}, tok)
+    with_bg = T.object_word_targets(scene, {}, tok, background=True)
+    assert len(objects_only) == 4 and len(with_bg) == 5
+    for (idx, mask), (idx2, mask2) in zip(objects_only, with_bg):
+        assert idx == idx2 and np.array_equal(mask, mask2)
+    ids = tok(scene.caption).input_ids
+    (bg_tokens, outside), = with_bg[4:]
+    assert bg_tokens == [11] and tok.decode([ids[11]]) == "blue"       # not token 3, the star's "blue"
+    union = scene.objects[0].mask | scene.objects[1].mask
+    assert np.array_equal(outside, ~union)
+    # two background words ("striped gray") each target the same pixels
+    striped = W.make_scene([("green", "cross", "large", (16, 16))], "striped gray")
+    words = T.object_word_targets(striped, {}, tok, background=True)[2:]
+    ids = tok(striped.caption).input_ids
+    assert [tok.decode([ids[i] for i in idx]) for idx, _ in words] == ["striped", "gray"]
+    assert all(np.array_equal(m, ~striped.objects[0].mask) for _, m in words)
+    assert T.background_word_positions(striped) == [6, 7]
+
+
 def test_weighted_mse_is_mse_when_unweighted_and_keeps_its_scale():
     a, b = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     ones = torch.ones(2, 1, 8, 8)
@@ -111,9 +135,10 @@ def test_unet_run_with_context_free_text_exports_that_text_encoder(tmp_path):
     _init_folder(init)
     T.M.build_unet().save_pretrained(init / "unet")
     _run(["--stage", "unet", "--init-from", str(init), "--out", str(run), "--steps", "1", "--batch", "2",
-          "--text-layers", "0", "--object-weight", "5", "--attn-weight", "0.3"])
+          "--text-layers", "0", "--object-weight", "5", "--attn-weight", "0.3", "--attn-background"])
     meta = json.loads((run / "unet.json").read_text())
     assert meta["extra"]["text_layers"] == 0 and meta["extra"]["object_weight"] == 5.0
+    assert meta["extra"]["attn_background"] is True
     _run(["--stage", "export", "--out", str(run), "--model-dir", str(dst)])
     from transformers import CLIPTextModel
 

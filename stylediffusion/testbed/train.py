@@ -22,7 +22,8 @@ Stages:
   latents, 10% of captions dropped to "" (classifier-free guidance); with
   ``--attn-weight`` > 0 an auxiliary loss pulls each object's colour and shape
   words' cross-attention (layers at latent/1, /2, /4) inside the object's disc
-  dilated by 2 px (the world's exact geometry); ``--init-from`` takes the frozen
+  dilated by 2 px (the world's exact geometry), and with ``--attn-background`` each
+  background word's onto the pixels outside the objects; ``--init-from`` takes the frozen
   text encoder and VAE (and the UNet's starting weights) from an exported
   diffusers folder instead of the clip/vae checkpoints;
 * ``export``: writes the diffusers folder (vae, text_encoder, tokenizer, unet,
@@ -409,8 +410,21 @@ class AttentionMapKeeper(AttentionController):
         return probs
 
 
-def object_word_targets(scene, caption_tokens: Dict[str, List[List[int]]], tok, dilate: float = 2.0):
-    """[(token indices, dilated-disc mask HxW)] for the colour and the shape word of every object.
+def background_word_positions(scene) -> List[int]:
+    """Word indices (into ``caption.split()``) of the background's words: "black", or "striped gray"
+    in ``... on a striped gray background`` (found by position, like the objects' words)."""
+    words = scene.caption.split()
+    on_at = sum(len(obj.phrase().split()) for obj in scene.objects) + len(scene.objects) - 1
+    if words[on_at:on_at + 2] != ["on", "a"] or words[-1] != "background":
+        raise ValueError(f"caption {scene.caption!r} does not name its background where expected")
+    return list(range(on_at + 2, len(words) - 1))
+
+
+def object_word_targets(scene, caption_tokens: Dict[str, List[List[int]]], tok, dilate: float = 2.0,
+                        background: bool = False):
+    """[(token indices, mask HxW)] for the colour and the shape word of every object (mask: its disc
+    dilated by ``dilate`` px) and, with ``background``, for each background word (mask: every pixel
+    outside the objects).
 
     The words are found by position (``a [size] colour shape [and ...] on a <bg> background``),
     so a background word equal to an object's colour ("blue") is never confused with it."""
@@ -418,14 +432,21 @@ def object_word_targets(scene, caption_tokens: Dict[str, List[List[int]]], tok, 
 
     from .evaluate import object_word_positions, object_disc
 
+    def token_indices(word_index):
+        key = f"{scene.caption}\t{word_index}"
+        if key not in caption_tokens:
+            caption_tokens[key] = seq_aligner.word_token_indices(scene.caption, word_index, tok)
+        return caption_tokens[key]
+
     out = []
     for k, obj in enumerate(scene.objects):
         disc = object_disc(obj, scene.size, dilate)
         for word_index in object_word_positions(scene, k):
-            key = f"{scene.caption}\t{word_index}"
-            if key not in caption_tokens:
-                caption_tokens[key] = seq_aligner.word_token_indices(scene.caption, word_index, tok)
-            out.append((caption_tokens[key], disc))
+            out.append((token_indices(word_index), disc))
+    if background:
+        outside = ~np.any([obj.mask for obj in scene.objects], axis=0)
+        for word_index in background_word_positions(scene):
+            out.append((token_indices(word_index), outside))
     return out
 
 
@@ -522,6 +543,7 @@ def train_unet(args):
         extra["init_hashes"] = init_hashes
         extra["scaling_factor"] = sf
     extra["attn_weight"] = args.attn_weight
+    extra["attn_background"] = args.attn_background
     extra["object_weight"] = args.object_weight
     st.meta.setdefault("attn_losses", [])
     sched = M.build_scheduler()
@@ -571,7 +593,7 @@ def train_unet(args):
         for b, (scene, d) in enumerate(zip(scenes, dropped)):
             if d:
                 continue
-            for idx, disc in object_word_targets(scene, caption_tokens, tok):
+            for idx, disc in object_word_targets(scene, caption_tokens, tok, background=args.attn_background):
                 rows.append(b)
                 tokens.append(idx)
                 discs.append(disc)
@@ -776,6 +798,9 @@ def main(argv=None) -> int:
                         "(frozen) and whose UNet (or VAE decoder) is the starting point")
     p.add_argument("--attn-weight", type=float, default=0.0,
                    help="unet stage: weight of the cross-attention-inside-the-object loss (0 = off)")
+    p.add_argument("--attn-background", action="store_true",
+                   help="unet stage with --attn-weight: also pull each background word's attention onto the "
+                        "pixels outside the objects")
     p.add_argument("--object-weight", type=float, default=1.0,
                    help="unet / vae_decoder: weight of the loss on latent cells (pixels) covered by an object "
                         "(mask dilated by 1 px); 1 = unweighted")
