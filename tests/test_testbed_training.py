@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from stylediffusion.testbed import evaluate as E
 from stylediffusion.testbed import model as M
 from stylediffusion.testbed import train as T
 from stylediffusion.testbed import world as W
@@ -78,7 +79,7 @@ def test_background_words_target_the_pixels_outside_the_objects():
     ids = tok(striped.caption).input_ids
     assert [tok.decode([ids[i] for i in idx]) for idx, _ in words] == ["striped", "gray"]
     assert all(np.array_equal(m, ~striped.objects[0].mask) for _, m in words)
-    assert T.background_word_positions(striped) == [6, 7]
+    assert E.background_word_positions(striped) == [6, 7]
 
 
 def test_weighted_mse_is_mse_when_unweighted_and_keeps_its_scale():

@@ -33,7 +33,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -163,6 +163,16 @@ def object_word_positions(scene: W.Scene, k: int) -> Tuple[int, int]:
     if words[colour_at] != scene.objects[k].colour or words[shape_at] != scene.objects[k].shape:
         raise ValueError(f"caption {scene.caption!r} does not name object {k} where expected")
     return colour_at, shape_at
+
+
+def background_word_positions(scene: W.Scene) -> List[int]:
+    """Word indices (into ``caption.split()``) of the background's words: "black", or "striped gray"
+    in ``... on a striped gray background`` (found by position, like the objects' words)."""
+    words = scene.caption.split()
+    on_at = sum(len(obj.phrase().split()) for obj in scene.objects) + len(scene.objects) - 1
+    if words[on_at:on_at + 2] != ["on", "a"] or words[-1] != "background":
+        raise ValueError(f"caption {scene.caption!r} does not name its background where expected")
+    return list(range(on_at + 2, len(words) - 1))
 
 
 def cell_fractions(mask: np.ndarray, grid_hw: Tuple[int, int]) -> np.ndarray:

@@ -410,16 +410,6 @@ class AttentionMapKeeper(AttentionController):
         return probs
 
 
-def background_word_positions(scene) -> List[int]:
-    """Word indices (into ``caption.split()``) of the background's words: "black", or "striped gray"
-    in ``... on a striped gray background`` (found by position, like the objects' words)."""
-    words = scene.caption.split()
-    on_at = sum(len(obj.phrase().split()) for obj in scene.objects) + len(scene.objects) - 1
-    if words[on_at:on_at + 2] != ["on", "a"] or words[-1] != "background":
-        raise ValueError(f"caption {scene.caption!r} does not name its background where expected")
-    return list(range(on_at + 2, len(words) - 1))
-
-
 def object_word_targets(scene, caption_tokens: Dict[str, List[List[int]]], tok, dilate: float = 2.0,
                         background: bool = False):
     """[(token indices, mask HxW)] for the colour and the shape word of every object (mask: its disc
@@ -430,7 +420,7 @@ def object_word_targets(scene, caption_tokens: Dict[str, List[List[int]]], tok, 
     so a background word equal to an object's colour ("blue") is never confused with it."""
     from .. import seq_aligner
 
-    from .evaluate import object_word_positions, object_disc
+    from .evaluate import background_word_positions, object_disc, object_word_positions
 
     def token_indices(word_index):
         key = f"{scene.caption}\t{word_index}"
