@@ -82,6 +82,36 @@ def test_background_words_target_the_pixels_outside_the_objects():
     assert E.background_word_positions(striped) == [6, 7]
 
 
+def test_each_pure_cell_reads_its_own_words_and_the_share_loss_measures_that():
+    tok = M.build_tokenizer()
+    # a square of half-width 0.7 * 6.5 = 4.55 px around (12, 12) covers pixels 8..16: 8x8 cells 2..3 (4 px
+    # each) lie inside it; a background equal to the object's colour is still told apart by position
+    scene = W.make_scene([("blue", "square", None, (12, 12))], "blue")
+    targets = T.object_word_targets(scene, {}, tok, background=True)
+    ids = tok(scene.caption).input_ids
+    n_tok = 77
+    select, valid = T.pixel_word_targets(scene, targets, 8, n_tok)
+    cells = select.reshape(8, 8, n_tok)
+    inside = [(y, x) for y in (2, 3) for x in (2, 3)]
+    for y, x in inside:
+        assert valid[y * 8 + x] and [tok.decode([ids[i]]) for i in np.nonzero(cells[y, x])[0]] == ["blue", "square"]
+        assert np.nonzero(cells[y, x])[0].tolist() == [2, 3]
+    assert np.nonzero(cells[0, 7])[0].tolist() == [6]                   # background "blue", not token 2
+    assert not valid[1 * 8 + 2] and not cells[1, 2].any()               # a cell half on the object: left out
+    assert valid.sum() == 4 + np.count_nonzero(E.cell_fractions(~scene.objects[0].mask, (8, 8)) >= 0.99)
+    # the loss: 0 when every pure cell puts all its mass on its words, 1 - share otherwise
+    perfect = torch.zeros(1, 2, 64, n_tok)
+    perfect[0, :, torch.from_numpy(valid)] = torch.from_numpy(select[valid]).float() / \
+        torch.from_numpy(select[valid]).float().sum(-1, keepdim=True)
+    perfect[0, :, torch.from_numpy(~valid), 0] = 1.0
+    one = torch.ones(1)
+    assert T.attention_share_loss([perfect], [scene], [0], [targets], one).item() == pytest.approx(0.0, abs=1e-6)
+    uniform = torch.full((1, 2, 64, n_tok), 1.0 / n_tok)
+    expected = 1.0 - (4 * 2 + (valid.sum() - 4) * 1) / valid.sum() / n_tok   # 2 words inside, 1 outside
+    assert T.attention_share_loss([uniform], [scene], [0], [targets], one).item() == pytest.approx(expected)
+    assert T.attention_share_loss([uniform], [scene], [0], [targets], 0.5 * one).item() == pytest.approx(expected / 2)
+
+
 def test_weighted_mse_is_mse_when_unweighted_and_keeps_its_scale():
     a, b = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     ones = torch.ones(2, 1, 8, 8)
@@ -136,10 +166,13 @@ def test_unet_run_with_context_free_text_exports_that_text_encoder(tmp_path):
     _init_folder(init)
     T.M.build_unet().save_pretrained(init / "unet")
     _run(["--stage", "unet", "--init-from", str(init), "--out", str(run), "--steps", "1", "--batch", "2",
-          "--text-layers", "0", "--object-weight", "5", "--attn-weight", "0.3", "--attn-background"])
+          "--text-layers", "0", "--object-weight", "5", "--attn-weight", "0.3", "--attn-background",
+          "--attn-share-weight", "0.1", "--texture-phase", "random"])
     meta = json.loads((run / "unet.json").read_text())
     assert meta["extra"]["text_layers"] == 0 and meta["extra"]["object_weight"] == 5.0
-    assert meta["extra"]["attn_background"] is True
+    assert meta["extra"]["attn_background"] is True and meta["extra"]["attn_share_weight"] == 0.1
+    assert meta["extra"]["texture_phase"] == "random" and meta["extra"]["texture_phase_from_step"] == [[0, "random"]]
+    assert len(meta["attn_share_losses"]) == 1 and 0.0 < meta["attn_share_losses"][0] < 1.0
     _run(["--stage", "export", "--out", str(run), "--model-dir", str(dst)])
     from transformers import CLIPTextModel
 

@@ -69,6 +69,58 @@ def test_masks_exact_and_captions_mention_attributes():
     assert {len(s.objects) for s in _scenes(3, 50)} == {1, 2}
 
 
+def test_textures_shift_by_their_phase_and_only_training_draws_one():
+    checks = W.background_image("checkered")
+    assert checks[0, 0, 0] == 40 and checks[0, 4, 0] == 100 and checks[4, 0, 0] == 100
+    shifted = W.background_image("checkered", offset=(2, 6))
+    assert np.array_equal(shifted, np.roll(checks, (-2, -6), axis=(0, 1)))
+    assert np.array_equal(W.background_image("checkered", offset=(8, 16)), checks)   # modulo the period
+    assert np.array_equal(W.background_image("checkered", offset=(4, 4)), checks)    # and its symmetry
+    stripes = W.background_image("striped gray")
+    assert np.array_equal(W.background_image("striped gray", offset=(2, 3)), np.roll(stripes, -2, axis=0))
+    for name in ("black", "blue", "gradient"):                                      # nothing to shift
+        assert np.array_equal(W.background_image(name, offset=(2, 6)), W.background_image(name))
+    assert W.texture_period("checkered") == (8, 8) and W.texture_period("striped gray") == (4, 1)
+    # the default ("fixed") keeps every texture at offset 0 and draws exactly what it always drew
+    fixed = _scenes(9, 60)
+    assert all(s.background.offset == (0, 0) for s in fixed)
+    rng = np.random.default_rng(9)
+    assert [W.sample_scene(rng, texture_phase="fixed").caption for _ in range(60)] == [s.caption for s in fixed]
+    # "random": even offsets (whole latent cells), textured backgrounds only, rendered exactly
+    seen = set()
+    for s in _scenes(10, 400, texture_phase="random"):
+        dy, dx = s.background.offset
+        if s.background.kind in ("striped", "checkered"):
+            seen.add((s.background.kind, (dy, dx)))
+        else:
+            assert (dy, dx) == (0, 0)
+        assert dy % 2 == 0 and dx % 2 == 0
+        union = np.any([o.mask for o in s.objects], axis=0)
+        assert np.array_equal(s.image[~union], s.background.image()[~union])
+    assert {o for k, o in seen if k == "striped"} == {(0, 0), (2, 0)}
+    assert len({o for k, o in seen if k == "checkered"}) == 16
+    # an edit keeps the source's phase
+    s = W.make_scene([("red", "circle", None, (16, 16))], "checkered", background_offset=(2, 4))
+    assert W.edit(s, "colour", to="blue").target.background.offset == (2, 4)
+    with pytest.raises(ValueError, match="texture_phase"):
+        W.sample_scene(np.random.default_rng(0), texture_phase="shifted")
+
+
+def test_analyser_finds_objects_on_a_texture_at_any_phase():
+    for offset in [(0, 0), (2, 6), (5, 3)]:
+        s = W.make_scene([("green", "star", "large", (12, 14)), ("white", "cross", "small", (25, 6))],
+                         "checkered", background_offset=offset)
+        free = A.analyse_free(s.image, "checkered")
+        assert free.colours == ["green", "white"] and free.shapes == ["star", "cross"], offset
+        assert len(free.regions) == 2 and free.background_psnr == float("inf")   # no check read as an object
+        laid = A.analyse(s.image, s, reference=s)                   # the scene's own phase
+        assert laid.colours == ["green", "white"] and laid.shapes == ["star", "cross"]
+    # read against the texture at phase 0, a shifted one is checks everywhere
+    s = W.make_scene([("green", "star", "large", (12, 14))], "checkered", background_offset=(2, 6))
+    assert A.analyse_free(s.image, "checkered").background_psnr == float("inf") and \
+        A.psnr(s.image, W.background_image("checkered"), ~s.objects[0].mask) < 16   # half off by 60
+
+
 def test_analyser_reads_rendered_scenes():
     for s in _scenes(4, 100, p_two=0.5):
         an = A.analyse(s.image, s, reference=s)

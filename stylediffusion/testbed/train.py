@@ -38,7 +38,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -467,6 +467,55 @@ def attention_inside_loss(maps: List[torch.Tensor], rows: List[int], tokens: Lis
     return total / len(maps)
 
 
+def pixel_word_targets(scene, targets, grid: int, n_tokens: int,
+                       purity: float = 0.99) -> Tuple[np.ndarray, np.ndarray]:
+    """Which tokens each cell of a ``grid`` x ``grid`` query map should read, for the query-side loss.
+
+    ``targets``: :func:`object_word_targets` of ``scene`` (with the background).  A cell at least
+    ``purity`` inside one object's mask reads that object's colour and shape words; a cell at least
+    ``purity`` outside every object reads the background's words; mixed cells are left out.
+    Returns (cells x ``n_tokens`` bool selection, cells bool valid)."""
+    from .evaluate import cell_fractions
+
+    n_obj = len(scene.objects)
+    select = np.zeros((grid * grid, n_tokens), dtype=bool)
+    valid = np.zeros(grid * grid, dtype=bool)
+    object_tokens = [sorted({i for idx, _ in targets[2 * k: 2 * k + 2] for i in idx}) for k in range(n_obj)]
+    background_tokens = sorted({i for idx, _ in targets[2 * n_obj:] for i in idx})
+    regions = [(obj.mask, object_tokens[k]) for k, obj in enumerate(scene.objects)]
+    regions.append((targets[-1][1], background_tokens))
+    for mask, tokens in regions:
+        pure = cell_fractions(mask, (grid, grid)).reshape(-1) >= purity
+        select[np.ix_(pure, tokens)] = True
+        valid |= pure
+    return select, valid
+
+
+def attention_share_loss(maps: List[torch.Tensor], scenes, rows: List[int], targets: List[list],
+                         weights: torch.Tensor) -> torch.Tensor:
+    """Mean over (layer, scene, pure cell) of weight * (1 - share of the cell's attention on its words).
+
+    :func:`attention_inside_loss` says where a word's attention goes; this says what a pixel reads:
+    a pixel that gives its attention to padding tokens gets little of its own words' values, so the
+    caption's background (a few percent of a background pixel's attention otherwise) barely reaches it."""
+    if not rows:
+        return maps[0].new_zeros(())
+    total = maps[0].new_zeros(())
+    for probs in maps:
+        grid = int(round(math.sqrt(probs.shape[2])))
+        per_scene = []
+        for r, scene, tg in zip(rows, scenes, targets):
+            select, valid = pixel_word_targets(scene, tg, grid, probs.shape[-1])
+            if not valid.any():
+                per_scene.append(probs.new_zeros(()))
+                continue
+            p = probs[r].mean(0)[torch.from_numpy(valid)]  # (pure cells, tokens)
+            share = (p * torch.from_numpy(select[valid]).to(p.dtype)).sum(-1)
+            per_scene.append((1.0 - share).mean())
+        total = total + (weights * torch.stack(per_scene)).mean()
+    return total / len(maps)
+
+
 def object_loss_weights(scenes, latent_hw, weight: float, dilate: int = 1) -> torch.Tensor:
     """(batch, 1, h, w) weights of the epsilon loss: ``weight`` on latent cells that hold any pixel of
     an object's mask dilated by ``dilate`` px, 1 elsewhere.
@@ -534,13 +583,18 @@ def train_unet(args):
         extra["scaling_factor"] = sf
     extra["attn_weight"] = args.attn_weight
     extra["attn_background"] = args.attn_background
+    extra["attn_share_weight"] = args.attn_share_weight
     extra["object_weight"] = args.object_weight
+    if extra.get("texture_phase", "fixed") != args.texture_phase or "texture_phase" not in extra:
+        # a run may change it on resume; the steps each setting covered stay on record
+        extra.setdefault("texture_phase_from_step", []).append([st.meta["step"], args.texture_phase])
+    extra["texture_phase"] = args.texture_phase
     st.meta.setdefault("attn_losses", [])
     sched = M.build_scheduler()
     acp = sched.alphas_cumprod.float()
     cache: Dict[str, torch.Tensor] = {}
     caption_tokens: Dict[str, List[List[int]]] = {}
-    use_attn = args.attn_weight > 0
+    use_attn = args.attn_weight > 0 or args.attn_share_weight > 0
     if use_attn:
         from ..attention_control import COND, BatchLayout, controlled, install_attention_control
 
@@ -558,7 +612,8 @@ def train_unet(args):
         return torch.stack([cache[c] for c in caps])
 
     def step_fn(step):
-        scenes = [W.sample_scene(st.rng, "train", p_two=args.p_two) for _ in range(args.batch)]
+        scenes = [W.sample_scene(st.rng, "train", p_two=args.p_two, texture_phase=args.texture_phase)
+                  for _ in range(args.batch)]
         imgs = np.stack([s.image for s in scenes])
         dropped = [st.rng.random() < args.uncond_p for _ in scenes]
         caps = ["" if d else s.caption for s, d in zip(scenes, dropped)]
@@ -580,19 +635,33 @@ def train_unet(args):
             pred = unet(zt, t, encoder_hidden_states=emb).sample
         eps_loss = weighted_mse(pred, noise, obj_w)
         rows, tokens, discs = [], [], []
+        scene_rows, scene_targets = [], []
         for b, (scene, d) in enumerate(zip(scenes, dropped)):
             if d:
                 continue
-            for idx, disc in object_word_targets(scene, caption_tokens, tok, background=args.attn_background):
+            targets = object_word_targets(scene, caption_tokens, tok,
+                                          background=args.attn_background or args.attn_share_weight > 0)
+            scene_rows.append(b)
+            scene_targets.append(targets)
+            if not args.attn_background:
+                targets = targets[:2 * len(scene.objects)]
+            for idx, disc in targets:
                 rows.append(b)
                 tokens.append(idx)
                 discs.append(disc)
         # weight by the signal's share of the noisy latent: at t near T the object's place is not
         # in z_t yet, so asking the maps to find it there would be noise in the loss
-        weights = a.view(-1).sqrt()[torch.as_tensor(rows, dtype=torch.long)] if rows else None
+        signal = a.view(-1).sqrt()
+        weights = signal[torch.as_tensor(rows, dtype=torch.long)] if rows else None
         attn_loss = attention_inside_loss(keeper.maps, rows, tokens, discs, weights)
         st.meta["attn_losses"].append(attn_loss.item())
-        st.update(eps_loss + args.attn_weight * attn_loss)
+        loss = eps_loss + args.attn_weight * attn_loss
+        if args.attn_share_weight > 0:
+            share_loss = attention_share_loss(keeper.maps, [scenes[b] for b in scene_rows], scene_rows,
+                                              scene_targets, signal[torch.as_tensor(scene_rows, dtype=torch.long)])
+            st.meta.setdefault("attn_share_losses", []).append(share_loss.item())
+            loss = loss + args.attn_share_weight * share_loss
+        st.update(loss)
         return float(eps_loss.detach())
 
     return st.run(step_fn)
@@ -791,6 +860,14 @@ def main(argv=None) -> int:
     p.add_argument("--attn-background", action="store_true",
                    help="unet stage with --attn-weight: also pull each background word's attention onto the "
                         "pixels outside the objects")
+    p.add_argument("--attn-share-weight", type=float, default=0.0,
+                   help="unet stage: weight of the query-side attention loss: each pixel's share of "
+                        "cross-attention on the words that describe it (its object's colour and shape, or "
+                        "the background's words); 0 = off")
+    p.add_argument("--texture-phase", choices=("fixed", "random"), default="fixed",
+                   help="unet stage: 'random' shifts each striped or checkered training background by a "
+                        "random whole latent cell, so the caption names the texture and not its phase (a "
+                        "convolutional UNet cannot tell absolute position well enough to draw a fixed one)")
     p.add_argument("--object-weight", type=float, default=1.0,
                    help="unet / vae_decoder: weight of the loss on latent cells (pixels) covered by an object "
                         "(mask dilated by 1 px); 1 = unweighted")

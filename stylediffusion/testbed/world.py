@@ -147,21 +147,36 @@ def _stamp(shape: str, cx: int, cy: int, r: float, height: int, width: int) -> n
 # ------------------------------------------------------------------- backgrounds
 
 
+def texture_period(name: str, size: int = DEFAULT_SIZE) -> Tuple[int, int]:
+    """(rows, columns) after which a background repeats itself; (1, 1) for one with no texture to
+    shift (plain), (size, 1) for the gradient (it may not move vertically, any column is alike)."""
+    kind = BACKGROUNDS[name][0]
+    if kind == "striped":
+        return (max(2, (4 * size) // 32), 1)
+    if kind == "checkered":
+        cell = max(1, (4 * size) // 32)
+        return (2 * cell, 2 * cell)
+    if kind == "gradient":
+        return (size, 1)
+    return (1, 1)
+
+
 @lru_cache(maxsize=None)
-def _background_image(name: str, height: int, width: int) -> np.ndarray:
+def _background_image(name: str, height: int, width: int, offset: Tuple[int, int] = (0, 0)) -> np.ndarray:
     kind, a, b = BACKGROUNDS[name]
+    dy, dx = offset
     a_arr, b_arr = np.array(a, np.float64), np.array(b, np.float64)
     img = np.empty((height, width, 3), dtype=np.uint8)
     if kind == "plain":
         img[:] = np.array(a, np.uint8)
     elif kind == "striped":
         period = max(2, (4 * height) // 32)
-        rows = (np.arange(height) % period) < period // 2
+        rows = ((np.arange(height) + dy) % period) < period // 2
         img[rows] = np.array(a, np.uint8)
         img[~rows] = np.array(b, np.uint8)
     elif kind == "checkered":
         cell = max(1, (4 * height) // 32)
-        yy, xx = np.meshgrid(np.arange(height) // cell, np.arange(width) // cell, indexing="ij")
+        yy, xx = np.meshgrid((np.arange(height) + dy) // cell, (np.arange(width) + dx) // cell, indexing="ij")
         on = ((yy + xx) % 2) == 0
         img[on] = np.array(a, np.uint8)
         img[~on] = np.array(b, np.uint8)
@@ -175,11 +190,17 @@ def _background_image(name: str, height: int, width: int) -> np.ndarray:
     return img
 
 
-def background_image(name: str, size: int = DEFAULT_SIZE) -> np.ndarray:
-    """Exact rendering (uint8, HxWx3, a fresh copy) of a named background."""
+def background_image(name: str, size: int = DEFAULT_SIZE, offset: Tuple[int, int] = (0, 0)) -> np.ndarray:
+    """Exact rendering (uint8, HxWx3, a fresh copy) of a named background.
+
+    ``offset`` = (rows, columns) the texture is shifted by (its phase): "checkered" says checks, not
+    where the first one starts.  Taken modulo :func:`texture_period`, so it changes nothing on a plain
+    background or the gradient."""
     if name not in BACKGROUNDS:
         raise ValueError(f"unknown background {name!r}; known: {BACKGROUND_NAMES}")
-    return _background_image(name, size, size).copy()
+    py, px = texture_period(name, size)
+    offset = (int(offset[0]) % py if py < size else 0, int(offset[1]) % px)
+    return _background_image(name, size, size, offset).copy()
 
 
 # ------------------------------------------------------------------- dataclasses
@@ -190,11 +211,15 @@ class Background:
     name: str  # caption words, e.g. "striped gray"
     kind: str  # plain | striped | checkered | gradient
     colours: Tuple[Tuple[int, int, int], Tuple[int, int, int]]
+    offset: Tuple[int, int] = (0, 0)  # texture phase (rows, columns); see background_image
 
     @classmethod
-    def named(cls, name: str) -> "Background":
+    def named(cls, name: str, offset: Tuple[int, int] = (0, 0)) -> "Background":
         kind, a, b = BACKGROUNDS[name]
-        return cls(name=name, kind=kind, colours=(a, b))
+        return cls(name=name, kind=kind, colours=(a, b), offset=(int(offset[0]), int(offset[1])))
+
+    def image(self, size: int = DEFAULT_SIZE) -> np.ndarray:
+        return background_image(self.name, size, self.offset)
 
 
 @dataclass
@@ -279,11 +304,13 @@ def make_scene(
     objects: Sequence[Tuple[str, str, Optional[str], Tuple[int, int]]],
     background: str,
     size: int = DEFAULT_SIZE,
+    background_offset: Tuple[int, int] = (0, 0),
 ) -> Scene:
-    """Render a scene from ``[(colour, shape, size_word, (cx, cy)), ...]``."""
+    """Render a scene from ``[(colour, shape, size_word, (cx, cy)), ...]`` on ``background`` with its
+    texture shifted by ``background_offset`` (see :func:`background_image`)."""
     if background not in BACKGROUNDS:
         raise ValueError(f"unknown background {background!r}")
-    img = background_image(background, size)
+    img = background_image(background, size, background_offset)
     objs: List[SceneObject] = []
     for colour, shape, size_word, (cx, cy) in objects:
         if colour not in OBJECT_COLOURS:
@@ -296,7 +323,7 @@ def make_scene(
                         radius=r, mask=mask, bbox=_bbox(mask))
         )
     return Scene(caption=caption_for(objs, background), image=img, objects=objs,
-                 background=Background.named(background))
+                 background=Background.named(background, background_offset))
 
 
 def _place(rng: np.random.Generator, radii: Sequence[float], size: int,
@@ -328,6 +355,7 @@ def sample_scene(
     p_two: float = 0.5,
     backgrounds: Optional[Sequence[str]] = None,
     sizes: Optional[Sequence[Optional[str]]] = None,
+    texture_phase: str = "fixed",
 ) -> Scene:
     """Draw a random scene.
 
@@ -335,7 +363,13 @@ def sample_scene(
     ``split="heldout"``: the first object always uses a held-out combination
     (any other object is unconstrained), so every held-out caption contains a
     combination the model never saw in training.
+
+    ``texture_phase="random"``: a striped or checkered background is shifted by a random even number
+    of pixels (a whole latent cell of the test-bed VAE), drawn after everything else; ``"fixed"``
+    (the default: the benchmarks' scenes) keeps every texture at offset (0, 0) and draws nothing more.
     """
+    if texture_phase not in ("fixed", "random"):
+        raise ValueError("texture_phase must be 'fixed' or 'random'")
     if split not in ("train", "heldout"):
         raise ValueError("split must be 'train' or 'heldout'")
     if isinstance(rng, (int, np.integer)):
@@ -356,7 +390,11 @@ def sample_scene(
         centres = _place(rng, [radius_for(s[2], size) for s in specs], size)
         if centres is not None:
             break
-    return make_scene([(c, s, z, p) for (c, s, z), p in zip(specs, centres)], bg, size)
+    offset = (0, 0)
+    py, px = texture_period(bg, size)
+    if texture_phase == "random" and py < size and (py > 1 or px > 1):
+        offset = (2 * int(rng.integers(max(1, py // 2))), 2 * int(rng.integers(max(1, px // 2))))
+    return make_scene([(c, s, z, p) for (c, s, z), p in zip(specs, centres)], bg, size, offset)
 
 
 def sample_batch(rng: np.random.Generator, n: int, split: str = "train", size: int = DEFAULT_SIZE,
@@ -420,7 +458,7 @@ def edit(
         index = None  # type: ignore[assignment]
     else:
         raise ValueError("kind must be 'colour', 'shape' or 'background'")
-    target = make_scene(specs, bg, scene.size)
+    target = make_scene(specs, bg, scene.size, scene.background.offset)
     return EditResult(kind=kind, source=scene, target=target, index=index, old=old, new=new)
 
 
