@@ -173,7 +173,11 @@ def test_unet_run_with_context_free_text_exports_that_text_encoder(tmp_path):
     assert meta["extra"]["attn_background"] is True and meta["extra"]["attn_share_weight"] == 0.1
     assert meta["extra"]["texture_phase"] == "random" and meta["extra"]["texture_phase_from_step"] == [[0, "random"]]
     assert len(meta["attn_share_losses"]) == 1 and 0.0 < meta["attn_share_losses"][0] < 1.0
+    # a starting folder whose config names where it was read from: the export names no local path
+    cfg = json.loads((init / "vae" / "config.json").read_text())
+    (init / "vae" / "config.json").write_text(json.dumps({**cfg, "_name_or_path": str(init / "vae")}))
     _run(["--stage", "export", "--out", str(run), "--model-dir", str(dst)])
+    assert "_name_or_path" not in json.loads((dst / "vae" / "config.json").read_text())
     from transformers import CLIPTextModel
 
     te = CLIPTextModel.from_pretrained(dst / "text_encoder")

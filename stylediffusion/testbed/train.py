@@ -759,6 +759,17 @@ def _write_model_info(out: str, model_dir: str, info: dict) -> None:
     print(f"exported to {model_dir}", file=sys.stderr)
 
 
+def _drop_local_path(cfg_path: str) -> None:
+    """from_pretrained records where a component was read from; a shipped config names no local path."""
+    if not os.path.exists(cfg_path):
+        return
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if "_name_or_path" in cfg:
+        cfg.pop("_name_or_path")
+        _atomic_json(cfg_path, cfg)
+
+
 def export_from_init(out: str, model_dir: str, init_from: str) -> None:
     """Export what a run started from an exported folder trained: the UNet and/or the VAE decoder
     come from ``out`` (``unet``, ``vae_decoder`` checkpoints), every other component (text and image
@@ -790,6 +801,7 @@ def export_from_init(out: str, model_dir: str, init_from: str) -> None:
             if os.path.isdir(dst):
                 shutil.rmtree(dst)
             shutil.copytree(os.path.join(init_from, sub), dst)
+            _drop_local_path(os.path.join(dst, "config.json"))
         shutil.copyfile(os.path.join(init_from, "model_index.json"), os.path.join(model_dir, "model_index.json"))
     if meta is not None:
         unet.save_pretrained(os.path.join(model_dir, "unet"))
@@ -801,12 +813,7 @@ def export_from_init(out: str, model_dir: str, init_from: str) -> None:
             te.save_pretrained(os.path.join(model_dir, "text_encoder"))
     if dec_meta is not None:
         vae.save_pretrained(os.path.join(model_dir, "vae"))
-        # from_pretrained recorded where the VAE was read from; a shipped config names no local path
-        cfg_path = os.path.join(model_dir, "vae", "config.json")
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-        cfg.pop("_name_or_path", None)
-        _atomic_json(cfg_path, cfg)
+        _drop_local_path(os.path.join(model_dir, "vae", "config.json"))
     info_path = os.path.join(init_from, "testbed.json")
     info = {}
     if os.path.exists(info_path):
