@@ -23,7 +23,10 @@ Stages:
   ``--attn-weight`` > 0 an auxiliary loss pulls each object's colour and shape
   words' cross-attention (layers at latent/1, /2, /4) inside the object's disc
   dilated by 2 px (the world's exact geometry), and with ``--attn-background`` each
-  background word's onto the pixels outside the objects; ``--init-from`` takes the frozen
+  background word's onto the pixels outside the objects; ``--attn-share-weight`` > 0 asks
+  the other way round, that each pixel's attention fall on the words describing it
+  (:func:`attention_share_loss`); ``--texture-phase random`` shifts striped and checkered
+  backgrounds by a random latent cell; ``--init-from`` takes the frozen
   text encoder and VAE (and the UNet's starting weights) from an exported
   diffusers folder instead of the clip/vae checkpoints;
 * ``export``: writes the diffusers folder (vae, text_encoder, tokenizer, unet,
