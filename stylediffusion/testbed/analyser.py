@@ -366,10 +366,11 @@ def analyse_free(image, background: str, min_area: int = 4) -> Analysis:
     if img.shape[0] != img.shape[1]:
         raise ValueError("image must be square with the world's size")
     py, px = texture_period(background, img.shape[0])
+    pixels = img.astype(np.int32)
     best = None
-    for offset in [(dy, dx) for dy in range(py if py < img.shape[0] else 1) for dx in range(px)]:
+    for offset in [(dy, dx) for dy in range(py) for dx in range(px)]:
         cand = background_image(background, img.shape[0], offset)
-        cand_fg = np.abs(img.astype(np.int32) - cand.astype(np.int32)).max(axis=2) > FREE_FOREGROUND_THRESHOLD
+        cand_fg = np.abs(pixels - cand.astype(np.int32)).max(axis=2) > FREE_FOREGROUND_THRESHOLD
         if best is None or np.count_nonzero(cand_fg) < np.count_nonzero(best[1]):
             best = (cand, cand_fg)
     bg, fg = best

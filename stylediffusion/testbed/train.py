@@ -504,11 +504,14 @@ def attention_share_loss(maps: List[torch.Tensor], scenes, rows: List[int], targ
     if not rows:
         return maps[0].new_zeros(())
     total = maps[0].new_zeros(())
+    cells: Dict[Tuple[int, int], Tuple[np.ndarray, np.ndarray]] = {}  # layers share a few grids
     for probs in maps:
         grid = int(round(math.sqrt(probs.shape[2])))
         per_scene = []
-        for r, scene, tg in zip(rows, scenes, targets):
-            select, valid = pixel_word_targets(scene, tg, grid, probs.shape[-1])
+        for i, (r, scene, tg) in enumerate(zip(rows, scenes, targets)):
+            if (i, grid) not in cells:
+                cells[i, grid] = pixel_word_targets(scene, tg, grid, probs.shape[-1])
+            select, valid = cells[i, grid]
             if not valid.any():
                 per_scene.append(probs.new_zeros(()))
                 continue
@@ -588,7 +591,7 @@ def train_unet(args):
     extra["attn_background"] = args.attn_background
     extra["attn_share_weight"] = args.attn_share_weight
     extra["object_weight"] = args.object_weight
-    if extra.get("texture_phase", "fixed") != args.texture_phase or "texture_phase" not in extra:
+    if extra.get("texture_phase") != args.texture_phase:
         # a run may change it on resume; the steps each setting covered stay on record
         extra.setdefault("texture_phase_from_step", []).append([st.meta["step"], args.texture_phase])
     extra["texture_phase"] = args.texture_phase
@@ -655,10 +658,12 @@ def train_unet(args):
         # weight by the signal's share of the noisy latent: at t near T the object's place is not
         # in z_t yet, so asking the maps to find it there would be noise in the loss
         signal = a.view(-1).sqrt()
-        weights = signal[torch.as_tensor(rows, dtype=torch.long)] if rows else None
-        attn_loss = attention_inside_loss(keeper.maps, rows, tokens, discs, weights)
-        st.meta["attn_losses"].append(attn_loss.item())
-        loss = eps_loss + args.attn_weight * attn_loss
+        loss = eps_loss
+        if args.attn_weight > 0:
+            weights = signal[torch.as_tensor(rows, dtype=torch.long)] if rows else None
+            attn_loss = attention_inside_loss(keeper.maps, rows, tokens, discs, weights)
+            st.meta["attn_losses"].append(attn_loss.item())
+            loss = loss + args.attn_weight * attn_loss
         if args.attn_share_weight > 0:
             share_loss = attention_share_loss(keeper.maps, [scenes[b] for b in scene_rows], scene_rows,
                                               scene_targets, signal[torch.as_tensor(scene_rows, dtype=torch.long)])

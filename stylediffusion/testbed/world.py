@@ -148,16 +148,15 @@ def _stamp(shape: str, cx: int, cy: int, r: float, height: int, width: int) -> n
 
 
 def texture_period(name: str, size: int = DEFAULT_SIZE) -> Tuple[int, int]:
-    """(rows, columns) after which a background repeats itself; (1, 1) for one with no texture to
-    shift (plain), (size, 1) for the gradient (it may not move vertically, any column is alike)."""
+    """(rows, columns) after which a textured background repeats itself: its phase is the offset
+    modulo this.  (1, 1) for a background with no phase to shift (plain, and the gradient, which
+    must not move)."""
     kind = BACKGROUNDS[name][0]
     if kind == "striped":
         return (max(2, (4 * size) // 32), 1)
     if kind == "checkered":
         cell = max(1, (4 * size) // 32)
         return (2 * cell, 2 * cell)
-    if kind == "gradient":
-        return (size, 1)
     return (1, 1)
 
 
@@ -170,12 +169,12 @@ def _background_image(name: str, height: int, width: int, offset: Tuple[int, int
     if kind == "plain":
         img[:] = np.array(a, np.uint8)
     elif kind == "striped":
-        period = max(2, (4 * height) // 32)
+        period = texture_period(name, height)[0]
         rows = ((np.arange(height) + dy) % period) < period // 2
         img[rows] = np.array(a, np.uint8)
         img[~rows] = np.array(b, np.uint8)
     elif kind == "checkered":
-        cell = max(1, (4 * height) // 32)
+        cell = texture_period(name, height)[0] // 2
         yy, xx = np.meshgrid((np.arange(height) + dy) // cell, (np.arange(width) + dx) // cell, indexing="ij")
         on = ((yy + xx) % 2) == 0
         img[on] = np.array(a, np.uint8)
@@ -199,7 +198,7 @@ def background_image(name: str, size: int = DEFAULT_SIZE, offset: Tuple[int, int
     if name not in BACKGROUNDS:
         raise ValueError(f"unknown background {name!r}; known: {BACKGROUND_NAMES}")
     py, px = texture_period(name, size)
-    offset = (int(offset[0]) % py if py < size else 0, int(offset[1]) % px)
+    offset = (int(offset[0]) % py, int(offset[1]) % px)
     return _background_image(name, size, size, offset).copy()
 
 
@@ -392,7 +391,7 @@ def sample_scene(
             break
     offset = (0, 0)
     py, px = texture_period(bg, size)
-    if texture_phase == "random" and py < size and (py > 1 or px > 1):
+    if texture_phase == "random" and (py > 1 or px > 1):
         offset = (2 * int(rng.integers(max(1, py // 2))), 2 * int(rng.integers(max(1, px // 2))))
     return make_scene([(c, s, z, p) for (c, s, z), p in zip(specs, centres)], bg, size, offset)
 
