@@ -132,9 +132,10 @@ def test_decoder_finetune_from_a_folder_keeps_the_encoder_and_exports(tmp_path):
     init, run, dst = tmp_path / "init", tmp_path / "run", tmp_path / "model"
     _init_folder(init)
     _run(["--stage", "vae_decoder", "--init-from", str(init), "--out", str(run), "--steps", "2",
-          "--batch", "2", "--object-weight", "4"])
+          "--batch", "2", "--object-weight", "4", "--texture-phase", "random"])
     meta = json.loads((run / "vae_decoder.json").read_text())
     assert meta["step"] == 2 and meta["extra"]["object_weight"] == 4.0
+    assert meta["extra"]["texture_phase"] == "random" and meta["extra"]["texture_phase_from_step"] == [[0, "random"]]
     _run(["--stage", "export", "--out", str(run), "--model-dir", str(dst)])   # init folder read from the run
     from diffusers import AutoencoderKL
 
@@ -148,6 +149,7 @@ def test_decoder_finetune_from_a_folder_keeps_the_encoder_and_exports(tmp_path):
         (init / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     info = json.loads((dst / "testbed.json").read_text())
     assert info["training"]["vae_decoder_finetunes"][-1]["steps"] == 2
+    assert info["training"]["vae_decoder_finetunes"][-1]["texture_phase"] == "random"
     assert "_name_or_path" not in json.loads((dst / "vae" / "config.json").read_text())  # no local path shipped
     # a UNet run started from the exported folder sees the same latent space: the hashes agree
     assert T.frozen_parts_from_folder(str(dst))[3]["vae_encoder"] == T.frozen_parts_from_folder(str(init))[3]["vae_encoder"]
@@ -167,11 +169,12 @@ def test_unet_run_with_context_free_text_exports_that_text_encoder(tmp_path):
     T.M.build_unet().save_pretrained(init / "unet")
     _run(["--stage", "unet", "--init-from", str(init), "--out", str(run), "--steps", "1", "--batch", "2",
           "--text-layers", "0", "--object-weight", "5", "--attn-weight", "0.3", "--attn-background",
-          "--attn-share-weight", "0.1", "--texture-phase", "random"])
+          "--attn-share-weight", "0.1", "--texture-phase", "random", "--texture-weight", "2"])
     meta = json.loads((run / "unet.json").read_text())
     assert meta["extra"]["text_layers"] == 0 and meta["extra"]["object_weight"] == 5.0
     assert meta["extra"]["attn_background"] is True and meta["extra"]["attn_share_weight"] == 0.1
     assert meta["extra"]["texture_phase"] == "random" and meta["extra"]["texture_phase_from_step"] == [[0, "random"]]
+    assert meta["extra"]["texture_weight"] == 2 and meta["extra"]["texture_weight_from_step"] == [[0, 2]]
     assert len(meta["attn_share_losses"]) == 1 and 0.0 < meta["attn_share_losses"][0] < 1.0
     # a starting folder whose config names where it was read from: the export names no local path
     cfg = json.loads((init / "vae" / "config.json").read_text())
@@ -187,3 +190,17 @@ def test_unet_run_with_context_free_text_exports_that_text_encoder(tmp_path):
     with pytest.raises(SystemExit, match="error:"):
         T.main(["--stage", "unet", "--init-from", str(init), "--out", str(run), "--steps", "2", "--batch", "2",
                 "--text-layers", "1", "--resume"])
+
+
+def test_texture_weight_draws_striped_and_checkered_that_many_times_as_often():
+    assert T.training_backgrounds(1) == W.BACKGROUND_NAMES
+    names = T.training_backgrounds(3)
+    assert names.count("striped gray") == 3 and names.count("checkered") == 3
+    assert all(names.count(n) == 1 for n in ("black", "gray", "blue", "gradient"))
+    rng = np.random.default_rng(0)
+    drawn = [W.sample_scene(rng, backgrounds=names).background.name for _ in range(2000)]
+    share = sum(n in ("striped gray", "checkered") for n in drawn) / len(drawn)
+    assert abs(share - 6 / 10) < 0.04                     # 2 of 6 (0.33) with the default
+    with pytest.raises(SystemExit) as e:
+        T.main(["--stage", "unet", "--texture-weight", "0", "--out", "unused"])
+    assert e.value.code == 2

@@ -121,6 +121,28 @@ def test_analyser_finds_objects_on_a_texture_at_any_phase():
         A.psnr(s.image, W.background_image("checkered"), ~s.objects[0].mask) < 16   # half off by 60
 
 
+def test_free_analyser_follows_a_texture_whose_phase_changes_along_a_seam():
+    # a drawn texture may start over halfway: the checks right of column 16 shifted by half a check
+    s = W.make_scene([("orange", "cross", "large", (9, 16))], "checkered")
+    seam = s.image.copy()
+    right = np.zeros(seam.shape[:2], bool)
+    right[:, 16:] = True
+    right &= ~s.objects[0].mask
+    seam[right] = W.background_image("checkered", offset=(0, 2))[right]
+    free = A.analyse_free(seam, "checkered")
+    assert [(r.colour, r.shape) for r in free.regions] == [("orange", "cross")]
+    # where the object fills one side of a window, the other side's phase may win: a few seam pixels
+    assert 0 <= free.regions[0].area - s.objects[0].mask.sum() <= 8
+    # one phase for the whole image would leave half a column of checks in every shifted check
+    whole = [np.count_nonzero(np.abs(seam.astype(int) - W.background_image("checkered", offset=o).astype(int))
+                              .max(axis=2) > A.FREE_FOREGROUND_THRESHOLD) for o in [(0, 0), (0, 2)]]
+    assert min(whole) > 100
+    # an object whose colour is near the checks is not explained away by a phase: it stays whole
+    s = W.make_scene([("white", "square", "large", (16, 16))], "checkered", background_offset=(3, 1))
+    free = A.analyse_free(s.image, "checkered")
+    assert [(r.colour, r.shape, r.area) for r in free.regions] == [("white", "square", s.objects[0].mask.sum())]
+
+
 def test_analyser_reads_rendered_scenes():
     for s in _scenes(4, 100, p_two=0.5):
         an = A.analyse(s.image, s, reference=s)

@@ -11,8 +11,8 @@ Two entry points:
   the background changed (PSNR outside the dilated object masks).
 * :func:`analyse_free` -- without a layout (generated images): the foreground
   is every pixel that differs clearly from the rendering of the background
-  named in the caption; the largest connected foreground component is read as
-  above.
+  named in the caption (a texture at the phase that fits each neighbourhood);
+  the largest connected foreground component is read as above.
 
 Nothing here looks at captions or model internals: the verdicts come from
 pixels alone.
@@ -47,6 +47,10 @@ SILHOUETTE_THRESHOLD = 60.0
 #: Pixels farther than this (max-channel abs difference) from the expected
 #: background are foreground in :func:`analyse_free`.
 FREE_FOREGROUND_THRESHOLD = 50.0
+#: In :func:`analyse_free`, a pixel of a striped or checkered background is compared with the
+#: texture's phase that fits its neighbourhood best: the square window of this radius, as a
+#: fraction of the image width (6 px at 32: one and a half periods of the checks).
+FREE_PHASE_RADIUS = 3 / 16
 
 
 # ------------------------------------------------------------------------ helpers
@@ -73,6 +77,13 @@ def erode(mask: np.ndarray, steps: int = 1) -> np.ndarray:
         p = np.pad(m, 1, constant_values=False)
         m = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
     return m
+
+
+def box_mean(a: np.ndarray, radius: int) -> np.ndarray:
+    """Mean over the (2 radius + 1)^2 window around each pixel, the image's edge repeated."""
+    k = 2 * radius + 1
+    c = np.pad(np.pad(a.astype(np.float64), radius, mode="edge").cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    return (c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]) / (k * k)
 
 
 def dilate(mask: np.ndarray, steps: int = 1) -> np.ndarray:
@@ -350,30 +361,40 @@ def _component_touching(sil: np.ndarray, core: np.ndarray) -> np.ndarray:
 def analyse_free(image, background: str, min_area: int = 4) -> Analysis:
     """Analyse an image with no layout (e.g. a generated one).
 
-    Foreground = pixels whose max-channel difference from the exact rendering
-    of ``background`` exceeds :data:`FREE_FOREGROUND_THRESHOLD`; a striped or
-    checkered background is rendered at the offset (phase) that leaves the
-    fewest foreground pixels, since a caption names a texture, not where it
-    starts.  Connected
+    Foreground = pixels whose max-channel difference from the rendering of
+    ``background`` exceeds :data:`FREE_FOREGROUND_THRESHOLD`.  A striped or
+    checkered background is rendered at every phase, and each pixel is compared
+    with the phase that fits its neighbourhood best (window radius
+    :data:`FREE_PHASE_RADIUS` of the width): a caption names a texture, not where
+    it starts, and a drawn texture may change phase along a seam.  Differences are
+    clipped at the threshold for that choice, so an object's pixels, far from
+    every phase, do not choose it.  Connected
     components (4-connectivity, area >= ``min_area``) are read largest first,
     each as a region (colour of the median of the eroded component, shape by
     template IoU of the component).  ``background_psnr`` is the PSNR of the
-    non-foreground pixels (dilated by 1) against the ideal background.
+    non-foreground pixels (dilated by 1) against the ideal background (at each
+    pixel's phase).
     """
     img = to_array(image)
     if background not in BACKGROUNDS:
         raise ValueError(f"unknown background {background!r}")
     if img.shape[0] != img.shape[1]:
         raise ValueError("image must be square with the world's size")
-    py, px = texture_period(background, img.shape[0])
+    size = img.shape[0]
+    py, px = texture_period(background, size)
+    radius = max(1, round(FREE_PHASE_RADIUS * size))
     pixels = img.astype(np.int32)
-    best = None
+    best_fit = bg = diff = None
     for offset in [(dy, dx) for dy in range(py) for dx in range(px)]:
-        cand = background_image(background, img.shape[0], offset)
-        cand_fg = np.abs(pixels - cand.astype(np.int32)).max(axis=2) > FREE_FOREGROUND_THRESHOLD
-        if best is None or np.count_nonzero(cand_fg) < np.count_nonzero(best[1]):
-            best = (cand, cand_fg)
-    bg, fg = best
+        cand = background_image(background, size, offset)
+        cand_diff = np.abs(pixels - cand.astype(np.int32)).max(axis=2)
+        if best_fit is None:
+            best_fit = np.full(cand_diff.shape, np.inf)
+            bg, diff = cand.copy(), cand_diff
+        fit = box_mean(np.minimum(cand_diff, FREE_FOREGROUND_THRESHOLD), radius)
+        better = fit < best_fit
+        best_fit[better], bg[better], diff[better] = fit[better], cand[better], cand_diff[better]
+    fg = diff > FREE_FOREGROUND_THRESHOLD
     comps = [c for c in _components(fg) if np.count_nonzero(c) >= min_area]
     comps.sort(key=lambda c: -np.count_nonzero(c))
     reports = []

@@ -318,11 +318,13 @@ def train_vae_decoder(args):
                          f"in {args.out} started with; resume with the same VAE")
     extra["encoder_sha256"] = encoder_hash
     extra["object_weight"] = args.object_weight
+    _record_texture_phase(st, args.texture_phase)
     if args.init_from:
         extra["init_from"] = os.path.abspath(args.init_from)
 
     def step_fn(step):
-        scenes = [W.sample_scene(st.rng, "train", p_two=args.p_two) for _ in range(args.batch)]
+        scenes = [W.sample_scene(st.rng, "train", p_two=args.p_two, texture_phase=args.texture_phase)
+                  for _ in range(args.batch)]
         x = M.images_to_tensor(np.stack([s.image for s in scenes]))
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample()
@@ -334,6 +336,23 @@ def train_vae_decoder(args):
         return st.update(loss)
 
     return st.run(step_fn)
+
+
+def training_backgrounds(texture_weight: int) -> Tuple[str, ...]:
+    """The background names ``sample_scene`` draws from uniformly, with every striped or checkered
+    one listed ``texture_weight`` times: textures drawn that many times as often as each other one."""
+    if texture_weight < 1:
+        raise ValueError("texture_weight must be >= 1")
+    return tuple(name for name in W.BACKGROUND_NAMES
+                 for _ in range(texture_weight if W.BACKGROUNDS[name][0] in ("striped", "checkered") else 1))
+
+
+def _record_texture_phase(st, texture_phase: str) -> None:
+    extra = st.meta["extra"]
+    if extra.get("texture_phase") != texture_phase:
+        # a run may change it on resume; the steps each setting covered stay on record
+        extra.setdefault("texture_phase_from_step", []).append([st.meta["step"], texture_phase])
+    extra["texture_phase"] = texture_phase
 
 
 def vae_encoder_sha256(vae) -> str:
@@ -591,10 +610,11 @@ def train_unet(args):
     extra["attn_background"] = args.attn_background
     extra["attn_share_weight"] = args.attn_share_weight
     extra["object_weight"] = args.object_weight
-    if extra.get("texture_phase") != args.texture_phase:
-        # a run may change it on resume; the steps each setting covered stay on record
-        extra.setdefault("texture_phase_from_step", []).append([st.meta["step"], args.texture_phase])
-    extra["texture_phase"] = args.texture_phase
+    _record_texture_phase(st, args.texture_phase)
+    if extra.get("texture_weight", 1) != args.texture_weight:
+        extra.setdefault("texture_weight_from_step", []).append([st.meta["step"], args.texture_weight])
+    extra["texture_weight"] = args.texture_weight
+    backgrounds = training_backgrounds(args.texture_weight)
     st.meta.setdefault("attn_losses", [])
     sched = M.build_scheduler()
     acp = sched.alphas_cumprod.float()
@@ -618,8 +638,8 @@ def train_unet(args):
         return torch.stack([cache[c] for c in caps])
 
     def step_fn(step):
-        scenes = [W.sample_scene(st.rng, "train", p_two=args.p_two, texture_phase=args.texture_phase)
-                  for _ in range(args.batch)]
+        scenes = [W.sample_scene(st.rng, "train", p_two=args.p_two, backgrounds=backgrounds,
+                                 texture_phase=args.texture_phase) for _ in range(args.batch)]
         imgs = np.stack([s.image for s in scenes])
         dropped = [st.rng.random() < args.uncond_p for _ in scenes]
         caps = ["" if d else s.caption for s, d in zip(scenes, dropped)]
@@ -844,7 +864,8 @@ def export_from_init(out: str, model_dir: str, init_from: str) -> None:
         training.setdefault("vae_decoder_finetunes", []).append(dict(
             steps=dec_meta["step"], batch=dec_meta.get("batch"), seconds=round(dec_meta["seconds"], 1),
             final_loss=float(np.mean(losses[-50:])) if losses else None,
-            object_weight=dec_meta["extra"].get("object_weight")))
+            object_weight=dec_meta["extra"].get("object_weight"),
+            texture_phase=dec_meta["extra"].get("texture_phase", "fixed")))
     _write_model_info(out, model_dir, info)
 
 
@@ -880,9 +901,12 @@ def main(argv=None) -> int:
                         "cross-attention on the words that describe it (its object's colour and shape, or "
                         "the background's words); 0 = off")
     p.add_argument("--texture-phase", choices=("fixed", "random"), default="fixed",
-                   help="unet stage: 'random' shifts each striped or checkered training background by a "
+                   help="unet / vae_decoder: 'random' shifts each striped or checkered training background by a "
                         "random whole latent cell, so the caption names the texture and not its phase (a "
                         "convolutional UNet cannot tell absolute position well enough to draw a fixed one)")
+    p.add_argument("--texture-weight", type=int, default=1,
+                   help="unet stage: draw striped and checkered backgrounds this many times as often as each "
+                        "other background (1 = all six alike)")
     p.add_argument("--object-weight", type=float, default=1.0,
                    help="unet / vae_decoder: weight of the loss on latent cells (pixels) covered by an object "
                         "(mask dilated by 1 px); 1 = unweighted")
@@ -890,6 +914,8 @@ def main(argv=None) -> int:
                    help="unet stage with --init-from: keep only this many transformer layers of the frozen "
                         "text encoder (0: context-free word encodings); export writes that text encoder")
     args = p.parse_args(argv)
+    if args.texture_weight < 1:
+        p.error("--texture-weight must be a whole number >= 1")
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     defaults = {"clip": (500, 128, 0.5), "vae": (1100, 32, 0.5), "unet": (2500, 32, 0.3),
