@@ -384,13 +384,11 @@ def analyse_free(image, background: str, min_area: int = 4) -> Analysis:
     py, px = texture_period(background, size)
     radius = max(1, round(FREE_PHASE_RADIUS * size))
     pixels = img.astype(np.int32)
-    best_fit = bg = diff = None
+    best_fit = np.full((size, size), np.inf)
+    bg, diff = np.zeros_like(img), np.zeros((size, size), np.int32)
     for offset in [(dy, dx) for dy in range(py) for dx in range(px)]:
         cand = background_image(background, size, offset)
         cand_diff = np.abs(pixels - cand.astype(np.int32)).max(axis=2)
-        if best_fit is None:
-            best_fit = np.full(cand_diff.shape, np.inf)
-            bg, diff = cand.copy(), cand_diff
         fit = box_mean(np.minimum(cand_diff, FREE_FOREGROUND_THRESHOLD), radius)
         better = fit < best_fit
         best_fit[better], bg[better], diff[better] = fit[better], cand[better], cand_diff[better]

@@ -318,7 +318,7 @@ def train_vae_decoder(args):
                          f"in {args.out} started with; resume with the same VAE")
     extra["encoder_sha256"] = encoder_hash
     extra["object_weight"] = args.object_weight
-    _record_texture_phase(st, args.texture_phase)
+    _record_setting(st, "texture_phase", args.texture_phase)
     if args.init_from:
         extra["init_from"] = os.path.abspath(args.init_from)
 
@@ -344,15 +344,16 @@ def training_backgrounds(texture_weight: int) -> Tuple[str, ...]:
     if texture_weight < 1:
         raise ValueError("texture_weight must be >= 1")
     return tuple(name for name in W.BACKGROUND_NAMES
-                 for _ in range(texture_weight if W.BACKGROUNDS[name][0] in ("striped", "checkered") else 1))
+                 for _ in range(texture_weight if W.texture_period(name) != (1, 1) else 1))
 
 
-def _record_texture_phase(st, texture_phase: str) -> None:
+def _record_setting(st, key: str, value) -> None:
+    """``extra[key] = value``, and ``extra[key + "_from_step"]`` lists [step, value] whenever it changes:
+    a run may change a setting on resume, and the steps each value covered stay on record."""
     extra = st.meta["extra"]
-    if extra.get("texture_phase") != texture_phase:
-        # a run may change it on resume; the steps each setting covered stay on record
-        extra.setdefault("texture_phase_from_step", []).append([st.meta["step"], texture_phase])
-    extra["texture_phase"] = texture_phase
+    if extra.get(key) != value:
+        extra.setdefault(f"{key}_from_step", []).append([st.meta["step"], value])
+    extra[key] = value
 
 
 def vae_encoder_sha256(vae) -> str:
@@ -610,10 +611,8 @@ def train_unet(args):
     extra["attn_background"] = args.attn_background
     extra["attn_share_weight"] = args.attn_share_weight
     extra["object_weight"] = args.object_weight
-    _record_texture_phase(st, args.texture_phase)
-    if extra.get("texture_weight", 1) != args.texture_weight:
-        extra.setdefault("texture_weight_from_step", []).append([st.meta["step"], args.texture_weight])
-    extra["texture_weight"] = args.texture_weight
+    _record_setting(st, "texture_phase", args.texture_phase)
+    _record_setting(st, "texture_weight", args.texture_weight)
     backgrounds = training_backgrounds(args.texture_weight)
     st.meta.setdefault("attn_losses", [])
     sched = M.build_scheduler()
