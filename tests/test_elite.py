@@ -326,3 +326,28 @@ def test_testbed_word_path_equals_text_path(tmp_path):
                       elite_global=str(tmp_path / "blue.safetensors"), elite_image_encoder=str(tmp_path / "vision"), **kw)
     words = editor.edit(inv, "a large blue triangle on a gray background", method="p2p", **kw)
     assert torch.allclose(out.latents[0], words.latents[0], atol=1e-5)
+
+
+def test_bench_reproduce_runs_elite(setup, tmp_path):
+    """``bench reproduce --edit elite`` on an index whose target uses the placeholder; SPDInv by default."""
+    from stylediffusion.bench import reproduce
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "images" / "cat.png").write_bytes((setup["folder"] / "cat.png").read_bytes())
+    (data / "stylediffusion_prompts.csv").write_text(f"case_number,prompt,image_path\n0,{SOURCE},images/cat.png\n")
+    header = "case_number,prompt,image_path,target,blend_word,eq_params,tau_v,tau_c,tau_s,tau_u,edit_type\n"
+    (data / "stylediffusion_editing.csv").write_text(
+        header + f"0,{SOURCE},images/cat.png,{TARGET},,,0.5,0.4,0.6,0.0,Refinement\n")
+    args = ["--outdir", str(tmp_path / "runs"), "--data_dir", str(data), "--model", "tiny", "--edit", "elite",
+            "--num_ddim_steps", "3", "--device", "cpu", "--method_option", "spdinv_rounds=1",
+            "--method_option", f"elite_global={setup['global']}",
+            "--method_option", f"elite_image_encoder={setup['encoder']}"]
+    stats = reproduce.main(args, log=lambda *_: None)
+    assert stats["processed"] == 1
+    assert (tmp_path / "runs" / "spdinv+elite" / "case0_edit0.png").is_file()
+    (data / "stylediffusion_editing.csv").write_text(
+        header + f"0,{SOURCE},images/cat.png,a photo of a dog,,,0.5,0.4,0.6,0.0,Replacement\n")
+    with pytest.raises(UserError, match="no placeholder"):  # refused before any model loads
+        reproduce.main(["--outdir", str(tmp_path / "runs2"), *args[2:]], log=lambda *_: None)
+    assert not (tmp_path / "runs2" / "spdinv+elite").exists()

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .. import elite
 from ..attention_control import COND, BatchLayout
@@ -72,8 +73,6 @@ def _value(options: dict, name: str):
 
 def _header(path: str, kind: str, flag: str) -> None:
     """Refuse a missing file, a pickle, or a safetensors file that is not ELITE's ``kind`` mapper (header only)."""
-    from safetensors import SafetensorError, safe_open
-
     file = Path(path)
     if not file.is_file():
         raise UserError(f"{flag} '{path}' does not exist: convert the authors' {kind}_mapper.pt once with "
