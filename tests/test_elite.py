@@ -351,3 +351,24 @@ def test_bench_reproduce_runs_elite(setup, tmp_path):
     with pytest.raises(UserError, match="no placeholder"):  # refused before any model loads
         reproduce.main(["--outdir", str(tmp_path / "runs2"), *args[2:]], log=lambda *_: None)
     assert not (tmp_path / "runs2" / "spdinv+elite").exists()
+
+
+def test_demo_lists_elite_and_takes_its_weights_at_launch(setup, tiny, tmp_path):
+    from stylediffusion import StyleDiffusionEditor
+    from stylediffusion.app import DemoApp, build_parser, method_names
+
+    assert "elite" in method_names()[1]  # the demo's edit list is the registry's
+    args = build_parser().parse_args(["--elite_global", str(setup["global"]), "--elite_lambda", "0.5"])
+    assert args.elite_global == str(setup["global"]) and args.elite_lambda == 0.5
+    picture = Image.open(setup["folder"] / "cat.png")
+    editor = StyleDiffusionEditor(tiny, progress=False)
+    bare = DemoApp(editor, tmp_path / "bare")
+    bare.invert(picture, SOURCE, "ddim", 3, 1)
+    with pytest.raises(UserError, match="needs ELITE's global mapper"):  # the page's one line
+        bare.edit(picture, SOURCE, "ddim", 3, 1, TARGET, edit_type="Refinement", edit_method="elite")
+    app = DemoApp(editor, tmp_path / "elite", edit_options=options(setup))
+    app.invert(picture, SOURCE, "ddim", 3, 1)
+    result = app.edit(picture, SOURCE, "ddim", 3, 1, TARGET, edit_type="Refinement", edit_method="elite")
+    assert len(result.edits) == 1 and result.edits[0][1] == TARGET
+    plain = app.edit(picture, SOURCE, "ddim", 3, 1, TARGET, edit_type="Refinement", edit_method="p2p")
+    assert len(plain.edits) == 1  # options an edit does not take are not passed to it
