@@ -158,8 +158,9 @@ def config_from_state_dict(state: dict[str, torch.Tensor], kind: str, source: st
             "attention_layers": names, "attention_widths": [layers[n] for n in names]}
 
 
-def read_mapper(path: str | Path, kind: str, flag: str) -> EliteMapper:
-    """An ``EliteMapper`` from a safetensors file written by ``convert_elite``; never a pickle."""
+def check_mapper_file(path: str | Path, kind: str, flag: str) -> None:
+    """Refuse, from the header only, a missing file, a pickle, or a safetensors file that is not ELITE's
+    ``kind`` mapper written by ``convert_elite``."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -173,14 +174,19 @@ def read_mapper(path: str | Path, kind: str, flag: str) -> EliteMapper:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise UserError(f"{flag} '{path}' is not a readable safetensors file ({one_reason(err)}).") from err
-    if meta.get("format") != FORMAT or meta.get("kind") not in KINDS:
-        raise UserError(f"{flag} '{path}' is not an ELITE mapper written by stylediffusion.convert_elite (its "
-                        f"metadata says format={meta.get('format')!r}, kind={meta.get('kind')!r}).")
-    if meta["kind"] != kind:
-        raise UserError(f"{flag} '{path}' holds ELITE's {meta['kind']} mapper, not its {kind} mapper.")
+    if meta.get("format") != FORMAT or meta.get("kind") != kind:
+        raise UserError(f"{flag} '{path}' is not ELITE's {kind} mapper converted by stylediffusion.convert_elite "
+                        f"(its metadata says format={meta.get('format')!r}, kind={meta.get('kind')!r}).")
+
+
+def read_mapper(path: str | Path, kind: str, flag: str) -> EliteMapper:
+    """An ``EliteMapper`` from a safetensors file written by ``convert_elite``; never a pickle."""
+    from safetensors.torch import load_file
+
+    check_mapper_file(path, kind, flag)
+    state = load_file(str(path))
     config = config_from_state_dict(state, kind, f"{flag} '{path}'")
     if any(not t.is_floating_point() or not torch.isfinite(t).all() for t in state.values()):
         raise UserError(f"{flag} '{path}' holds non-float or non-finite (NaN/inf) weights: convert it again.")

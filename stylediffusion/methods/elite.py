@@ -19,7 +19,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .. import elite
 from ..attention_control import COND, BatchLayout
@@ -71,26 +70,6 @@ def _value(options: dict, name: str):
     return OPTIONS[name].default if value is None else value
 
 
-def _header(path: str, kind: str, flag: str) -> None:
-    """Refuse a missing file, a pickle, or a safetensors file that is not ELITE's ``kind`` mapper (header only)."""
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"{flag} '{path}' does not exist: convert the authors' {kind}_mapper.pt once with "
-                        f"'python -m stylediffusion.convert_elite {kind}_mapper.pt {file.name}'.")
-    if file.suffix != ".safetensors":
-        raise UserError(f"{flag} '{path}' is not a .safetensors file: the toolkit never loads pickles at run time; "
-                        f"convert it with 'python -m stylediffusion.convert_elite {file.name} "
-                        f"{file.with_suffix('.safetensors').name}'.")
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"{flag} '{path}' is not a readable safetensors file ({elite.one_reason(err)}).") from err
-    if meta.get("format") != elite.FORMAT or meta.get("kind") != kind:
-        raise UserError(f"{flag} '{path}' is not ELITE's {kind} mapper converted by stylediffusion.convert_elite "
-                        f"(its metadata says format={meta.get('format')!r}, kind={meta.get('kind')!r}).")
-
-
 def _image_file(path: str, flag: str) -> None:
     file = Path(path)
     if not file.is_file():
@@ -105,10 +84,10 @@ def check_elite_inputs(spec: EditSpec, options: dict) -> None:
         raise UserError("--edit elite needs ELITE's global mapper: convert the authors' global_mapper.pt once with "
                         "'python -m stylediffusion.convert_elite global_mapper.pt elite_global.safetensors' and pass "
                         "--elite_global elite_global.safetensors.")
-    _header(global_file, "global", "--elite_global")
+    elite.check_mapper_file(global_file, "global", "--elite_global")
     local_file, mask = _value(options, "elite_local"), _value(options, "elite_mask")
     if local_file:
-        _header(local_file, "local", "--elite_local")
+        elite.check_mapper_file(local_file, "local", "--elite_local")
         if not mask:
             raise UserError("--elite_local needs --elite_mask: a black-and-white image of the reference's object "
                             "(white = object), as ELITE's local mapping reads only the object's patches.")
