@@ -297,6 +297,15 @@ def test_api_edit_any_inversion(setup, tiny):
         editor.edit(inv, TARGET, method="p2p", elite_lambda=0.5)
     with pytest.raises(UserError, match="elite_lambda"):
         editor.edit(inv, TARGET, method="elite", elite_lambda=float("nan"), **options(setup))
+    with pytest.raises(UserError, match="cannot load the ELITE image encoder .*HF_HUB_OFFLINE"):
+        editor.edit(inv, TARGET, method="elite", **{**options(setup), "elite_image_encoder": elite.DEFAULT_IMAGE_ENCODER})
+    wide = elite.EliteMapper(kind="global", input_dim=32, hidden_dim=8, output_dim=48,
+                             attention_layers=("down_blocks_0_attentions_0_transformer_blocks_0_attn2",),
+                             attention_widths=(32,))
+    other = setup["folder"] / "other_model.safetensors"
+    save_file(wide.state_dict(), str(other), metadata=elite.metadata("global", dict(wide.config), "x.pt", "0"))
+    with pytest.raises(UserError, match="48-wide words, the model's text encoder is 32 wide"):
+        editor.edit(inv, TARGET, method="elite", **{**options(setup), "elite_global": str(other)})
 
 
 def test_testbed_word_path_equals_text_path(tmp_path):
