@@ -83,7 +83,7 @@ def read_pickled_state_dict(source: Path) -> dict:
         raise UserError(f"'{source}' is {source.stat().st_size / 2**30:.1f} GiB, far larger than an ELITE mapper.")
     try:
         state = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - whatever the restricted unpickler says, the file is refused
+    except Exception as err:  # whatever the restricted unpickler objects to, the file is refused
         reason = " ".join(str(err).split())
         if "weights_only" in reason or "Unsupported global" in reason or "GLOBAL" in reason:
             reason = "it holds objects other than tensors (the restricted unpickler refused them; nothing was run)"

@@ -25,7 +25,8 @@ from stylediffusion import elite
 from stylediffusion.attention_control import BatchLayout, controlled, install_attention_control
 from stylediffusion.convert_elite import main as convert_main
 from stylediffusion.errors import UserError
-from stylediffusion.methods import EDITS, INVERSIONS, MethodContext, get_edit, run_method
+from stylediffusion.methods import EDITS, INVERSIONS, MethodContext, run_method
+from stylediffusion.methods.elite import load_components
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE, TARGET = "a photo of a cat", "a photo of a white *"
@@ -199,14 +200,13 @@ def test_placeholder_embedding_reaches_unet(setup, tiny):
         assert torch.allclose(target_row[:position], plain[:position])  # causal: the words before are untouched
         assert (target_row[position] - plain[position]).abs().max() > 1e-3  # the placeholder carries ELITE's word
         assert torch.allclose(text[2], encode_prompts(tiny, [SOURCE])[0])  # the source row is the plain source
-    parts = __import__("stylediffusion.methods.elite", fromlist=["x"]).load_components(ctx)
+    parts = load_components(ctx)
     word = parts["global"](elite.image_hidden_states(parts["encoder"], setup["image"]))[0, 0]
     assert torch.allclose(seen[0][3], elite.encode_with_word(tiny, TARGET, position, word)[0])
 
 
 def local_values(setup, tiny, reference, lam=1.0):
     from stylediffusion.image_io import load_image
-    from stylediffusion.methods.elite import load_components
 
     ctx = MethodContext(tiny, reference, SOURCE, 3, progress=False,
                         options=options(setup, elite_local=str(setup["local"]), elite_mask=str(setup["mask"])))
