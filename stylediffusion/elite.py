@@ -32,10 +32,16 @@ import torch
 import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from transformers import CLIPVisionModel
 
+from . import seq_aligner
 from .attention_control import COND, UNCOND, AttentionController
 from .clip_preprocess import clip_pixel_values
+from .encoders import encode_prompts
 from .errors import UserError
+from .models import _load_component, _missing_weights, _quiet_loading
 
 FORMAT = "stylediffusion-elite"
 KINDS = ("global", "local")
@@ -161,8 +167,6 @@ def config_from_state_dict(state: dict[str, torch.Tensor], kind: str, source: st
 def check_mapper_file(path: str | Path, kind: str, flag: str) -> None:
     """Refuse, from the header only, a missing file, a pickle, or a safetensors file that is not ELITE's
     ``kind`` mapper written by ``convert_elite``."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{flag} '{path}' does not exist: convert the authors' {kind}_mapper.pt once with "
@@ -183,8 +187,6 @@ def check_mapper_file(path: str | Path, kind: str, flag: str) -> None:
 
 def read_mapper(path: str | Path, kind: str, flag: str) -> EliteMapper:
     """An ``EliteMapper`` from a safetensors file written by ``convert_elite``; never a pickle."""
-    from safetensors.torch import load_file
-
     check_mapper_file(path, kind, flag)
     state = load_file(str(path))
     config = config_from_state_dict(state, kind, f"{flag} '{path}'")
@@ -219,10 +221,6 @@ def check_fits(mapper: EliteMapper, bundle, flag: str, vision_width: int) -> Non
 
 def load_image_encoder(name: str, device, dtype):
     """The CLIP ViT-L/14 vision tower, a hub id or local folder, safetensors only, frozen."""
-    from transformers import CLIPVisionModel
-
-    from .models import _load_component, _missing_weights, _quiet_loading
-
     try:
         with _quiet_loading():
             encoder = _load_component(CLIPVisionModel, str(name), None, prefer_half=dtype != torch.float32)
@@ -273,16 +271,12 @@ def injected_token_embeddings(text_encoder, positions: dict[tuple[int, int], tor
 @torch.no_grad()
 def encode_with_word(bundle, prompt: str, position: int, word: torch.Tensor) -> torch.Tensor:
     """(1, tokens, width) text embedding of ``prompt`` whose token at ``position`` is the vector ``word``."""
-    from .encoders import encode_prompts
-
     with injected_token_embeddings(bundle.text_encoder, {(0, position): word.to(bundle.device)}):
         return encode_prompts(bundle, [prompt])
 
 
 def placeholder_position(prompt: str, placeholder: str, tokenizer) -> int:
     """The token position of the placeholder word in ``prompt``; it must be there, once, as one token."""
-    from . import seq_aligner
-
     found = [k for k, w in enumerate(seq_aligner.words(prompt)) if w.lower() == placeholder.lower()]
     if not found:
         raise UserError(f"the target prompt {prompt!r} has no placeholder word {placeholder!r}: ELITE puts the "
