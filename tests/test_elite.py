@@ -235,8 +235,9 @@ def test_local_values_only_in_the_mask_and_the_target_row(setup, tiny):
     z = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(3))
     position = elite.placeholder_position(TARGET, "*", tiny.tokenizer)
 
-    def unet(local_part):
-        controller = elite.EliteAttention(AttentionController(), position, None, local_part)
+    def unet(local_part, projections=None):
+        controller = elite.EliteAttention(AttentionController(), position, projections, local_part)
+        controller.step_text = text
         state.set(step=0, layout=BatchLayout.guided(2), latent_hw=(16, 16), num_steps=1)
         with controlled(state, controller), torch.no_grad():
             return tiny.unet(z, torch.tensor(500), encoder_hidden_states=text).sample
@@ -248,6 +249,13 @@ def test_local_values_only_in_the_mask_and_the_target_row(setup, tiny):
     assert torch.allclose(unet(elite.LocalValues(local.tokens, local.mapper, 0.0))[3], plain[3], atol=1e-6)
     assert torch.allclose(unet(elite.LocalValues(torch.zeros_like(local.tokens), local.mapper, 1.0))[3], plain[3],
                           atol=1e-6)  # an empty mask adds nothing
+    from stylediffusion.methods.elite import UNetProjections
+
+    # the target rows' keys/values recomputed with the UNet's own projections are the UNet's
+    assert torch.allclose(unet(None, UNetProjections(tiny.unet)), plain, atol=1e-5)
+    elite_kv = unet(None, parts["global"])  # ELITE's projections change the target rows only
+    assert torch.allclose(elite_kv[[0, 2]], plain[[0, 2]], atol=1e-6)
+    assert (elite_kv[[1, 3]] - plain[[1, 3]]).abs().max() > 1e-4
 
 
 def test_edit_end_to_end_cli(setup, tmp_path, capsys):
@@ -293,6 +301,9 @@ def test_api_edit_any_inversion(setup, tiny):
     plain = editor.edit(inv, TARGET, method="p2p", edit_type="Refinement")
     assert torch.equal(out.latents[0][0], plain.latents[0][0])  # the source row is the inversion's, untouched
     assert (out.latents[0][1] - plain.latents[0][1]).abs().max() > 1e-4  # the concept changes the edit
+    learned = editor.invert(setup["folder"] / "cat.png", SOURCE, num_inference_steps=2, num_inner_steps=2)
+    assert editor.edit(learned, TARGET, method="elite", edit_type="Refinement", elite_projections="unet",
+                       **options(setup)).latents[0].isfinite().all()  # StyleDiffusion's values + ELITE's word
     with pytest.raises(UserError, match="not an option"):
         editor.edit(inv, TARGET, method="p2p", elite_lambda=0.5)
     with pytest.raises(UserError, match="elite_lambda"):
