@@ -168,6 +168,7 @@ class DemoApp:
 
     editor: object  # stylediffusion.StyleDiffusionEditor
     cache_dir: Path = DEFAULT_CACHE_DIR
+    edit_options: dict = field(default_factory=dict)  # given at launch (--elite_*), passed to the edits that take them
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _loaded: dict = field(default_factory=dict, repr=False)  # key -> Inversion, the last few used
 
@@ -286,6 +287,10 @@ class DemoApp:
         taus = {name: default if value is None else value
                 for name, value, default in (("tau_v", tau_v, TAU_V), ("tau_c", tau_c, TAU_C), ("tau_s", tau_s, TAU_S),
                                              ("tau_u", tau_u, TAU_U))}
+        from .methods import get_edit
+
+        declared = {o.name for o in get_edit(edit_method, method).options}
+        launch_options = {k: v for k, v in self.edit_options.items() if k in declared}
         t0 = time.perf_counter()
         edits, attention, recon = [], None, None
         with self._lock:
@@ -295,7 +300,7 @@ class DemoApp:
             for blend in dict.fromkeys(blends):
                 group = [t for t, b in zip(target_list, blends) if b == blend]
                 out = self.editor.edit(inv, group, edit_type=kind, blend_words=blend, eq_params=eq_params,
-                                       method=edit_method, progress=False, **taus)
+                                       method=edit_method, progress=False, **taus, **launch_options)
                 per_edit = out.seconds / len(group)
                 for target, picture, spec in zip(group, out.images, out.specs):
                     edits.append((target, picture, spec, per_edit))
@@ -488,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 for other machines)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--cache_dir", type=Path, default=DEFAULT_CACHE_DIR, help="where inversions and edits are kept")
+    from .cli import add_elite_arguments
+
+    add_elite_arguments(p)  # the 'elite' edit's weights and settings, for every session
     return p
 
 
@@ -495,7 +503,9 @@ def make_app(args) -> DemoApp:
     from . import StyleDiffusionEditor
 
     editor = StyleDiffusionEditor.from_pretrained(args.model, image_encoder=args.image_encoder, device=args.device)
-    return DemoApp(editor, Path(args.cache_dir))
+    from .cli import elite_options
+
+    return DemoApp(editor, Path(args.cache_dir), edit_options=elite_options(args))
 
 
 def serve(app: DemoApp, host: str = "127.0.0.1", port: int = 7860, block: bool = True, quiet: bool = False):

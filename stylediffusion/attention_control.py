@@ -117,6 +117,12 @@ class AttentionController:
         """May replace keys/values (batch, heads, keys, dim) before attention (e.g. MasaCtrl). Default: unchanged."""
         return k, v
 
+    def add_attention(self, q: torch.Tensor, probs: torch.Tensor, place: AttentionPlace, state: AttentionState):
+        """An extra term (batch, heads, queries, dim) added to the attention output before the layer's output
+        projection, or None (e.g. ELITE's local values); called only where ``needs_maps`` asked for the maps,
+        with the queries and the (edited) maps. Default: None."""
+        return None
+
 
 class ControlledAttnProcessor:
     """Attention with an optional per-row value input and optional map access for a controller."""
@@ -172,6 +178,9 @@ class ControlledAttnProcessor:
                 scores = scores + attention_mask.float()
             probs = controller(scores.softmax(dim=-1), place, state)
             out = torch.matmul(probs.to(v.dtype), v)
+            extra = controller.add_attention(q, probs, place, state)
+            if extra is not None:
+                out = out + extra.to(out.dtype)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn.scale)
 

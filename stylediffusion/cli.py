@@ -154,14 +154,43 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tau_u", type=float, default=None, help=f"P2Plus: self-attention replacement in the unconditional branch ({TAU_U})")
     g.add_argument("--blend_word", default=None, help="LocalBlend words: \"cat tiger\" or \"('cat', 'tiger')\"")
     g.add_argument("--eq_params", type=literal, default=None, help="re-weighting: \"{'words': ['red'], 'values': [2]}\"")
-    g.add_argument("--inversion", default="stylediffusion", help="inversion method (see --list_methods)")
+    g.add_argument("--inversion", default=None,
+                   help="inversion method (see --list_methods; default: the edit's own, spdinv for --edit elite, "
+                        "else stylediffusion)")
     g.add_argument("--edit", default="p2p", help="edit method (see --list_methods)")
     g.add_argument("--method_option", action="append", default=[], metavar="KEY=VALUE",
                    help="method-specific option, repeatable (e.g. sdedit_strength=0.6, embedding=key_value, "
                         "generated_seed=3); see --list_methods and docs/methods.md")
     g.add_argument("--list_methods", action="store_true", help="list the registered inversions and edits, and exit")
     g.add_argument("--progress", type=str2bool, default=True, metavar="True|False", help="show progress bars")
+    add_elite_arguments(p)
     return p
+
+
+# --edit elite's flags, each the method option of the same name (docs/methods.md, ELITE)
+ELITE_FLAGS = ("elite_global", "elite_local", "elite_reference", "elite_mask", "elite_lambda", "elite_placeholder",
+               "elite_word", "elite_projections", "elite_image_encoder")
+
+
+def add_elite_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("--edit elite (SPDInv + ELITE): weights from 'python -m stylediffusion.convert_elite'")
+    g.add_argument("--elite_global", default=None, help="converted global mapper (.safetensors)")
+    g.add_argument("--elite_local", default=None, help="converted local mapper (.safetensors), optional")
+    g.add_argument("--elite_reference", default=None, help="image of the concept (default: the source image)")
+    g.add_argument("--elite_mask", default=None, help="object mask of the reference (white = object), for --elite_local")
+    g.add_argument("--elite_lambda", type=finite_float(minimum=0.0, maximum=20.0), default=None,
+                   help="weight of the local values (0.8)")
+    g.add_argument("--elite_placeholder", default=None, help="the target prompt's placeholder word ('*')")
+    g.add_argument("--elite_word", type=count_at_least(0), default=None, help="which of the five words (0)")
+    g.add_argument("--elite_projections", choices=("elite", "unet"), default=None,
+                   help="target rows' cross-attention keys/values: ELITE's fine-tuned projections or the UNet's")
+    g.add_argument("--elite_image_encoder", default=None, help="CLIP ViT-L/14, hub id or folder "
+                                                              "(openai/clip-vit-large-patch14)")
+
+
+def elite_options(args) -> dict:
+    """The ``--elite_*`` flags that were given, as method options."""
+    return {name: getattr(args, name) for name in ELITE_FLAGS if getattr(args, name, None) is not None}
 
 
 def method_options(pairs: list[str]) -> dict:
@@ -311,23 +340,28 @@ def run(args, log=print) -> list[Path]:
     from .encoders import check_prompt_length
     from .image_io import load_image
     from .api import StyleDiffusionEditor
-    from .methods import get_edit, get_inversion
+    from .methods import default_inversion, get_edit, get_inversion
     from .methods.registry import check_method_options, split_method_options
     from .models import load_models, resolve_dtype, tune_backends
 
     # Everything the flags, the index and the files say is checked here, before any model loads and
     # before anything is written or deleted.
+    if args.inversion is None:
+        args.inversion = default_inversion(None if args.is_train else args.edit)
     get_inversion(args.inversion)  # an unknown name fails here, before anything loads
     if not args.is_train:
         get_edit(args.edit, args.inversion)
     jobs = resolve_jobs(args)
     options = {"variant": args.variant, **check_method_options(method_options(args.method_option), args.inversion,
                                                                 None if args.is_train else args.edit)}
+    # the --elite_* flags are edit options: they do not name the inversion's checkpoint
+    flag_options = check_method_options(elite_options(args), args.inversion, None if args.is_train else args.edit)
     for job in jobs:
         if job.image_path is not None:
             _check_image_readable(job.image_path)
         for spec in job.edits:
             spec.validate()
+            get_edit(args.edit, args.inversion).check(spec, {**options, **flag_options})
     check_output_paths(args, jobs)
     torch.manual_seed(args.seed)
     device = _device(args.device)
@@ -347,6 +381,7 @@ def run(args, log=print) -> list[Path]:
     # each method gets the options it declares (--variant reaches StyleDiffusion only)
     inversion_options, edit_options = split_method_options(options, args.inversion,
                                                            None if args.is_train else args.edit)
+    edit_options.update(flag_options)
     started()  # from here on files are written: Ctrl-C keeps what is finished (see errors.exit_code)
     written: list[Path] = []
     for job in jobs:

@@ -29,7 +29,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_method_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("method (see 'python -m stylediffusion --list_methods')")
-    g.add_argument("--inversion", default="stylediffusion")
+    g.add_argument("--inversion", default=None, help="default: the edit's own (spdinv for elite, else stylediffusion)")
     g.add_argument("--edit", default="p2p")
     g.add_argument("--method_name", default=None,
                    help="label of this configuration in the CSV and output folder (default <inversion>+<edit>)")
@@ -67,21 +67,25 @@ def safe_dirname(text: str) -> str:
     return validate.safe_component(name, "--method_name")
 
 
-def check_method(args) -> None:
+def check_method(args) -> dict:
     """Unknown names or combinations, method options they do not take, and an output folder that cannot
-    be written fail before any model is loaded."""
+    be written fail before any model is loaded; an unnamed inversion becomes the edit's default. Returns
+    the checked ``--method_option`` values."""
     from ..files import writable_folder
-    from ..methods import get_edit, get_inversion
+    from ..methods import default_inversion, get_edit, get_inversion
     from ..methods.registry import check_method_options
 
+    if args.inversion is None:
+        args.inversion = default_inversion(args.edit)
     get_inversion(args.inversion)
     get_edit(args.edit, args.inversion)
     from ..cli import method_options as parse_pairs
 
-    check_method_options(parse_pairs(args.method_option or []), args.inversion, args.edit)
+    checked = check_method_options(parse_pairs(args.method_option or []), args.inversion, args.edit)
     writable_folder(args.outdir, "--outdir")
     if getattr(args, "checkpoint_dir", None) is not None:
         writable_folder(args.checkpoint_dir, "--checkpoint_dir")
+    return checked
 
 
 def load_bundle(args, device: str, log=print):

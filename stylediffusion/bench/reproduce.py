@@ -120,10 +120,13 @@ def contact_sheet(paths: list[Path], title: str):
 
 
 def run(args, log=print) -> dict:
-    options.check_method(args)
+    method_options = options.check_method(args)
     items = index_items(args.idx, args.data_dir)
+    from ..methods import get_edit
+
     for spec in (row_spec(r, args) for _, _, r in items):
         spec.validate()
+        get_edit(args.edit, args.inversion).check(spec, method_options)  # e.g. ELITE's files and placeholder
     shard = init_shard(args.device, args.timeout_hours)
     method = options.method_label(args)
     out = Path(args.outdir)

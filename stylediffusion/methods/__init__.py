@@ -4,10 +4,10 @@ The registry is filled when this package is imported: each method module only de
 and the ``register`` lines below are the one list of what exists (in the order ``--list_methods``
 shows them, which is also the order an edit defined for every inversion lists them in).
 """
-from . import attention_edits, builtin, directinv, generated, npi, nulltext, sdedit, spdinv
+from . import attention_edits, builtin, directinv, elite, generated, npi, nulltext, sdedit, spdinv
 from .registry import (EDITS, INVERSIONS, EditMethod, InversionMethod, Inverted, MethodContext, MethodOption,
-                       MethodOutput, check_method_options, describe_methods, edit_loop_inputs, get_edit,
-                       get_inversion, register, run_method)
+                       MethodOutput, check_method_options, default_inversion, describe_methods, edit_loop_inputs,
+                       get_edit, get_inversion, register, run_method)
 
 register(builtin.StyleDiffusionInversion())
 register(builtin.DDIMInversion())
@@ -24,7 +24,8 @@ register(attention_edits.FPEEdit())
 register(attention_edits.MasaCtrlEdit())
 register(attention_edits.PlugAndPlayEdit())
 register(sdedit.SDEditEdit())
+register(elite.EliteEdit())
 
 __all__ = ["EDITS", "INVERSIONS", "EditMethod", "InversionMethod", "Inverted", "MethodContext", "MethodOption",
-           "MethodOutput", "check_method_options", "describe_methods", "edit_loop_inputs", "get_edit", "get_inversion",
+           "MethodOutput", "check_method_options", "default_inversion", "describe_methods", "edit_loop_inputs", "get_edit", "get_inversion",
            "register", "run_method"]

@@ -120,6 +120,7 @@ class EditMethod:
     defaults: str = ""
     options: tuple[MethodOption, ...] = ()
     defined_for: tuple[str, ...] | None = None
+    default_inversion: str = "stylediffusion"  # what --inversion is when the command line does not say
 
     @property
     def inversions(self) -> tuple[str, ...]:
@@ -128,6 +129,10 @@ class EditMethod:
 
     def edit(self, ctx: MethodContext, inv: Inversion, spec: EditSpec) -> MethodOutput:
         raise NotImplementedError
+
+    def check(self, spec: EditSpec, options: dict) -> None:
+        """Refuse, before any work (model loading, inversion), inputs of this edit that need no model: its
+        files, words of the prompts it relies on. ``options``: the checked method options. Default: none."""
 
 
 INVERSIONS: dict[str, InversionMethod] = {}
@@ -215,6 +220,11 @@ def split_method_options(options: dict, inversion: str, edit: str | None = None)
             {k: v for k, v in options.items() if k in edit_names})
 
 
+def default_inversion(edit: str | None) -> str:
+    """The inversion an edit runs with when none is named (``EditMethod.default_inversion``)."""
+    return EDITS[edit].default_inversion if edit in EDITS else "stylediffusion"
+
+
 def get_inversion(name: str) -> InversionMethod:
     if name not in INVERSIONS:
         raise UserError(f"unknown --inversion {name!r}; registered: {', '.join(sorted(INVERSIONS))}.")
@@ -247,6 +257,7 @@ def run_method(ctx: MethodContext, spec: EditSpec, inversion: str = "stylediffus
     edit_method = get_edit(edit, inversion)
     inversion_method = get_inversion(inversion)
     spec.validate()
+    edit_method.check(spec, ctx.options)
     t0 = time.perf_counter()
     if inverted is None:
         inverted = inversion_method.invert(ctx)
