@@ -58,6 +58,8 @@ _KEY_PATTERN = re.compile(r"^[0-9a-f]{24}$")
 _PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
 # A session's latest inversion and edit downloads stay in the cache this long after its last request.
 SESSION_HOLD_SECONDS = 600.0
+# No text field is read beyond this many characters (the limits on prompts and targets then apply).
+MAX_FIELD_CHARS = 1_000_000
 
 
 def image_digest(image: Image.Image) -> str:
@@ -156,7 +158,7 @@ def parse_targets(text: str | None) -> list[str]:
 
 def check_targets(text, limits: ServiceLimits) -> list[str]:
     """The target prompts of the page: within the operator's limits, each a prompt as the CLI takes it."""
-    text = _field_text(text, "the target prompts", limits.max_targets * (limits.max_prompt_chars + 2))
+    text = _field_text(text, "the target prompts", MAX_FIELD_CHARS)
     targets = parse_targets(text)
     limits.check_targets(len(targets))
     for k, target in enumerate(targets):
@@ -289,12 +291,20 @@ class DemoApp:
     @contextmanager
     def _request(self, session: str | None, *names: str):
         """One request of ``session``: its guard (deadline, cancel flag) and the cache entries it uses, held
-        while it runs; afterwards the entries stay held for the session (its latest results)."""
+        while it runs; afterwards they stay held for the session (its latest results) until its next
+        request starts or SESSION_HOLD_SECONDS pass."""
         guard = RequestGuard(self.limits.max_seconds)
         for name in names:
             self.store.pin(name)
         with self._book:
+            now, released = time.monotonic(), []
+            for other, (when, held) in list(self._holds.items()):
+                if other == session or now - when > SESSION_HOLD_SECONDS:
+                    released += held
+                    del self._holds[other]
             self._running.setdefault(session, []).append(guard)
+        for name in released:
+            self.store.unpin(name)
         try:
             yield guard
         finally:
@@ -302,19 +312,12 @@ class DemoApp:
                 self._running[session].remove(guard)
                 if not self._running[session]:
                     del self._running[session]
-                now = time.monotonic()
-                released = []
-                for other, (when, held) in list(self._holds.items()):
-                    if now - when > SESSION_HOLD_SECONDS:
-                        released += held
-                        del self._holds[other]
                 if session is not None:
-                    released += self._holds.pop(session, (0, []))[1]
+                    previous = self._holds.pop(session, (0.0, []))[1]  # a request of its that ran alongside
+                    self._holds[session] = (time.monotonic(), previous + list(names))
+                else:
                     for name in names:
-                        self.store.pin(name)
-                    self._holds[session] = (now, list(names))
-            for name in list(names) + released:
-                self.store.unpin(name)
+                        self.store.unpin(name)
 
     def cancel(self, session: str | None) -> str:
         """Stop every request of ``session`` (queued or running): it ends with the 'cancelled' line."""
@@ -353,7 +356,7 @@ class DemoApp:
         return T, K
 
     def _source_prompt(self, prompt) -> str:
-        prompt = _field_text(prompt, "the source prompt", self.limits.max_prompt_chars * 4)
+        prompt = _field_text(prompt, "the source prompt", MAX_FIELD_CHARS)
         self.limits.check_text(prompt.strip(), "the source prompt")
         return validate.prompt(prompt, "the source prompt").strip()
 
@@ -477,7 +480,7 @@ class DemoApp:
         target_list = check_targets(targets, self.limits)
         if not target_list:
             raise UserError("edit needs a target prompt (the edited caption): type one per line.")
-        blend_text = _field_text(blend_words, "blend words", self.limits.max_targets * (self.limits.max_prompt_chars + 2))
+        blend_text = _field_text(blend_words, "blend words", MAX_FIELD_CHARS)
         blends = parse_blend_words(blend_text, len(target_list))
         eq_params = parse_reweight(reweight)
         if edit_type not in (None, "") and (not isinstance(edit_type, str) or edit_type not in EDIT_TYPE_CHOICES):
@@ -593,21 +596,30 @@ def build_ui(app: DemoApp, inversion_methods: list[str], edit_methods: list[str]
     # The inputs arrive unprocessed (preprocess=False below): the image as Gradio's record of the uploaded
     # file, numbers and text as sent. DemoApp's own checks read them, so no input reaches a library's
     # exception (a decompression bomb, say, is refused from its header instead of inside Gradio's decoder).
+    def with_request(fn):
+        """Gradio hands a handler its ``gr.Request`` by the parameter's type; this module's annotations are
+        strings (``from __future__ import annotations``) naming a local import, so the type is set here."""
+        fn.__annotations__ = {**fn.__annotations__, "request": gr.Request}
+        return fn
+
     @page_errors
-    def on_invert(image, prompt, method, steps, inner, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+    @with_request
+    def on_invert(image, prompt, method, steps, inner, request=None, progress=gr.Progress(track_tqdm=True)):
         progress(0, desc="inverting (DDIM steps, then training iterations)")
         result = app.invert(image, prompt, method, steps, inner, progress=True, session=_session(request))
         return result.key, for_display(result.reconstruction), result.summary()
 
     @page_errors
+    @with_request
     def on_edit(image, prompt, method, steps, inner, targets, edit_type, tau_v, tau_c, tau_s, tau_u, blend,
-                reweight, edit_method, request: gr.Request):
+                reweight, edit_method, request=None):
         result = app.edit(image, prompt, method, steps, inner, targets, edit_type, tau_v, tau_c, tau_s, tau_u,
                           blend, reweight, edit_method, session=_session(request))
         return (result.strip, [(for_display(im), target) for im, target in result.edits], result.attention_maps,
                 [str(path) for path in result.files], result.summary())
 
-    def on_cancel(request: gr.Request):
+    @with_request
+    def on_cancel(request=None):
         return app.cancel(_session(request))
 
     def on_load(key):

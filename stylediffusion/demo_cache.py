@@ -50,7 +50,7 @@ class BoundedCache:
                 return
             entry = found.setdefault(name, Entry(name, [], 0, 0.0))
             entry.paths.append(path)
-            entry.size += stat.st_size
+            entry.size += 0 if path.is_dir() else stat.st_size  # the bytes of files, as ``du --apparent-size``
             entry.last_used = max(entry.last_used, stat.st_mtime)
 
         if self.root.is_dir():
