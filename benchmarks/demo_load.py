@@ -213,7 +213,10 @@ def session_loop(index: int, url: str, folder: Path, tally: Tally, deadline: flo
             start = time.perf_counter()
             job = client.submit(picture, PROMPT, "stylediffusion", *long_steps, api_name="/invert")
             time.sleep(rng.uniform(0.5, 2.0))
-            client.predict(api_name="/cancel")
+            # What the page's Cancel button does: Gradio's cancels (drops the event, queued or running) and
+            # the demo's own cancel (stops the session's running request at its next model call).
+            dropped = job.cancel()
+            answer = client.predict(api_name="/cancel")
             try:
                 job.result(timeout=120)
                 outcome, detail = "served", "finished before the cancel reached it"
@@ -221,9 +224,11 @@ def session_loop(index: int, url: str, folder: Path, tally: Tally, deadline: flo
                 detail = _message(err)
                 outcome = "cancelled" if detail.startswith("cancelled") else \
                     "refused" if _is_one_line(detail) else "failed"
-            except Exception as err:  # noqa: BLE001 - Gradio's cancel of a queued job ends it client-side
-                outcome, detail = ("cancelled", "dropped from the queue") if "cancel" in type(err).__name__.lower() \
-                    else ("failed", f"{type(err).__name__}: {err}")
+            except Exception as err:  # noqa: BLE001 - a job Gradio cancelled ends client-side without data
+                cancelled = dropped or job.status().code.name == "CANCELLED"
+                outcome = "cancelled" if cancelled else "failed"
+                detail = f"Gradio cancelled it ({type(err).__name__}); the demo answered: {answer}" if cancelled \
+                    else f"{type(err).__name__}: {err}"
             tally.add(index, "cancel", outcome, time.perf_counter() - start, detail, start - t0)
 
 
@@ -375,6 +380,7 @@ def main(argv=None) -> int:
     p.add_argument("--flood", type=int, default=20, help="requests sent at once at the end")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--keep", action="store_true", help="keep the work folder (server log, cache)")
     args = p.parse_args(argv)
     args.sessions = max(1, min(args.sessions, 16))  # bounded: this is a load test of one machine, not a flood tool
     args.duration = max(5.0, min(args.duration, 600.0))
@@ -393,9 +399,11 @@ def main(argv=None) -> int:
         except subprocess.TimeoutExpired:
             server.kill()
     log_text = (work / "server.log").read_text(errors="replace")
-    shutil.rmtree(work, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
     summary.update({"sessions": args.sessions, "cache_max_mb": args.cache_max_mb, "max_seconds": args.max_seconds,
                     "max_queue": args.max_queue, "server_log_tracebacks": log_text.count("Traceback"),
+                    "server_tracebacks": [block[-3000:] for block in log_text.split("Traceback")[1:4]],
                     "server_log_token_warnings": log_text.count("Token indices sequence length")})
     printable = {k: v for k, v in summary.items() if k != "samples"}
     print(json.dumps(printable, indent=2))

@@ -587,6 +587,17 @@ def for_display(image: Image.Image | None, side: int = 256) -> Image.Image | Non
     return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
 
 
+def own_copy(image: Image.Image | None) -> Image.Image | None:
+    """The picture tagged with a text chunk unique to this response. Gradio stores a picture it sends under
+    the hash of its bytes and rewrites that file in place each time, so two sessions sent the same
+    picture at once (a cached inversion) could read it while it is rewritten (an empty download)."""
+    if image is None:
+        return None
+    tagged = image.copy()
+    tagged.info["stylediffusion-response"] = uuid.uuid4().hex
+    return tagged
+
+
 def build_ui(app: DemoApp, inversion_methods: list[str], edit_methods: list[str]):
     """The page: Gradio components wired to ``app``'s methods, nothing else."""
     import gradio as gr
@@ -607,7 +618,7 @@ def build_ui(app: DemoApp, inversion_methods: list[str], edit_methods: list[str]
     def on_invert(image, prompt, method, steps, inner, request=None, progress=gr.Progress(track_tqdm=True)):
         progress(0, desc="inverting (DDIM steps, then training iterations)")
         result = app.invert(image, prompt, method, steps, inner, progress=True, session=_session(request))
-        return result.key, for_display(result.reconstruction), result.summary()
+        return result.key, own_copy(for_display(result.reconstruction)), result.summary()
 
     @page_errors
     @with_request
@@ -615,8 +626,8 @@ def build_ui(app: DemoApp, inversion_methods: list[str], edit_methods: list[str]
                 reweight, edit_method, request=None):
         result = app.edit(image, prompt, method, steps, inner, targets, edit_type, tau_v, tau_c, tau_s, tau_u,
                           blend, reweight, edit_method, session=_session(request))
-        return (result.strip, [(for_display(im), target) for im, target in result.edits], result.attention_maps,
-                [str(path) for path in result.files], result.summary())
+        return (own_copy(result.strip), [(own_copy(for_display(im)), target) for im, target in result.edits],
+                own_copy(result.attention_maps), [str(path) for path in result.files], result.summary())
 
     @with_request
     def on_cancel(request=None):
@@ -627,8 +638,8 @@ def build_ui(app: DemoApp, inversion_methods: list[str], edit_methods: list[str]
         hit = app.cached(key)
         if hit is None:
             return [gr.update()] * 7
-        return (hit.upload, hit.prompt, hit.method, hit.num_inference_steps, hit.num_inner_steps,
-                for_display(hit.reconstruction), hit.summary())
+        return (own_copy(hit.upload), hit.prompt, hit.method, hit.num_inference_steps, hit.num_inner_steps,
+                own_copy(for_display(hit.reconstruction)), hit.summary())
 
     with gr.Blocks(title="StyleDiffusion: invert once, edit many", analytics_enabled=False) as page:
         last_key = gr.BrowserState(None, storage_key="stylediffusion-demo-inversion")
