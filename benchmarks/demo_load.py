@@ -342,6 +342,29 @@ def summarise(rows, events, samples, hung, seconds) -> dict:
             "refusals": sorted({r["detail"] for r in rows if r["outcome"] == "refused"})}
 
 
+def plot(summary: dict, path: Path) -> None:
+    """The server's memory and the cache folder's size over the run, with the cache's bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [s["t"] for s in summary["samples"]]
+    fig, (mem, disk) = plt.subplots(2, 1, figsize=(7, 4.5), sharex=True)
+    mem.plot(t, [s["rss_mb"] for s in summary["samples"]], color="tab:blue")
+    mem.set_ylabel("server RSS (MB)")
+    disk.plot(t, [s["cache_mb"] for s in summary["samples"]], color="tab:green", label="--cache_dir")
+    disk.axhline(summary["cache_max_mb"], color="tab:red", linestyle="--", label="--cache_max_mb")
+    disk.set_ylabel("cache (MB)")
+    disk.set_xlabel("seconds into the run")
+    disk.legend(loc="lower right")
+    mem.set_title(f"demo under load: {summary['sessions']} sessions, {summary['requests']} requests")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def start_server(port: int, cache_dir: Path, cache_max_mb: float, max_seconds: float, max_queue: int,
                  log: Path) -> subprocess.Popen:
     """``python -m stylediffusion.app`` on 127.0.0.1 (never another address), test-bed model, CPU."""
@@ -381,6 +404,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--keep", action="store_true", help="keep the work folder (server log, cache)")
+    p.add_argument("--plot", type=Path, default=None, help="PNG of memory and cache size over the run")
     args = p.parse_args(argv)
     args.sessions = max(1, min(args.sessions, 16))  # bounded: this is a load test of one machine, not a flood tool
     args.duration = max(5.0, min(args.duration, 600.0))
@@ -410,6 +434,8 @@ def main(argv=None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    if args.plot:
+        plot(summary, args.plot)
     return 0 if not summary["failures"] and not summary["hung_sessions"] else 1
 
 

@@ -389,16 +389,19 @@ class DemoApp:
         paths = self._paths(key)
         if not (paths["record"].is_file() and paths["inversion"].is_file()):
             return None
-        record = json.loads(paths["record"].read_text())
 
         def picture(name):
             with Image.open(paths[name]) as img:
                 img.load()
                 return img
 
-        return InvertResult(key, record["prompt"], record["method"], record["num_inference_steps"],
-                            record["num_inner_steps"], picture("upload"), picture("image"), picture("reconstruction"),
-                            record["psnr"], record["seconds"], cached=True)
+        try:
+            record = json.loads(paths["record"].read_text())
+            return InvertResult(key, record["prompt"], record["method"], record["num_inference_steps"],
+                                record["num_inner_steps"], picture("upload"), picture("image"),
+                                picture("reconstruction"), record["psnr"], record["seconds"], cached=True)
+        except (OSError, ValueError, KeyError, TypeError):  # evicted meanwhile, or not a finished entry
+            return None
 
     def _remember(self, key: str, inversion) -> None:
         """Keep the last few inversions in memory: editing one again skips reading its file."""
