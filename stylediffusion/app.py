@@ -56,6 +56,7 @@ _KEY_PATTERN = re.compile(r"^[0-9a-f]{24}$")
 # Modes a PNG stores as they are; an upload in another mode (CMYK, YCbCr, LAB, HSV, F...) is converted
 # once, before it is hashed, so the picture kept for a page reload is the picture that was inverted.
 _PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
+_ALPHA_MODES = {"PA": "RGBA", "RGBa": "RGBA", "La": "LA"}  # the others (CMYK, YCbCr, LAB, HSV, RGBX) -> RGB
 # A session's latest inversion and edit downloads stay in the cache this long after its last request.
 SESSION_HOLD_SECONDS = 600.0
 # No text field is read beyond this many characters (the limits on prompts and targets then apply).
@@ -144,7 +145,7 @@ def page_image(value, limits: ServiceLimits) -> Image.Image | None:
 
         try:
             image = _to_8bit(image) if image.mode in ("F", "I;16B", "I;16L", "I;16N") else \
-                image.convert("RGBA" if "A" in image.mode or "a" in image.mode else "RGB")
+                image.convert(_ALPHA_MODES.get(image.mode, "RGB"))
         except (OSError, ValueError) as err:
             raise UserError(f"an image of mode {image.mode} cannot be converted ({err}): upload a PNG or JPEG "
                             "image.") from None

@@ -297,8 +297,8 @@ def test_short_load_through_gradios_client(editor, tmp_path):
         url = f"http://127.0.0.1:{port}/"
         with pytest.raises(Exception):  # no login, no page
             Client(url, verbose=False)
-        summary = load.run_load(url, tmp_path / "cache", os.getpid(), sessions=3, duration_s=5, max_requests=4,
-                                flood_count=6, workdir=tmp_path / "load", long_steps=(8, 6))
+        summary = load.run_load(url, tmp_path / "cache", os.getpid(), sessions=3, duration_s=3, max_requests=3,
+                                flood_count=6, workdir=tmp_path / "load", long_steps=(6, 4))
     finally:
         page.close()
     assert not summary["failures"] and not summary["hung_sessions"], summary["failures"]
