@@ -181,6 +181,7 @@ def session_loop(index: int, url: str, folder: Path, tally: Tally, deadline: flo
     invert_own()
     requests += 1
     serial = 1000 * (index + 1)
+    serial_hostile = [0]
     while time.monotonic() < deadline and requests < max_requests:
         requests += 1
         if role == "long":
@@ -197,7 +198,7 @@ def session_loop(index: int, url: str, folder: Path, tally: Tally, deadline: flo
                  check=own_result(T, TARGETS[k]))
             time.sleep(0.5)
             continue
-        action = rng.choices(["edit", "hostile", "cancel", "invert"], weights=[5, 3, 1, 1])[0]
+        action = rng.choices(["edit", "hostile", "cancel", "invert"], weights=[4, 4, 1, 1])[0]
         if action == "edit":
             k = rng.randrange(2)
             call(tally, index, "edit", client, "/edit", edit_args(scene, T, TARGETS[k], BLENDS[k]), t0,
@@ -205,7 +206,8 @@ def session_loop(index: int, url: str, folder: Path, tally: Tally, deadline: flo
         elif action == "invert":
             invert_own()  # from the cache unless it was evicted
         elif action == "hostile":
-            name, endpoint, args = rng.choice(hostile)
+            name, endpoint, args = hostile[(index + serial_hostile[0]) % len(hostile)]  # each kind in turn
+            serial_hostile[0] += 1
             call(tally, index, f"hostile: {name}", client, endpoint, args, t0, expect_refusal=True)
         else:
             serial += 1
