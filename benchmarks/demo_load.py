@@ -198,7 +198,7 @@ def session_loop(index: int, url: str, folder: Path, tally: Tally, deadline: flo
                  check=own_result(T, TARGETS[k]))
             time.sleep(0.5)
             continue
-        action = rng.choices(["edit", "hostile", "cancel", "invert"], weights=[4, 4, 1, 1])[0]
+        action = rng.choices(["edit", "hostile", "cancel", "invert"], weights=[4, 4, 2, 1])[0]
         if action == "edit":
             k = rng.randrange(2)
             call(tally, index, "edit", client, "/edit", edit_args(scene, T, TARGETS[k], BLENDS[k]), t0,
@@ -367,6 +367,40 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def worst_case(methods=("stylediffusion", "nulltext", "spdinv", "directinv")) -> dict:
+    """Seconds of the largest request the default limits admit, per inversion method (T = max_steps,
+    K = max_inner_steps), and of an edit to max_targets targets at T = max_steps, through ``DemoApp`` on
+    the test-bed model (CPU) with the default time budget: each must finish, not be stopped."""
+    import torch
+    from PIL import Image
+
+    from stylediffusion import StyleDiffusionEditor
+    from stylediffusion.app import DemoApp
+    from stylediffusion.demo_limits import ServiceLimits
+
+    torch.set_num_threads(1)
+    limits = ServiceLimits()
+    editor = StyleDiffusionEditor.from_pretrained("testbed", device="cpu", progress=False)
+    app = DemoApp(editor, Path(tempfile.mkdtemp(prefix="demo_worst_")), limits=limits)
+    with Image.open(SCENE) as img:
+        scene = img.convert("RGB")
+    rows = {}
+    for method in methods:
+        start = time.perf_counter()
+        try:
+            app.invert(scene, PROMPT, method, limits.max_steps, limits.max_inner_steps)
+            rows[f"invert {method}"] = round(time.perf_counter() - start, 1)
+        except Exception as err:  # noqa: BLE001 - reported, not hidden
+            rows[f"invert {method}"] = f"{type(err).__name__}: {err}"
+        print(rows, flush=True)
+    targets = "\n".join((TARGETS * limits.max_targets)[:limits.max_targets])
+    start = time.perf_counter()
+    app.edit(scene, PROMPT, methods[0], limits.max_steps, limits.max_inner_steps, targets)
+    rows[f"edit, {limits.max_targets} targets"] = round(time.perf_counter() - start, 1)
+    shutil.rmtree(app.cache_dir, ignore_errors=True)
+    return {"T": limits.max_steps, "K": limits.max_inner_steps, "max_seconds": limits.max_seconds, "seconds": rows}
+
+
 def start_server(port: int, cache_dir: Path, cache_max_mb: float, max_seconds: float, max_queue: int,
                  log: Path) -> subprocess.Popen:
     """``python -m stylediffusion.app`` on 127.0.0.1 (never another address), test-bed model, CPU."""
@@ -407,7 +441,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--keep", action="store_true", help="keep the work folder (server log, cache)")
     p.add_argument("--plot", type=Path, default=None, help="PNG of memory and cache size over the run")
+    p.add_argument("--worst_case", action="store_true",
+                   help="instead: time the largest request the default limits admit, per method")
     args = p.parse_args(argv)
+    if args.worst_case:
+        result = worst_case()
+        print(json.dumps(result, indent=2))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+        return 0
     args.sessions = max(1, min(args.sessions, 16))  # bounded: this is a load test of one machine, not a flood tool
     args.duration = max(5.0, min(args.duration, 600.0))
     work = Path(tempfile.mkdtemp(prefix="demo_load_"))

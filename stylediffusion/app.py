@@ -131,8 +131,8 @@ def page_image(value, limits: ServiceLimits) -> Image.Image | None:
         except UserError:
             raise
         except Image.DecompressionBombError:
-            raise limits.over("the image in pixels", "more than Pillow reads", limits.max_image_pixels,
-                              "--max_image_pixels") from None
+            raise limits.over("the image", "larger than Pillow decodes (a decompression bomb)",
+                              f"{limits.max_image_pixels} pixels", "--max_image_pixels") from None
         except (OSError, ValueError, SyntaxError, TypeError, Image.UnidentifiedImageError) as err:
             raise UserError(f"the uploaded file cannot be read as a picture ({type(err).__name__}): "
                             "upload a PNG or JPEG image.") from None

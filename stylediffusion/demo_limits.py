@@ -63,13 +63,13 @@ class ServiceLimits:
 
     def check_text(self, text: str, what: str) -> None:
         if len(text) > self.max_prompt_chars:
-            raise self.over(f"{what} length ({len(text)} characters)", len(text), self.max_prompt_chars,
+            raise self.over(what, f"{len(text)} characters long", f"{self.max_prompt_chars} characters",
                             "--max_prompt_chars")
 
     def check_pixels(self, width: int, height: int) -> None:
         if width * height > self.max_image_pixels:
-            raise self.over(f"the image ({width}x{height}) in pixels", width * height, self.max_image_pixels,
-                            "--max_image_pixels")
+            raise self.over("the image", f"{width}x{height} ({width * height} pixels)",
+                            f"{self.max_image_pixels} pixels", "--max_image_pixels")
 
 
 class RequestGuard:
