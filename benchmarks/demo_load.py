@@ -182,7 +182,7 @@ def session_loop(index: int, url: str, folder: Path, tally: Tally, deadline: flo
     requests += 1
     serial = 1000 * (index + 1)
     serial_hostile = [0]
-    while time.monotonic() < deadline and requests < max_requests:
+    while requests == 1 or (time.monotonic() < deadline and requests < max_requests):  # one action at least
         requests += 1
         if role == "long":
             # long inversions of new pictures, one after another: the model is busy most of the time
@@ -340,7 +340,7 @@ def summarise(rows, events, samples, hung, seconds) -> dict:
                        "max": max((s["rss_mb"] for s in samples), default=None)},
             "cache_mb": {"max": max((s["cache_mb"] for s in samples), default=None),
                          "last": samples[-1]["cache_mb"] if samples else None},
-            "samples": samples, "failures": [r for r in rows if r["outcome"] == "failed"],
+            "samples": samples, "rows": rows, "failures": [r for r in rows if r["outcome"] == "failed"],
             "refusals": sorted({r["detail"] for r in rows if r["outcome"] == "refused"})}
 
 
@@ -393,10 +393,14 @@ def worst_case(methods=("stylediffusion", "nulltext", "spdinv", "directinv")) ->
         except Exception as err:  # noqa: BLE001 - reported, not hidden
             rows[f"invert {method}"] = f"{type(err).__name__}: {err}"
         print(rows, flush=True)
+    inverted = next((m for m in methods if isinstance(rows[f"invert {m}"], float)), None)
+    if inverted is None:  # every inversion was stopped: edit a DDIM inversion at the largest T
+        inverted = "ddim"
+        app.invert(scene, PROMPT, inverted, limits.max_steps, limits.max_inner_steps)
     targets = "\n".join((TARGETS * limits.max_targets)[:limits.max_targets])
     start = time.perf_counter()
-    app.edit(scene, PROMPT, methods[0], limits.max_steps, limits.max_inner_steps, targets)
-    rows[f"edit, {limits.max_targets} targets"] = round(time.perf_counter() - start, 1)
+    app.edit(scene, PROMPT, inverted, limits.max_steps, limits.max_inner_steps, targets)
+    rows[f"edit of the {inverted} inversion, {limits.max_targets} targets"] = round(time.perf_counter() - start, 1)
     shutil.rmtree(app.cache_dir, ignore_errors=True)
     return {"T": limits.max_steps, "K": limits.max_inner_steps, "max_seconds": limits.max_seconds, "seconds": rows}
 
@@ -474,7 +478,7 @@ def main(argv=None) -> int:
                     "max_queue": args.max_queue, "server_log_tracebacks": log_text.count("Traceback"),
                     "server_tracebacks": [block[-3000:] for block in log_text.split("Traceback")[1:4]],
                     "server_log_token_warnings": log_text.count("Token indices sequence length")})
-    printable = {k: v for k, v in summary.items() if k != "samples"}
+    printable = {k: v for k, v in summary.items() if k not in ("samples", "rows")}
     print(json.dumps(printable, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

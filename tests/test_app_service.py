@@ -52,10 +52,8 @@ def float_image() -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def editor():
-    from stylediffusion import StyleDiffusionEditor
-
-    return StyleDiffusionEditor.from_pretrained("testbed", device="cpu", progress=False)
+def editor(testbed_editor):
+    return testbed_editor
 
 
 @pytest.fixture(scope="module")
