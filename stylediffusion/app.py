@@ -40,8 +40,13 @@ from PIL import Image  # noqa: E402
 
 from . import validate  # noqa: E402
 from .demo_cache import EDITS, BoundedCache, megabytes  # noqa: E402
-from .demo_limits import (DEFAULT_CACHE_MAX_MB, DEFAULT_MAX_QUEUE, DEFAULT_MAX_UPLOAD_MB,  # noqa: E402
-                          RequestGuard, ServiceLimits)
+from .demo_limits import (  # noqa: E402
+    DEFAULT_CACHE_MAX_MB,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_UPLOAD_MB,
+    RequestGuard,
+    ServiceLimits,
+)
 from .errors import UserError, one_line  # noqa: E402
 
 DEFAULT_CACHE_DIR = Path("checkpoints") / "demo"
@@ -385,7 +390,7 @@ class DemoApp:
 
     def cached(self, key: str | None) -> InvertResult | None:
         """The finished inversion stored under ``key``, or None (the record is written last, so it means done)."""
-        if not key or not _KEY_PATTERN.match(key):
+        if not isinstance(key, str) or not _KEY_PATTERN.match(key):  # the browser's stored key is input too
             return None
         paths = self._paths(key)
         if not (paths["record"].is_file() and paths["inversion"].is_file()):
@@ -809,7 +814,6 @@ def access_warning(host: str, auth) -> str | None:
 
 def make_app(args) -> DemoApp:
     from . import StyleDiffusionEditor
-
     from .files import writable_folder
 
     writable_folder(args.cache_dir, "--cache_dir")

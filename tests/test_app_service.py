@@ -154,6 +154,11 @@ def test_hostile_page_input(app, tmp_path, capfd, library_log, name, call, expec
     assert not app._running and not app._lock.locked()
 
 
+def test_a_reload_with_a_forged_key_finds_nothing(app):
+    for key in (None, "", 5, {"path": "/etc/passwd"}, ["a"], "../" * 8, "0" * 23 + "g"):
+        assert app.cached(key) is None
+
+
 def test_case_table_has_the_23_cases():
     assert len(CASES) == 23 and len({c[0] for c in CASES}) == 23
 
@@ -256,7 +261,7 @@ def test_a_session_keeps_its_inversion_while_others_fill_the_cache(editor, tmp_p
 
 
 def test_full_disk_is_the_pages_one_line_and_leaves_nothing(editor, tmp_path, monkeypatch):
-    import stylediffusion.files as files
+    from stylediffusion import files
 
     demo = DemoApp(editor, tmp_path)
 
@@ -300,6 +305,7 @@ def test_short_load_through_gradios_client(editor, tmp_path):
     """The load test, short: the real server (in this process, 127.0.0.1), 3 sessions of Gradio's client."""
     pytest.importorskip("gradio_client")
     from gradio_client import Client
+    from gradio_client.exceptions import AuthenticationError
 
     from stylediffusion.app import serve
 
@@ -310,7 +316,7 @@ def test_short_load_through_gradios_client(editor, tmp_path):
     page = serve(demo, "127.0.0.1", port, block=False, quiet=True, auth=[load.AUTH], max_queue=4)
     try:
         url = f"http://127.0.0.1:{port}/"
-        with pytest.raises(Exception):  # no login, no page
+        with pytest.raises(AuthenticationError):  # no login, no page
             Client(url, verbose=False)
         summary = load.run_load(url, tmp_path / "cache", os.getpid(), sessions=3, duration_s=3, max_requests=3,
                                 flood_count=6, workdir=tmp_path / "load", long_steps=(6, 4))
