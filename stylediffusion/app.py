@@ -9,19 +9,27 @@ Everything runs on the public Python API (``StyleDiffusionEditor``, ``Inversion`
 
 Inversions are cached on disk, keyed by the image's pixels, the prompt, the model and the inversion
 settings, so an image is trained once for all browser tabs and survives a page reload or a restart.
+
+Served to others it is a shared service: every page input goes through the checks of the command line
+and the API (``validate``) and the operator's limits (``demo_limits``), a running request stops at its
+time budget or when its visitor cancels it, the cache folder stays under ``--cache_max_mb``
+(``demo_cache``), and ``--auth`` puts Gradio's login in front of the page.
 """
 from __future__ import annotations
 
 import argparse
-import ast
+import errno
 import hashlib
 import json
+import math
 import os
 import re
 import sys
 import threading
 import time
 import uuid
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +38,15 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from PIL import Image  # noqa: E402
 
+from . import validate  # noqa: E402
+from .demo_cache import EDITS, BoundedCache, megabytes  # noqa: E402
+from .demo_limits import (  # noqa: E402
+    DEFAULT_CACHE_MAX_MB,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_UPLOAD_MB,
+    RequestGuard,
+    ServiceLimits,
+)
 from .errors import UserError, one_line  # noqa: E402
 
 DEFAULT_CACHE_DIR = Path("checkpoints") / "demo"
@@ -41,6 +58,14 @@ PAGE_CSS = """
 EDIT_TYPE_CHOICES = ("auto", "Replacement", "Refinement", "Reweight")
 # "auto": Replacement when source and target have the same number of words, else Refinement (the CLI's rule).
 _KEY_PATTERN = re.compile(r"^[0-9a-f]{24}$")
+# Modes a PNG stores as they are; an upload in another mode (CMYK, YCbCr, LAB, HSV, F...) is converted
+# once, before it is hashed, so the picture kept for a page reload is the picture that was inverted.
+_PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
+_ALPHA_MODES = {"PA": "RGBA", "RGBa": "RGBA", "La": "LA"}  # the others (CMYK, YCbCr, LAB, HSV, RGBX) -> RGB
+# A session's latest inversion and edit downloads stay in the cache this long after its last request.
+SESSION_HOLD_SECONDS = 600.0
+# No text field is read beyond this many characters (the limits on prompts and targets then apply).
+MAX_FIELD_CHARS = 1_000_000
 
 
 def image_digest(image: Image.Image) -> str:
@@ -50,19 +75,102 @@ def image_digest(image: Image.Image) -> str:
 
 
 def _whole(value) -> int:
-    """A step count from a form field (Gradio's numbers arrive as floats)."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = float("nan")
-    if not number.is_integer():
-        raise UserError(f"num_inference_steps and num_inner_steps must be whole numbers of at least 1, got {value!r}.")
+    """A step count from a form field (Gradio's numbers arrive as floats; a raw request may send anything)."""
+    number = value
+    if isinstance(value, str) and len(value) <= 40:
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) \
+            or not float(number).is_integer() or number < 1:
+        raise UserError("num_inference_steps and num_inner_steps must be whole numbers of at least 1, got "
+                        f"{_short(value)}.")
     return int(number)
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _field_text(value, what: str, max_chars: int) -> str:
+    """A text field's value: text (None = empty) of at most ``max_chars`` characters, refused unread beyond."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise UserError(f"{what} must be text, not {type(value).__name__}.")
+    if len(value) > max_chars:
+        raise UserError(f"{what} is {len(value)} characters long; this page takes at most {max_chars}.")
+    return value
+
+
+def _choice(value, what: str) -> str:
+    """A dropdown's value: a short name (the registry or the list then says whether it is one of theirs)."""
+    if not isinstance(value, str) or len(value) > 100:
+        raise UserError(f"{what} {_short(value)} is not one of the names this page offers.")
+    return value
+
+
+def page_image(value, limits: ServiceLimits) -> Image.Image | None:
+    """The picture of the image field: a PIL image, a file path, or Gradio's file record (``{"path": ...}``,
+    when the page passes its inputs unprocessed). Its size is checked from the header, before any pixel is
+    decoded; what cannot be read is one line; a mode a PNG cannot keep is converted to RGB(A) or 8-bit gray."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        value = value.get("path")
+        if value is None:
+            return None
+    if isinstance(value, Image.Image):
+        image = value
+        limits.check_pixels(*image.size)
+    elif isinstance(value, (str, os.PathLike)):
+        try:
+            with warnings.catch_warnings():
+                # Pillow only warns between MAX_IMAGE_PIXELS and twice that; the limit below decides.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(value)
+                limits.check_pixels(*image.size)
+                image.load()
+        except UserError:
+            raise
+        except Image.DecompressionBombError:
+            raise limits.over("the image", "larger than Pillow decodes (a decompression bomb)",
+                              f"{limits.max_image_pixels} pixels", "--max_image_pixels") from None
+        except (OSError, ValueError, SyntaxError, TypeError, Image.UnidentifiedImageError) as err:
+            raise UserError(f"the uploaded file cannot be read as a picture ({type(err).__name__}): "
+                            "upload a PNG or JPEG image.") from None
+    else:
+        raise UserError(f"the image field holds {type(value).__name__}, not a picture: upload a PNG or JPEG image.")
+    if image.width < 1 or image.height < 1:
+        raise UserError("the image is empty (no pixels): upload a picture.")
+    if image.mode not in _PNG_MODES:
+        from .image_io import _to_8bit
+
+        try:
+            image = _to_8bit(image) if image.mode in ("F", "I;16B", "I;16L", "I;16N") else \
+                image.convert(_ALPHA_MODES.get(image.mode, "RGB"))
+        except (OSError, ValueError) as err:
+            raise UserError(f"an image of mode {image.mode} cannot be converted ({err}): upload a PNG or JPEG "
+                            "image.") from None
+    return image
 
 
 def parse_targets(text: str | None) -> list[str]:
     """One target prompt per non-empty line."""
     return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
+def check_targets(text, limits: ServiceLimits) -> list[str]:
+    """The target prompts of the page: within the operator's limits, each a prompt as the CLI takes it."""
+    text = _field_text(text, "the target prompts", MAX_FIELD_CHARS)
+    targets = parse_targets(text)
+    limits.check_targets(len(targets))
+    for k, target in enumerate(targets):
+        limits.check_text(target, f"target prompt {k + 1}")
+        validate.prompt(target, f"target prompt {k + 1}")
+    return targets
 
 
 def parse_blend_words(text: str | None, num_targets: int) -> list[tuple[str, str] | None]:
@@ -84,24 +192,23 @@ def parse_blend_words(text: str | None, num_targets: int) -> list[tuple[str, str
             continue
         words = tuple(line.replace(",", " ").split())
         if len(words) != 2:
-            raise UserError(f"--blend_word needs two words (source word, target word), got {line!r}.")
-        pairs.append(words)
+            raise UserError(f"--blend_word needs two words (source word, target word), got {_short(line)}.")
+        pairs.append(validate.blend_words(words, "blend words"))
     return pairs * num_targets if len(pairs) == 1 else pairs
 
 
 def parse_reweight(text: str | None) -> dict | None:
     """Re-weighting as ``word=value, word=value`` (or the CLI's dict literal) -> ``eq_params``."""
-    text = (text or "").strip()
+    text = _field_text(text, "re-weighting", validate.MAX_LITERAL_CHARS).strip()
     if not text:
         return None
     if text.startswith("{"):
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError) as err:
-            raise UserError(f"re-weighting {text!r} is not a dict literal such as "
-                            "{'words': ['red'], 'values': [2]}.") from err
+        # the command line's reader: parsed as data, its length bounded before parsing
+        value = validate.literal(text, "re-weighting")
         if not isinstance(value, dict) or set(value) != {"words", "values"}:
-            raise UserError(f"re-weighting {text!r} must have exactly the keys 'words' and 'values'.")
+            raise UserError(f"re-weighting {_short(text)} must be a dict with exactly the keys 'words' and 'values', "
+                            "such as {'words': ['red'], 'values': [2]}.")
+        validate.eq_params(value, "re-weighting")
         return value
     words, values = [], []
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -111,8 +218,9 @@ def parse_reweight(text: str | None) -> dict | None:
         except ValueError:
             sep = ""
         if not sep or not word.strip():
-            raise UserError(f"re-weighting item {item!r} is not word=value (e.g. red=2).")
+            raise UserError(f"re-weighting item {_short(item)} is not word=value (e.g. red=2).")
         words.append(word.strip())
+    validate.reweight_factors(zip(words, values), "re-weighting")
     return {"words": words, "values": values}
 
 
@@ -164,13 +272,100 @@ class EditResult:
 
 @dataclass
 class DemoApp:
-    """One model shared by every browser session; the lock makes its use one request at a time."""
+    """One model shared by every browser session; the lock makes its use one request at a time.
+
+    ``session`` (the page passes Gradio's session hash) names whose request it is: ``cancel(session)``
+    stops that session's running request, and the session's latest inversion and edit downloads are not
+    evicted from the cache for ``SESSION_HOLD_SECONDS`` after its last request."""
 
     editor: object  # stylediffusion.StyleDiffusionEditor
     cache_dir: Path = DEFAULT_CACHE_DIR
     edit_options: dict = field(default_factory=dict)  # given at launch (--elite_*), passed to the edits that take them
+    limits: ServiceLimits = field(default_factory=ServiceLimits)
+    cache_max_mb: float = DEFAULT_CACHE_MAX_MB
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _loaded: dict = field(default_factory=dict, repr=False)  # key -> Inversion, the last few used
+    _running: dict = field(default_factory=dict, repr=False)  # session -> its RequestGuards now queued or running
+    _holds: dict = field(default_factory=dict, repr=False)  # session -> (time of its last request, entry names)
+    _book: threading.Lock = field(default_factory=threading.Lock, repr=False)  # guards _running and _holds
+
+    def __post_init__(self):
+        self.cache_dir = Path(self.cache_dir)
+        self.store = BoundedCache(self.cache_dir, megabytes(self.cache_max_mb))
+        self.store.make_room()  # a restart with a smaller bound trims the folder before serving
+
+    # ------------------------------------------------------------------ requests
+    @contextmanager
+    def _request(self, session: str | None, *names: str):
+        """One request of ``session``: its guard (deadline, cancel flag) and the cache entries it uses, held
+        while it runs; afterwards they stay held for the session (its latest results) until its next
+        request starts or SESSION_HOLD_SECONDS pass."""
+        guard = RequestGuard(self.limits.max_seconds)
+        for name in names:
+            self.store.pin(name)
+        with self._book:
+            now, released = time.monotonic(), []
+            for other, (when, held) in list(self._holds.items()):
+                if other == session or now - when > SESSION_HOLD_SECONDS:
+                    released += held
+                    del self._holds[other]
+            self._running.setdefault(session, []).append(guard)
+        for name in released:
+            self.store.unpin(name)
+        try:
+            yield guard
+        finally:
+            with self._book:
+                self._running[session].remove(guard)
+                if not self._running[session]:
+                    del self._running[session]
+                if session is not None:
+                    previous = self._holds.pop(session, (0.0, []))[1]  # a request of its that ran alongside
+                    self._holds[session] = (time.monotonic(), previous + list(names))
+                else:
+                    for name in names:
+                        self.store.unpin(name)
+
+    def cancel(self, session: str | None) -> str:
+        """Stop every request of ``session`` (queued or running): it ends with the 'cancelled' line."""
+        with self._book:
+            guards = list(self._running.get(session, [])) if session is not None else []
+        for guard in guards:
+            guard.cancelled.set()
+        return "cancelling your request..." if guards else "nothing of yours is running."
+
+    def _keep(self, name: str, write) -> None:
+        """Write a new cache entry (held by the request), then hold the folder to its bound. A full disk or
+        a bound that cannot be met (everything else in use) removes what was written: one line, nothing
+        half-kept."""
+        kind_sizes = [e.size for n, e in self.store.entries().items() if n.startswith(EDITS) == name.startswith(EDITS)]
+        self.store.make_room(max(kind_sizes, default=0))  # room first: the bound holds while it is written
+        try:
+            write()
+        except UserError as err:
+            self.store.remove(name)
+            cause = err.__cause__
+            if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise UserError("the server's disk is full: this result could not be kept (nothing half-written "
+                                "is left); try again later, or the operator can free space or lower "
+                                "--cache_max_mb.") from None
+            raise
+        self.store.make_room()
+        if not self.store.fits():
+            self.store.remove(name)
+            raise UserError(f"the demo's cache is at its bound of {self.cache_max_mb:g} MB and what is in it is "
+                            "in use by other sessions: try again in a few minutes, or the operator can raise "
+                            "--cache_max_mb.")
+
+    def _steps(self, num_inference_steps, num_inner_steps) -> tuple[int, int]:
+        T, K = _whole(num_inference_steps), _whole(num_inner_steps)
+        self.limits.check_steps(T, K)
+        return T, K
+
+    def _source_prompt(self, prompt) -> str:
+        prompt = _field_text(prompt, "the source prompt", MAX_FIELD_CHARS)
+        self.limits.check_text(prompt.strip(), "the source prompt")
+        return validate.prompt(prompt, "the source prompt").strip()
 
     @property
     def model_label(self) -> str:
@@ -196,21 +391,24 @@ class DemoApp:
 
     def cached(self, key: str | None) -> InvertResult | None:
         """The finished inversion stored under ``key``, or None (the record is written last, so it means done)."""
-        if not key or not _KEY_PATTERN.match(key):
+        if not isinstance(key, str) or not _KEY_PATTERN.match(key):  # the browser's stored key is input too
             return None
         paths = self._paths(key)
         if not (paths["record"].is_file() and paths["inversion"].is_file()):
             return None
-        record = json.loads(paths["record"].read_text())
 
         def picture(name):
             with Image.open(paths[name]) as img:
                 img.load()
                 return img
 
-        return InvertResult(key, record["prompt"], record["method"], record["num_inference_steps"],
-                            record["num_inner_steps"], picture("upload"), picture("image"), picture("reconstruction"),
-                            record["psnr"], record["seconds"], cached=True)
+        try:
+            record = json.loads(paths["record"].read_text())
+            return InvertResult(key, record["prompt"], record["method"], record["num_inference_steps"],
+                                record["num_inner_steps"], picture("upload"), picture("image"),
+                                picture("reconstruction"), record["psnr"], record["seconds"], cached=True)
+        except (OSError, ValueError, KeyError, TypeError):  # evicted meanwhile, or not a finished entry
+            return None
 
     def _remember(self, key: str, inversion) -> None:
         """Keep the last few inversions in memory: editing one again skips reading its file."""
@@ -228,33 +426,44 @@ class DemoApp:
 
     # ------------------------------------------------------------------ step 1
     def invert(self, image: Image.Image | None, prompt: str | None, method: str = "stylediffusion",
-               num_inference_steps: int = 30, num_inner_steps: int = 100, progress: bool = False) -> InvertResult:
+               num_inference_steps: int = 30, num_inner_steps: int = 100, progress: bool = False,
+               session: str | None = None) -> InvertResult:
         """Invert (image, prompt) with these settings, or return the cached inversion made earlier."""
+        from .methods import get_inversion
+
+        image = page_image(image, self.limits)
         if image is None:
             raise UserError("no image: upload one or pick an example.")
-        prompt = (prompt or "").strip()
-        num_inference_steps, num_inner_steps = _whole(num_inference_steps), _whole(num_inner_steps)
+        prompt = self._source_prompt(prompt)
+        num_inference_steps, num_inner_steps = self._steps(num_inference_steps, num_inner_steps)
+        get_inversion(_choice(method, "inversion method"))  # an unknown method: its one line, before any work
         key = self.cache_key(image, prompt, method, num_inference_steps, num_inner_steps)
-        with self._lock:  # a second tab asking for the same inversion waits, then finds it cached
+        with self._request(session, key) as guard, self._lock:  # a second tab waits, then finds it cached
             hit = self.cached(key)
             if hit is not None:
+                self.store.touch(key)
                 return hit
-            t0 = time.perf_counter()
-            inv = self.editor.invert(image, prompt, method=method, num_inference_steps=num_inference_steps,
-                                     num_inner_steps=num_inner_steps, progress=progress)
-            seconds = time.perf_counter() - t0
-            # Editing towards the source prompt itself gives the reconstruction (the edit's source branch).
-            out = self.editor.edit(inv, prompt, progress=False)
+            with guard.watching(self.editor.bundle.unet):
+                t0 = time.perf_counter()
+                inv = self.editor.invert(image, prompt, method=method, num_inference_steps=num_inference_steps,
+                                         num_inner_steps=num_inner_steps, progress=progress)
+                seconds = time.perf_counter() - t0
+                # Editing towards the source prompt itself gives the reconstruction (the edit's source branch).
+                out = self.editor.edit(inv, prompt, progress=False)
             psnr = _psnr(out.input_image, out.reconstruction)
             paths = self._paths(key)
-            inv.save(paths["inversion"])
-            _save_png_atomic(image, paths["upload"])
-            _save_png_atomic(out.input_image, paths["image"])
-            _save_png_atomic(out.reconstruction, paths["reconstruction"])
-            _write_json_atomic(paths["record"], {  # last: its presence means the entry is complete
-                "prompt": prompt, "method": method, "num_inference_steps": num_inference_steps,
-                "num_inner_steps": num_inner_steps, "model": self.model_label, "image_sha256": image_digest(image),
-                "psnr": psnr, "seconds": round(seconds, 3)})
+
+            def write():
+                inv.save(paths["inversion"])
+                _save_png_atomic(image, paths["upload"])
+                _save_png_atomic(out.input_image, paths["image"])
+                _save_png_atomic(out.reconstruction, paths["reconstruction"])
+                _write_json_atomic(paths["record"], {  # last: its presence means the entry is complete
+                    "prompt": prompt, "method": method, "num_inference_steps": num_inference_steps,
+                    "num_inner_steps": num_inner_steps, "model": self.model_label,
+                    "image_sha256": image_digest(image), "psnr": psnr, "seconds": round(seconds, 3)})
+
+            self._keep(key, write)
             self._remember(key, inv)
         return InvertResult(key, prompt, method, num_inference_steps, num_inner_steps, image, out.input_image,
                             out.reconstruction, psnr, seconds, cached=False)
@@ -264,62 +473,75 @@ class DemoApp:
              num_inner_steps: int, targets: str | None, edit_type: str = "auto", tau_v: float | None = None,
              tau_c: float | None = None, tau_s: float | None = None, tau_u: float | None = None,
              blend_words: str | None = None,
-             reweight: str | None = None, edit_method: str = "p2p") -> EditResult:
+             reweight: str | None = None, edit_method: str = "p2p", session: str | None = None) -> EditResult:
         """Edit the cached inversion of (image, prompt, settings) towards every target (one per line).
 
         A τ left at None takes the command line's default (``editing.TAU_*``)."""
         from .editing import TAU_C, TAU_S, TAU_U, TAU_V
         from .image_io import image_grid
 
+        image = page_image(image, self.limits)
         if image is None:
             raise UserError("no image: upload one or pick an example, then press Invert.")
-        key = self.cache_key(image, (prompt or "").strip(), method, _whole(num_inference_steps),
-                             _whole(num_inner_steps))
-        entry = self.cached(key)
-        if entry is None:
-            raise UserError("this image has not been inverted with this prompt and these settings: press Invert first.")
-        target_list = parse_targets(targets)
+        prompt = self._source_prompt(prompt)
+        num_inference_steps, num_inner_steps = self._steps(num_inference_steps, num_inner_steps)
+        method, edit_method = _choice(method, "inversion method"), _choice(edit_method, "edit method")
+        key = self.cache_key(image, prompt, method, num_inference_steps, num_inner_steps)
+        target_list = check_targets(targets, self.limits)
         if not target_list:
             raise UserError("edit needs a target prompt (the edited caption): type one per line.")
-        blends = parse_blend_words(blend_words, len(target_list))
+        blend_text = _field_text(blend_words, "blend words", MAX_FIELD_CHARS)
+        blends = parse_blend_words(blend_text, len(target_list))
         eq_params = parse_reweight(reweight)
+        if edit_type not in (None, "") and (not isinstance(edit_type, str) or edit_type not in EDIT_TYPE_CHOICES):
+            raise UserError(f"edit type {_short(edit_type)} is not one of {', '.join(EDIT_TYPE_CHOICES)}.")
         kind = None if edit_type in (None, "", "auto") else edit_type
-        taus = {name: default if value is None else value
+        taus = {name: default if value is None else validate.fraction(value, name)
                 for name, value, default in (("tau_v", tau_v, TAU_V), ("tau_c", tau_c, TAU_C), ("tau_s", tau_s, TAU_S),
                                              ("tau_u", tau_u, TAU_U))}
         from .methods import get_edit
 
         declared = {o.name for o in get_edit(edit_method, method).options}
         launch_options = {k: v for k, v in self.edit_options.items() if k in declared}
-        t0 = time.perf_counter()
+        outdir = self.cache_dir / EDITS / uuid.uuid4().hex[:12]
         edits, attention, recon = [], None, None
-        with self._lock:
-            inv = self._inversion(key)
-            # One call per distinct blend pair (the API takes one pair per call); each call checks all its
-            # targets before it runs any of them.
-            for blend in dict.fromkeys(blends):
-                group = [t for t, b in zip(target_list, blends) if b == blend]
-                out = self.editor.edit(inv, group, edit_type=kind, blend_words=blend, eq_params=eq_params,
-                                       method=edit_method, progress=False, **taus, **launch_options)
-                per_edit = out.seconds / len(group)
-                for target, picture, spec in zip(group, out.images, out.specs):
-                    edits.append((target, picture, spec, per_edit))
-                attention = attention if attention is not None else out.attention_maps
-                recon = out.reconstruction
-        order = {t: k for k, t in enumerate(target_list)}
-        edits.sort(key=lambda e: order[e[0]])
-        outdir = self.cache_dir / "edits" / uuid.uuid4().hex[:12]
-        files = []
-        for k, (target, picture, spec, seconds) in enumerate(edits):
-            report = {"inversion": method, "edit": edit_method, "source": spec.source, "target": spec.target,
-                      "edit_type": spec.edit_type, "tau_v": spec.tau_v, "tau_c": spec.tau_c, "tau_s": spec.tau_s,
-                      "tau_u": spec.tau_u, "blend_words": spec.blend_words, "eq_params": spec.eq_params,
-                      "guidance_scale": spec.guidance_scale, "num_ddim_steps": entry.num_inference_steps,
-                      "num_inner_steps": entry.num_inner_steps, "model": self.model_label,
-                      "edit_seconds": round(seconds, 3)}
-            _save_png_atomic(picture, outdir / f"edit_{k}.png")
-            _write_json_atomic(outdir / f"edit_{k}.json", report)
-            files += [outdir / f"edit_{k}.png", outdir / f"edit_{k}.json"]
+        with self._request(session, key, f"{EDITS}/{outdir.name}") as guard:
+            entry = self.cached(key)
+            if entry is None:
+                raise UserError("this image has not been inverted with this prompt and these settings: press Invert "
+                                "first.")
+            self.store.touch(key)
+            t0 = time.perf_counter()
+            with self._lock, guard.watching(self.editor.bundle.unet):
+                inv = self._inversion(key)
+                # One call per distinct blend pair (the API takes one pair per call); each call checks all its
+                # targets before it runs any of them.
+                for blend in dict.fromkeys(blends):
+                    group = [t for t, b in zip(target_list, blends) if b == blend]
+                    out = self.editor.edit(inv, group, edit_type=kind, blend_words=blend, eq_params=eq_params,
+                                           method=edit_method, progress=False, **taus, **launch_options)
+                    per_edit = out.seconds / len(group)
+                    for target, picture, spec in zip(group, out.images, out.specs):
+                        edits.append((target, picture, spec, per_edit))
+                    attention = attention if attention is not None else out.attention_maps
+                    recon = out.reconstruction
+            order = {t: k for k, t in enumerate(target_list)}
+            edits.sort(key=lambda e: order[e[0]])
+            files = []
+
+            def write():
+                for k, (target, picture, spec, seconds) in enumerate(edits):
+                    report = {"inversion": method, "edit": edit_method, "source": spec.source, "target": spec.target,
+                              "edit_type": spec.edit_type, "tau_v": spec.tau_v, "tau_c": spec.tau_c,
+                              "tau_s": spec.tau_s, "tau_u": spec.tau_u, "blend_words": spec.blend_words,
+                              "eq_params": spec.eq_params, "guidance_scale": spec.guidance_scale,
+                              "num_ddim_steps": entry.num_inference_steps, "num_inner_steps": entry.num_inner_steps,
+                              "model": self.model_label, "edit_seconds": round(seconds, 3)}
+                    _save_png_atomic(picture, outdir / f"edit_{k}.png")
+                    _write_json_atomic(outdir / f"edit_{k}.json", report)
+                    files.extend([outdir / f"edit_{k}.png", outdir / f"edit_{k}.json"])
+
+            self._keep(f"{EDITS}/{outdir.name}", write)
         strip = image_grid([entry.image, recon] + [e[1] for e in edits],
                            ["input", "reconstruction"] + [f"edit {k + 1}" for k in range(len(edits))])
         return EditResult(strip, [(e[1], e[0]) for e in edits], attention, files, time.perf_counter() - t0)
@@ -379,33 +601,59 @@ def for_display(image: Image.Image | None, side: int = 256) -> Image.Image | Non
     return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
 
 
+def own_copy(image: Image.Image | None) -> Image.Image | None:
+    """The picture tagged with a text chunk unique to this response. Gradio stores a picture it sends under
+    the hash of its bytes and rewrites that file in place each time, so two sessions sent the same
+    picture at once (a cached inversion) could read it while it is rewritten (an empty download)."""
+    if image is None:
+        return None
+    tagged = image.copy()
+    tagged.info["stylediffusion-response"] = uuid.uuid4().hex
+    return tagged
+
+
 def build_ui(app: DemoApp, inversion_methods: list[str], edit_methods: list[str]):
     """The page: Gradio components wired to ``app``'s methods, nothing else."""
     import gradio as gr
 
     from .editing import TAU_C, TAU_S, TAU_U, TAU_V
 
-    @page_errors
-    def on_invert(image, prompt, method, steps, inner, progress=gr.Progress(track_tqdm=True)):
-        progress(0, desc="inverting (DDIM steps, then training iterations)")
-        result = app.invert(image, prompt, method, steps, inner, progress=True)
-        return result.key, for_display(result.reconstruction), result.summary()
+    # The inputs arrive unprocessed (preprocess=False below): the image as Gradio's record of the uploaded
+    # file, numbers and text as sent. DemoApp's own checks read them, so no input reaches a library's
+    # exception (a decompression bomb, say, is refused from its header instead of inside Gradio's decoder).
+    def with_request(fn):
+        """Gradio hands a handler its ``gr.Request`` by the parameter's type; this module's annotations are
+        strings (``from __future__ import annotations``) naming a local import, so the type is set here."""
+        fn.__annotations__ = {**fn.__annotations__, "request": gr.Request}
+        return fn
 
     @page_errors
+    @with_request
+    def on_invert(image, prompt, method, steps, inner, request=None, progress=gr.Progress(track_tqdm=True)):
+        progress(0, desc="inverting (DDIM steps, then training iterations)")
+        result = app.invert(image, prompt, method, steps, inner, progress=True, session=_session(request))
+        return result.key, own_copy(for_display(result.reconstruction)), result.summary()
+
+    @page_errors
+    @with_request
     def on_edit(image, prompt, method, steps, inner, targets, edit_type, tau_v, tau_c, tau_s, tau_u, blend,
-                reweight, edit_method):
+                reweight, edit_method, request=None):
         result = app.edit(image, prompt, method, steps, inner, targets, edit_type, tau_v, tau_c, tau_s, tau_u,
-                          blend, reweight, edit_method)
-        return (result.strip, [(for_display(im), target) for im, target in result.edits], result.attention_maps,
-                [str(path) for path in result.files], result.summary())
+                          blend, reweight, edit_method, session=_session(request))
+        return (own_copy(result.strip), [(own_copy(for_display(im)), target) for im, target in result.edits],
+                own_copy(result.attention_maps), [str(path) for path in result.files], result.summary())
+
+    @with_request
+    def on_cancel(request=None):
+        return app.cancel(_session(request))
 
     def on_load(key):
         """A reload puts back this browser's last finished inversion (its key is kept in localStorage)."""
         hit = app.cached(key)
         if hit is None:
             return [gr.update()] * 7
-        return (hit.upload, hit.prompt, hit.method, hit.num_inference_steps, hit.num_inner_steps,
-                for_display(hit.reconstruction), hit.summary())
+        return (own_copy(hit.upload), hit.prompt, hit.method, hit.num_inference_steps, hit.num_inner_steps,
+                own_copy(for_display(hit.reconstruction)), hit.summary())
 
     with gr.Blocks(title="StyleDiffusion: invert once, edit many", analytics_enabled=False) as page:
         last_key = gr.BrowserState(None, storage_key="stylediffusion-demo-inversion")
@@ -424,12 +672,19 @@ def build_ui(app: DemoApp, inversion_methods: list[str], edit_methods: list[str]
                     steps = gr.Number(30, label="T (DDIM steps)", precision=0, minimum=1, elem_id="steps")
                     inner = gr.Number(100, label="K (training iterations at step 0)", precision=0, minimum=1,
                                       elem_id="inner-steps")
-                invert_button = gr.Button("Invert", variant="primary", elem_id="invert")
+                with gr.Row():
+                    invert_button = gr.Button("Invert", variant="primary", elem_id="invert")
+                    cancel_button = gr.Button("Cancel my request", variant="secondary", elem_id="cancel")
             with gr.Column():
                 reconstruction = gr.Image(label="reconstruction", interactive=False, format="png",
                                           elem_id="reconstruction", height=256)
                 invert_status = gr.Markdown("Upload an image or pick an example, type its prompt, press Invert.",
                                             elem_id="invert-status")
+                limits = app.limits
+                gr.Markdown(f"Limits of this server: T ≤ {limits.max_steps}, K ≤ {limits.max_inner_steps}, "
+                            f"{limits.max_targets} targets, {limits.max_seconds:g} s per request.",
+                            elem_id="limits")
+                cancel_status = gr.Markdown(elem_id="cancel-status")
         gr.Markdown("### Step 2: edit")
         with gr.Row():
             with gr.Column():
@@ -464,14 +719,24 @@ def build_ui(app: DemoApp, inversion_methods: list[str], edit_methods: list[str]
 
         step1 = [image, prompt, method, steps, inner]
         # One model: inversions and edits share one queue slot ("model"), so requests take turns.
-        invert_button.click(on_invert, step1, [last_key, reconstruction, invert_status], concurrency_id="model",
-                            concurrency_limit=1)
-        edit_button.click(on_edit, step1 + [targets, edit_type, tau_v, tau_c, tau_s, tau_u, blend, reweight,
-                                            edit_method],
-                          [strip, gallery, attention, files, edit_status], concurrency_id="model",
-                          concurrency_limit=1)
+        inverting = invert_button.click(on_invert, step1, [last_key, reconstruction, invert_status],
+                                        concurrency_id="model", concurrency_limit=1, preprocess=False,
+                                        api_name="invert")
+        editing = edit_button.click(on_edit, step1 + [targets, edit_type, tau_v, tau_c, tau_s, tau_u, blend, reweight,
+                                                      edit_method],
+                                    [strip, gallery, attention, files, edit_status], concurrency_id="model",
+                                    concurrency_limit=1, preprocess=False, api_name="edit")
+        # Gradio's cancels drops the visitor's queued request; the running one is stopped by DemoApp.cancel
+        # (at its next model call), which frees the model for the next in the queue.
+        cancel_button.click(on_cancel, None, [cancel_status], cancels=[inverting, editing], queue=False,
+                            api_name="cancel")
         page.load(on_load, [last_key], step1 + [reconstruction, invert_status])
     return page
+
+
+def _session(request) -> str | None:
+    """Whose request this is: Gradio's session hash (one per browser tab or client)."""
+    return getattr(request, "session_hash", None) if request is not None else None
 
 
 def method_names() -> tuple[list[str], list[str]]:
@@ -483,9 +748,11 @@ def method_names() -> tuple[list[str], list[str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m stylediffusion.app",
-                                description="Web demo: invert an image once, edit it many times.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from .cli import ArgumentParser, count_at_least, finite_float
+
+    p = ArgumentParser(prog="python -m stylediffusion.app",
+                       description="Web demo: invert an image once, edit it many times.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="testbed",
                    help="hub id or local diffusers folder; 'testbed' = bundled test-bed model, 'tiny' = untrained")
     p.add_argument("--image_encoder", default=None, help="CLIP vision tower, hub id or folder")
@@ -496,24 +763,96 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli import add_elite_arguments
 
     add_elite_arguments(p)  # the 'elite' edit's weights and settings, for every session
+    # A shared server: what one request may ask for (checked before any work), the disk, who may come in.
+    limits = ServiceLimits()
+    p.add_argument("--max_steps", type=count_at_least(1), default=limits.max_steps, help="largest T a request may ask")
+    p.add_argument("--max_inner_steps", type=count_at_least(1), default=limits.max_inner_steps,
+                   help="largest K (training iterations at step 0) a request may ask")
+    p.add_argument("--max_targets", type=count_at_least(1), default=limits.max_targets,
+                   help="most target prompts in one edit request")
+    p.add_argument("--max_image_pixels", type=count_at_least(1), default=limits.max_image_pixels,
+                   help="largest upload, width x height, read from its header before decoding")
+    p.add_argument("--max_prompt_chars", type=count_at_least(1), default=limits.max_prompt_chars,
+                   help="longest prompt, in characters")
+    p.add_argument("--max_seconds", type=finite_float(above=0.0), default=limits.max_seconds,
+                   help="time budget of one request: a request still running then is stopped and frees the model")
+    p.add_argument("--max_queue", type=count_at_least(1), default=DEFAULT_MAX_QUEUE,
+                   help="requests that may wait for the model; one more is refused ('queue is full')")
+    p.add_argument("--cache_max_mb", type=finite_float(above=0.0), default=DEFAULT_CACHE_MAX_MB,
+                   help="size bound of --cache_dir (inversions and edit downloads), least recently used out first")
+    p.add_argument("--max_upload_mb", type=count_at_least(1), default=DEFAULT_MAX_UPLOAD_MB,
+                   help="largest upload file Gradio accepts")
+    p.add_argument("--auth", action="append", default=None, metavar="USER:PASSWORD",
+                   help="require a login (Gradio's own); repeat for more users")
+    p.add_argument("--auth_file", type=Path, default=None,
+                   help="file of USER:PASSWORD lines (keeps passwords off the command line)")
     return p
+
+
+def read_auth(pairs: list[str] | None, auth_file: Path | None) -> list[tuple[str, str]] | None:
+    """``--auth`` and ``--auth_file`` as Gradio's list of (user, password); None when neither is given."""
+    lines = list(pairs or [])
+    if auth_file is not None:
+        try:
+            text = Path(auth_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"--auth_file '{auth_file}' cannot be read ({type(err).__name__}): pass a UTF-8 file of "
+                            "USER:PASSWORD lines.") from None
+        lines += [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    if pairs is None and auth_file is None:
+        return None
+    users = []
+    for k, line in enumerate(lines):
+        user, sep, password = line.partition(":")
+        if not sep or not user.strip() or not password:
+            raise UserError(f"--auth entry {k + 1} is not USER:PASSWORD (a user name, a colon, a password).")
+        users.append((user.strip(), password))
+    if not users:
+        raise UserError(f"--auth_file '{auth_file}' holds no USER:PASSWORD line.")
+    return users
+
+
+def access_warning(host: str, auth) -> str | None:
+    """The start-up warning for a page anyone on the network can use."""
+    if auth or host in ("127.0.0.1", "localhost", "::1"):
+        return None
+    return (f"warning: serving on {host} without --auth: anyone who can reach this machine can use the model "
+            "and fill the queue; add --auth USER:PASSWORD (or --auth_file FILE).")
 
 
 def make_app(args) -> DemoApp:
     from . import StyleDiffusionEditor
+    from .files import writable_folder
 
+    writable_folder(args.cache_dir, "--cache_dir")
+    limits = ServiceLimits(max_steps=args.max_steps, max_inner_steps=args.max_inner_steps,
+                           max_targets=args.max_targets, max_image_pixels=args.max_image_pixels,
+                           max_prompt_chars=args.max_prompt_chars, max_seconds=args.max_seconds)
     editor = StyleDiffusionEditor.from_pretrained(args.model, image_encoder=args.image_encoder, device=args.device)
     from .cli import elite_options
 
-    return DemoApp(editor, Path(args.cache_dir), edit_options=elite_options(args))
+    return DemoApp(editor, Path(args.cache_dir), edit_options=elite_options(args), limits=limits,
+                   cache_max_mb=args.cache_max_mb)
 
 
-def serve(app: DemoApp, host: str = "127.0.0.1", port: int = 7860, block: bool = True, quiet: bool = False):
+# Gradio keeps its own copies of uploads and of every picture and download it sends; they are deleted
+# once an hour when older than an hour (our --cache_dir is bounded by --cache_max_mb instead).
+GRADIO_CACHE_CLEANUP = (3600, 3600)
+
+
+def serve(app: DemoApp, host: str = "127.0.0.1", port: int = 7860, block: bool = True, quiet: bool = False,
+          auth: list[tuple[str, str]] | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
+          max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB):
     """Lay the page out and serve it; ``block=False`` returns the running page (``page.close()`` stops it)."""
+    warning = access_warning(host, auth)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     page = build_ui(app, *method_names())
-    page.queue()
+    page.delete_cache = GRADIO_CACHE_CLEANUP
+    page.queue(max_size=max_queue, default_concurrency_limit=1)
     page.launch(server_name=host, server_port=port, ssr_mode=False, share=False, css=PAGE_CSS, quiet=quiet,
-                allowed_paths=[str(app.cache_dir.resolve())], show_error=False, prevent_thread_lock=not block)
+                allowed_paths=[str(app.cache_dir.resolve())], show_error=False, prevent_thread_lock=not block,
+                auth=auth, max_file_size=f"{int(max_upload_mb)}mb")
     return page
 
 
@@ -528,7 +867,9 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as err:
             raise UserError("the web demo needs Gradio: pip install -e '.[demo]'") from err
         quiet_libraries()
-        page = serve(make_app(args), args.host, args.port, block=False)
+        auth = read_auth(args.auth, args.auth_file)
+        page = serve(make_app(args), args.host, args.port, block=False, auth=auth, max_queue=args.max_queue,
+                     max_upload_mb=args.max_upload_mb)
         started()  # serving: from here Ctrl-C reaches Gradio, which closes the server (finished inversions stay cached)
         page.block_thread()
         return 0

@@ -12,7 +12,9 @@ def check_prompt_length(tokenizer, prompt: str) -> None:
     """Refuse a prompt longer than the text encoder reads: truncating it would drop words silently,
     and a blend or re-weight word past the cut would have no map to edit."""
     limit = int(tokenizer.model_max_length)
-    count = len(tokenizer.tokenize(prompt)) + 2  # with the start and end tokens
+    # with the start and end tokens; verbose=False: the too-long warning transformers would print is this
+    # function's own message (a long prompt on the web demo must not write to the server's console)
+    count = len(tokenizer(prompt, verbose=False).input_ids)
     if count > limit:
         raise UserError(f"the prompt {prompt[:40] + '...'!r} is {count} tokens long; the text encoder reads at most "
                         f"{limit} (start and end tokens included): shorten it.")

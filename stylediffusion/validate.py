@@ -128,11 +128,27 @@ def eq_params(value, what: str = "--eq_params") -> None:
     # seq_aligner's parser is the one reader of the re-weighting forms (words as text or indices)
     from .seq_aligner import _pairs
 
+    _eq_params_shape(value, what)
     pairs = _pairs(value)
     for word, _ in pairs:
         if isinstance(word, bool) or not isinstance(word, (str, int)) or (isinstance(word, str) and not word.strip()):
             raise UserError(f"{what}: {_short(word)} is not a word of the target prompt.")
     reweight_factors(pairs, what)
+
+
+def _eq_params_shape(value, what: str) -> None:
+    """The words and the factors of a re-weighting are a word, a number, or lists of them (a literal from
+    a form or a flag may hold anything: ``{'words': None, 'values': {}}``)."""
+    if isinstance(value, dict) and set(value) == {"words", "values"}:
+        words, factors = value["words"], value["values"]
+    elif isinstance(value, (list, tuple)) and len(value) == 2:
+        words, factors = value
+    else:
+        return  # seq_aligner's own message
+    if isinstance(words, bool) or not isinstance(words, (str, int, list, tuple)):
+        raise UserError(f"{what}: the words {_short(words)} are not a word or a list of words.")
+    if isinstance(factors, bool) or not isinstance(factors, (int, float, list, tuple)):
+        raise UserError(f"{what}: the values {_short(factors)} are not a number or a list of numbers.")
 
 
 def edit_spec(spec) -> None:

@@ -29,3 +29,11 @@ def tokenizer():
     from stylediffusion.models import sd_tokenizer
 
     return sd_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def testbed_editor():
+    """The trained test-bed model behind the API's editor (CPU, no progress bars), loaded once."""
+    from stylediffusion import StyleDiffusionEditor
+
+    return StyleDiffusionEditor.from_pretrained("testbed", device="cpu", progress=False)
