@@ -31,7 +31,8 @@ def identity(bundle: ModelBundle, image: torch.Tensor, prompt: str, num_steps: i
 
 def mapping_config(bundle: ModelBundle, features: torch.Tensor, text: torch.Tensor, variant: str) -> MappingConfig:
     """Token counts and widths from the encoders themselves (197x768 and 77x768 for SD1 + ViT-B/16)."""
-    return MappingConfig(image_tokens=features.shape[1], image_width=features.shape[2], text_tokens=text.shape[1],
+    return MappingConfig(image_tokens=features.shape[1], image_width=features.shape[2],
+                         text_tokens=bundle.family.text_tokens(text),
                          text_width=text.shape[2], variant=variant)
 
 
