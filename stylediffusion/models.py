@@ -204,7 +204,9 @@ def _scheduler_config(model: str) -> dict:
 def _load_component(cls, model: str, subfolder: str | None, prefer_half: bool, **hub):
     """``cls.from_pretrained`` from safetensors only, choosing the fp16 variant where that is what there is."""
     folder = Path(model) / subfolder if subfolder else Path(model)
-    kwargs = dict(use_safetensors=True, **hub)
+    # float32 weights as stored: transformers would otherwise follow a config's "torch_dtype": "float16"
+    # (SD 2.x's and SDXL's text encoders) and round them to float16 before load_models casts
+    kwargs = dict(use_safetensors=True, torch_dtype=torch.float32, **hub)
     if subfolder:
         kwargs["subfolder"] = subfolder
     if folder.is_dir():

@@ -5,7 +5,9 @@ which are exact copies and which are reconstructed). ``build_sdxl_folder`` write
 from them as ``layouts.build_folder`` does for SD 1.x/2.x: the same files and keys, the UNet's block
 layout kept (DownBlock2D + two CrossAttnDownBlock2D, 1/2/10 transformer blocks per level, 5/10/20
 heads: SDXL's 70 transformer blocks), only widths, the text towers' depths, the time-id embedding
-width and the sample size reduced (8: 64 px images, attention at 4² and 2²).
+width and the sample size reduced (8: 64 px images, attention at 4² and 2²), and the VAE's
+``scaling_factor`` set so that the random VAE's latents have unit variance, as the hub's 0.13025
+does for the trained one (models.tiny_components does the same).
 """
 from __future__ import annotations
 
@@ -57,7 +59,13 @@ def build_sdxl_folder(dest: Path, weights: str = "plain", seed: int = 0) -> Path
         unet.conv_out.weight.mul_(0.3)
         unet.conv_out.bias.mul_(0.3)
     _save(unet, dest / "unet", configs["unet"], weights)
-    _save(AutoencoderKL.from_config(configs["vae"]), dest / "vae", configs["vae"], weights)
+    vae = AutoencoderKL.from_config(configs["vae"])
+    with torch.no_grad():  # as in models.tiny_components: a random VAE's latents to unit variance (what the
+        # hub's 0.13025 does for the trained VAE), so DDIM meets latents of the size it does on real images
+        probe = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        configs["vae"]["scaling_factor"] = round(float(1.0 / vae.encode(probe).latent_dist.mean.std()), 5)
+    vae.register_to_config(scaling_factor=configs["vae"]["scaling_factor"])
+    _save(vae, dest / "vae", configs["vae"], weights)
     for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
         cfg = {k: v for k, v in configs[name].items() if not k.startswith("_")}
         _save(cls(CLIPTextConfig(**cfg)), dest / name, configs[name], weights)
