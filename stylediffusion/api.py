@@ -108,17 +108,19 @@ class StyleDiffusionEditor:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, image_encoder: str | None = None, device=None, dtype=None,
-                        seed: int = 0, progress: bool = True, vae: str | None = None) -> "StyleDiffusionEditor":
+                        seed: int = 0, progress: bool = True, vae: str | None = None,
+                        image_size: int | None = None) -> "StyleDiffusionEditor":
         """Load a hub id or a local diffusers folder (or ``"testbed"``, ``"tiny"``) plus a CLIP vision tower.
 
         ``device``: None = CUDA if available, else the CPU. ``dtype`` of the frozen UNet and encoders:
         None = bfloat16 on CUDA, float32 on the CPU (mapping networks, DDIM math and losses stay float32).
         ``seed`` seeds the random weights of ``"tiny"``. ``vae``: a VAE hub id or folder in place of the
         model's (e.g. ``madebyollin/sdxl-vae-fp16-fix``), run in ``dtype``; the model's own VAE runs in float32.
+        ``image_size``: pixels to run at (default: the model's; 1024 for SDXL).
         """
         device = _resolve_device(device)
         bundle = load_models(str(model), image_encoder, device=device, dtype=_resolve_dtype(dtype, device), seed=seed,
-                             vae=vae)
+                             vae=vae, image_size=image_size)
         if bundle.untrained:
             logger.warning("the 'tiny' model has random, untrained weights: outputs show the mechanics, not real edits.")
         return cls(bundle, progress=progress)

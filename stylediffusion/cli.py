@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vae", default=None,
                    help="a VAE hub id or folder in place of the model's (e.g. madebyollin/sdxl-vae-fp16-fix), run in "
                         "--dtype; without it the model's own VAE runs in float32 (SDXL's overflows in float16)")
+    g.add_argument("--image_size", type=int, default=None,
+                   help="pixels to run at (default: the model's: 512 for SD 1.x, 1024 for SDXL); images are resized to it")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
     g.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
                    help="dtype of the frozen UNet and encoders (auto: bfloat16 on CUDA, float32 on the CPU; "
@@ -336,7 +338,7 @@ def run(args, log=print) -> list[Path]:
     device = _device(args.device)
     tune_backends(device)
     bundle = load_models(args.model, args.image_encoder, device=device, dtype=resolve_dtype(args.dtype, device),
-                         seed=args.seed, vae=args.vae)
+                         seed=args.seed, vae=args.vae, image_size=args.image_size)
     if bundle.family.pooled_row or args.vae:  # say which VAE runs in which dtype where it matters (families.py)
         log(f"model: {bundle.family.describe(bundle)}")
     if bundle.untrained:

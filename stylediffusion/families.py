@@ -7,7 +7,8 @@
 | SDXL    | CLIP ViT-L (77 x 768) and OpenCLIP bigG (77 x 1280), penultimate | pooled bigG projection (1280) and six  | 1024²        |
 |         | hidden states of both, concatenated (77 x 2048)                 | time ids (original size, crop, target) |              |
 
-The default size is always the UNet's sample size times the VAE factor (``ModelBundle.image_size``).
+The default size is always the UNet's sample size times the VAE factor (``ModelBundle.default_image_size``);
+``--image_size`` / ``image_size=`` runs at another (``check_image_size``), recorded in the model identity.
 
 **The pooled row.** Everything in the toolkit passes one text tensor per prompt (concatenated for
 guidance batches, optimised by Null-text, modulated by StyleDiffusion's mapping networks). On SDXL the
@@ -54,8 +55,10 @@ class ModelFamily:
     pooled_row: bool = False  # the prompt embedding carries the pooled embedding as a last row
 
     def describe(self, bundle) -> str:
-        return (f"{self.name}: {self.text_encoding}; added conditioning: {self.added_conditioning}; "
-                f"default size {bundle.image_size}²; {vae_note(bundle)}")
+        size = f"size {bundle.image_size}² (default {bundle.default_image_size}²)" \
+            if bundle.image_size != bundle.default_image_size else f"default size {bundle.image_size}²"
+        return (f"{self.name}: {self.text_encoding}; added conditioning: {self.added_conditioning}; {size}; "
+                f"{vae_note(bundle)}")
 
     # ---------------------------------------------------------------- prompts
     def encode_prompts(self, bundle, prompts: list[str]) -> torch.Tensor:
@@ -127,6 +130,16 @@ def family_of(unet_config) -> ModelFamily:
     if unet_config.get("cross_attention_dim") == 1024:
         return SD2
     return SD1
+
+
+def check_image_size(bundle, size) -> int:
+    """A pixel size the model can run at: a multiple of the VAE factor times the UNet's total downsampling
+    (64 for SD 1.x/2.x, 32 for SDXL), up to 4096."""
+    step = bundle.vae_scale * 2 ** (len(bundle.unet.config.block_out_channels) - 1)
+    if isinstance(size, bool) or not isinstance(size, int) or size < step or size > 4096 or size % step:
+        raise UserError(f"image size {size!r} does not fit this model: use a multiple of {step} from {step} to 4096 "
+                        f"(its default is {bundle.default_image_size}).")
+    return size
 
 
 def pooled_width(bundle) -> int:

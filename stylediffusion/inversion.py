@@ -111,8 +111,8 @@ def train_inversion(bundle: ModelBundle, image: torch.Tensor, prompt: str, num_s
 
 
 def latent_shape(bundle: ModelBundle) -> tuple[int, int, int, int]:
-    """(1, C, h, w) of this model's latent for one image: what z_T must be."""
-    side = int(bundle.unet.config.sample_size)
+    """(1, C, h, w) of this model's latent for one image at the run's size: what z_T must be."""
+    side = bundle.image_size // bundle.vae_scale
     return (1, int(bundle.unet.config.in_channels), side, side)
 
 

@@ -54,6 +54,7 @@ class ModelBundle:
     tokenizer_2: CLIPTokenizer | None = None
     zero_empty_prompt: bool = False
     vae_id: str | None = None  # a VAE given with --vae in place of the model's own
+    resolution: int | None = None  # --image_size: pixels to run at instead of the model's default (families.py)
 
     @property
     def family(self) -> "families.ModelFamily":
@@ -65,9 +66,14 @@ class ModelBundle:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
-    def image_size(self) -> int:
-        """Pixel size the model is meant for: UNet sample size times the VAE factor (512 for SD1)."""
+    def default_image_size(self) -> int:
+        """Pixel size the model is meant for: UNet sample size times the VAE factor (512 for SD1, 1024 for SDXL)."""
         return int(self.unet.config.sample_size) * self.vae_scale
+
+    @property
+    def image_size(self) -> int:
+        """Pixel size of this run: ``resolution`` where one was asked for, else the model's default."""
+        return self.resolution or self.default_image_size
 
     @property
     def scaling_factor(self) -> float:
@@ -82,7 +88,10 @@ class ModelBundle:
         parts = {k: getattr(self, k) for k in ("vae", "unet", "text_encoder", "image_encoder", "scheduler")}
         if self.text_encoder_2 is not None:  # SDXL; SD 1.x/2.x records stay exactly as they were
             parts.update(text_encoder_2=self.text_encoder_2, zero_empty_prompt=self.zero_empty_prompt)
-        return identity.model_identity(parts, self.weight_digests)
+        record = identity.model_identity(parts, self.weight_digests)
+        if self.image_size != self.default_image_size:  # SDXL's time ids, and every latent, follow the size
+            record["image_size"] = self.image_size
+        return record
 
     @property
     def fingerprint(self) -> str:
@@ -93,7 +102,8 @@ class ModelBundle:
     def label(self) -> str:
         """A short, machine-independent name for file names: the hub id (also read back from a hub-cache
         snapshot path) or the folder's name."""
-        return model_label(self.model_id)
+        size = f"-{self.image_size}px" if self.image_size != self.default_image_size else ""
+        return model_label(self.model_id) + size
 
 
 def model_label(model_id: str) -> str:
@@ -326,13 +336,17 @@ def tune_backends(device: str | torch.device) -> None:
 
 
 def load_models(model: str = DEFAULT_MODEL, image_encoder: str | None = None, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32, seed: int = 0, vae: str | None = None) -> ModelBundle:
+                dtype: torch.dtype = torch.float32, seed: int = 0, vae: str | None = None,
+                image_size: int | None = None) -> ModelBundle:
     """Load (or build) every frozen component, move it to ``device``/``dtype`` and freeze it.
 
     The model's own VAE stays float32 (fp16 SD VAEs, SDXL's most of all, overflow); a ``vae`` given in its
-    place (a hub id or folder, e.g. madebyollin/sdxl-vae-fp16-fix) runs in ``dtype``.
+    place (a hub id or folder, e.g. madebyollin/sdxl-vae-fp16-fix) runs in ``dtype``. ``image_size``: the
+    pixel size to run at (default: the model's, 1024 for SDXL; families.check_image_size says what fits).
     """
     untrained = model == "tiny"
+    if vae is not None and model in BUILTIN_MODELS:
+        raise UserError(f"--vae replaces the VAE of a model folder or hub id; --model {model} has its own built in.")
     if model == "tiny":
         parts, image_encoder_id = tiny_components(seed), f"tiny-vision(seed={seed})"
         model_id = f"tiny(seed={seed})"
@@ -355,5 +369,8 @@ def load_models(model: str = DEFAULT_MODEL, image_encoder: str | None = None, de
         # The VAE stays fp32: fp16 SD VAEs overflow, and it runs only twice per image (a --vae runs in dtype).
         target_dtype = torch.float32 if key == "vae" and vae is None else dtype
         module.to(device) if target_dtype == torch.float32 else module.to(device=device, dtype=target_dtype)
-    return ModelBundle(**parts, model_id=model_id, image_encoder_id=image_encoder_id, device=device, dtype=dtype,
-                       untrained=untrained, weight_digests=digests, vae_id=vae)
+    bundle = ModelBundle(**parts, model_id=model_id, image_encoder_id=image_encoder_id, device=device, dtype=dtype,
+                         untrained=untrained, weight_digests=digests, vae_id=vae)
+    if image_size is not None:
+        bundle.resolution = families.check_image_size(bundle, image_size)
+    return bundle

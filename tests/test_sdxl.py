@@ -241,23 +241,57 @@ def test_bfloat16_run(folders, image):
     assert all(torch.isfinite(lat).all() for lat in out.latents)
 
 
-def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, str(ROOT / "edit_w_ptp_v_clip.py"), *args], cwd=cwd, env=ENV,
+def test_vae_in_its_place_and_other_image_sizes(folders, xl, image):
+    """``vae=`` (``--vae``) runs the given VAE in the run's dtype and says so; ``image_size=`` runs at another
+    size with its own time ids, kept apart from the default size in the identity and the file names."""
+    from stylediffusion import StyleDiffusionEditor
+    from stylediffusion.models import load_models
+
+    b = load_models(str(folders["sdxl"]), str(folders["image_encoder"]), dtype=torch.bfloat16,
+                    vae=str(folders["sdxl"]))
+    assert b.vae.dtype == torch.bfloat16 and f"VAE {folders['sdxl']} in bfloat16" in b.family.describe(b)
+    with pytest.raises(UserError, match="--vae"):
+        load_models(str(folders["sdxl"]), str(folders["image_encoder"]), vae=str(folders["sdxl"] / "missing"))
+    with pytest.raises(UserError, match="multiple of 32"):
+        load_models(str(folders["sdxl"]), str(folders["image_encoder"]), image_size=100)
+
+    editor = StyleDiffusionEditor.from_pretrained(str(folders["sdxl"]), image_encoder=str(folders["image_encoder"]),
+                                                  device="cpu", image_size=128, progress=False)
+    big = editor.bundle
+    assert big.image_size == 128 and big.label.endswith("-128px") and big.fingerprint != xl.fingerprint
+    _, added = big.family.unet_conditioning(big, torch.zeros(1, 78, 48), (16, 16))
+    assert added["time_ids"].tolist() == [[128, 128, 0, 0, 128, 128]]
+    inv = editor.invert((image[0].permute(1, 2, 0) + 1) / 2, SPEC.source, method="ddim", num_inference_steps=T)
+    out = editor.edit(inv, SPEC.target)
+    assert out.latents[0].shape == (2, 4, 16, 16) and out.images[0].size == (128, 128)
+
+
+def run_cli(*args, cwd, env=ENV):
+    return subprocess.run([sys.executable, str(ROOT / "edit_w_ptp_v_clip.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
 def test_authors_two_step_workflow_across_processes_and_direct_mode(folders, tmp_path, capsys):
-    """Train case 1 in one process, edit every row of it (LocalBlend Replacement, Refinement with a
-    per-word τ_c) in another without training again; then a direct-mode Reweight with blend words."""
-    common = ["--model", str(folders["sdxl"]), "--image_encoder", str(folders["image_encoder"]), "--idx", "1",
-              "--num_ddim_steps", "2", "--num_inner_steps", "1", "--device", "cpu", "--progress", "False"]
-    train = run_cli("--is_train", "True", *common, cwd=tmp_path)
-    assert train.returncode == 0, train.stderr
-    assert "model: SDXL" in train.stdout and "VAE in float32" in train.stdout
+    """With the hub id read from a Hugging Face cache offline (as after one download): train case 1 in one
+    process, edit every row of it (LocalBlend Replacement, Refinement with a per-word τ_c) in another
+    without training again; then, from the local folder, a direct-mode Reweight with blend words."""
+    import shutil
+
+    cache, sha = tmp_path / "hub", "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--stabilityai--stable-diffusion-xl-base-1.0"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)
+    shutil.copytree(folders["sdxl"], repo / "snapshots" / sha)
+    env = {**ENV, "HF_HUB_CACHE": str(cache)}
+    common = ["--model", "stabilityai/stable-diffusion-xl-base-1.0", "--image_encoder", str(folders["image_encoder"]),
+              "--idx", "1", "--num_ddim_steps", "2", "--num_inner_steps", "1", "--device", "cpu", "--progress", "False"]
+    train = run_cli("--is_train", "True", *common, cwd=tmp_path, env=env)
+    assert train.returncode == 0 and train.stderr == "", train.stderr
+    assert "model: SDXL" in train.stdout and "the model's VAE in float32" in train.stdout
     ckpts = sorted((tmp_path / "checkpoints").glob("*.safetensors"))
-    assert len(ckpts) == 1 and "sdxl-base-1.0_T2_K1" in ckpts[0].name
+    assert [p.name for p in ckpts] == ["case1_stabilityai-stable-diffusion-xl-base-1.0_T2_K1.safetensors"]
     before = ckpts[0].stat().st_mtime_ns
-    edit = run_cli("--is_train", "False", *common, "--outdir", "out", cwd=tmp_path)
+    edit = run_cli("--is_train", "False", *common, "--outdir", "out", cwd=tmp_path, env=env)
     assert edit.returncode == 0, edit.stderr
     assert "training it first" not in edit.stdout + edit.stderr and ckpts[0].stat().st_mtime_ns == before
     reports = [json.loads(p.read_text()) for p in sorted((tmp_path / "out").glob("*/edit.json"))]
