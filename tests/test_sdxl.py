@@ -157,7 +157,10 @@ def test_ddim_inversion_then_sampling_at_w1_round_trips(xl, image):
     schedule = DDIMSchedule(xl.scheduler, T)
     z0 = encode_latent(xl, image)
     cond, uncond = encode_prompts(xl, [SPEC.source]), encode_prompts(xl, [""])
-    traj = ddim_inversion(xl, schedule, z0, cond, record_maps=False, progress=False)
+    traj = ddim_inversion(xl, schedule, z0, cond, record_maps=True, progress=False)
+    # the mid-low layers, by resolution: latent/4 = 2x2 here (32x32 at 1024²): down_blocks.2 (2 x 10 blocks),
+    # mid_block (10) and up_blocks.0 (3 x 10), 20 heads each
+    assert len(traj.maps[0]) == 60 and all(m.shape == (1, 20, 4, 77) for m in traj.maps[0])
     for i in (0, T - 1):
         z_prev = traj.latents[T - 1 - i]
         eps = predict(xl, schedule, z_prev, i, cond, BatchLayout.single())
