@@ -98,7 +98,7 @@ def _array_to_pil(array) -> Image.Image:
 
 
 class StyleDiffusionEditor:
-    """Invert real images and edit them with text, on frozen Stable Diffusion v1.x/2.x components."""
+    """Invert real images and edit them with text, on frozen Stable Diffusion v1.x/2.x or SDXL components."""
 
     def __init__(self, bundle: ModelBundle, progress: bool = True, _borrowed: bool = False):
         self.bundle = bundle
