@@ -45,7 +45,9 @@ The model
 ``--size sd15``: SD v1.5's architecture from the JSON configs in ``stylediffusion/configs/sd15``
 (UNet 320/640/1280/1280, VAE 128/256/512/512, CLIP ViT-L/14 text tower, CLIP ViT-B/16 vision tower),
 seeded random weights -- timing does not depend on the weights, and real ones cannot reach the GPU
-machine. ``--size tiny``: ``load_models('tiny')``, for CPU regression figures in seconds.
+machine. ``--size sdxl``: SDXL base 1.0's architecture from its hub configs in
+``stylediffusion/configs/sdxl`` (UNet 320/640/1280 with 70 transformer blocks, both text towers,
+the same ViT-B/16 vision tower), 1024 px by default, seeded random weights. ``--size tiny``: ``load_models('tiny')``, for CPU regression figures in seconds.
 ``--size testbed``: the project's trained test-bed model (``load_models('testbed')``, 32 px): a trained
 model for ``--check_precision``, where a random one exaggerates rounding noise.
 
@@ -97,6 +99,7 @@ from stylediffusion.sampling import ddim_inversion, predict  # noqa: E402
 from stylediffusion.training import TrainConfig, inner_steps, train_mapping_networks  # noqa: E402
 
 CONFIG_DIR = ROOT / "stylediffusion" / "configs" / "sd15"
+SDXL_CONFIG_DIR = ROOT / "stylediffusion" / "configs" / "sdxl"  # the hub files of SDXL base 1.0 (tests/fixtures)
 NOMINAL_SD15_FLOPS = 0.8e12  # one SD v1.5 UNet forward, one 512x512 sample (64x64 latent)
 PHASES = ("inversion", "training", "edit")
 SOURCE_PROMPT, TARGET_PROMPT = "a photo of a cat sitting on the grass", "a photo of a dog sitting on the grass"
@@ -104,6 +107,7 @@ SOURCE_PROMPT, TARGET_PROMPT = "a photo of a cat sitting on the grass", "a photo
 PRECISION_SUBJECTS = {
     "tiny": ("chelsea.jpg", SOURCE_PROMPT),
     "sd15": ("chelsea.jpg", SOURCE_PROMPT),
+    "sdxl": ("chelsea.jpg", SOURCE_PROMPT),
     # the trained test-bed model only knows its synthetic world: invert one of its scenes with its caption
     "testbed": ("testbed_red_triangle.png", "a large red triangle on a gray background"),
 }
@@ -114,8 +118,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 # ----------------------------------------------------------------------------- models
-def _config(name: str) -> dict:
-    cfg = json.loads((CONFIG_DIR / f"{name}.json").read_text())
+def _config(name: str, folder: Path = CONFIG_DIR) -> dict:
+    cfg = json.loads((folder / f"{name}.json").read_text())
     return {k: v for k, v in cfg.items() if not k.startswith("_") and k != "architectures"}
 
 
@@ -141,16 +145,44 @@ def sd15_components(device: torch.device, seed: int = 0, resolution: int = 512) 
                 scheduler=DDIMScheduler.from_config(_config("scheduler")))
 
 
+def sdxl_components(device: torch.device, seed: int = 0, resolution: int = 1024) -> dict:
+    """SDXL base 1.0-shaped components (its hub configs, ``stylediffusion/configs/sdxl``) with seeded random
+    weights, built directly on ``device``; the image encoder is ViT-B/16 as for SD v1.5."""
+    from transformers import CLIPTextModelWithProjection
+
+    unet_cfg, vae_cfg = _config("unet", SDXL_CONFIG_DIR), _config("vae", SDXL_CONFIG_DIR)
+    if resolution % 64:
+        raise SystemExit("--resolution must be a multiple of 64")
+    unet_cfg["sample_size"], vae_cfg["sample_size"] = resolution // 8, resolution
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(unet_cfg)
+        vae = AutoencoderKL.from_config(vae_cfg)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**_config("text_encoder", SDXL_CONFIG_DIR)))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**_config("text_encoder_2", SDXL_CONFIG_DIR)))
+        image_encoder = CLIPVisionModel(CLIPVisionConfig(**_config("image_encoder")))
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(0.3)
+        unet.conv_out.bias.mul_(0.3)
+    tokenizer_2 = sd_tokenizer()
+    tokenizer_2.pad_token = "!"  # as SDXL's tokenizer_2
+    return dict(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=sd_tokenizer(), image_encoder=image_encoder,
+                scheduler=DDIMScheduler.from_config(_config("scheduler", SDXL_CONFIG_DIR)),
+                text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, zero_empty_prompt=True)
+
+
 def build_bundle(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0, resolution: int = 512) -> ModelBundle:
     if size in ("tiny", "testbed"):
         return load_models(size, device=device, dtype=dtype, seed=seed)
-    parts = sd15_components(device, seed, resolution)
-    for key in ("vae", "unet", "text_encoder", "image_encoder"):  # the same freezing/casting as load_models
+    parts = sdxl_components(device, seed, resolution) if size == "sdxl" else sd15_components(device, seed, resolution)
+    for key in ("vae", "unet", "text_encoder", "image_encoder", "text_encoder_2"):  # freezing/casting as load_models
+        if key not in parts:
+            continue
         module = parts[key]
         module.requires_grad_(False)
         module.eval()
         module.to(device=device, dtype=torch.float32 if key == "vae" else dtype)
-    return ModelBundle(**parts, model_id=f"sd15-random(seed={seed})", image_encoder_id="vit-b16-random",
+    return ModelBundle(**parts, model_id=f"{size}-random(seed={seed})", image_encoder_id="vit-b16-random",
                        device=device, dtype=dtype, untrained=True)
 
 
@@ -414,10 +446,12 @@ def measure_unet_flops(bundle: ModelBundle) -> float | None:
         return None
     side = int(bundle.unet.config.sample_size)
     z = torch.zeros(1, bundle.unet.config.in_channels, side, side, device=bundle.device, dtype=bundle.dtype)
-    text = torch.zeros(1, 77, bundle.unet.config.cross_attention_dim, device=bundle.device, dtype=bundle.dtype)
+    rows = 77 + int(bundle.family.pooled_row)  # SDXL: the pooled row (stylediffusion/families.py)
+    text = torch.zeros(1, rows, bundle.unet.config.cross_attention_dim, device=bundle.device, dtype=bundle.dtype)
+    text, added = bundle.family.unet_conditioning(bundle, text, (side, side))
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        bundle.unet(z, torch.tensor(500, device=bundle.device), encoder_hidden_states=text)
+        bundle.unet(z, torch.tensor(500, device=bundle.device), encoder_hidden_states=text, added_cond_kwargs=added)
     return float(counter.get_total_flops())
 
 
@@ -708,10 +742,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
-    p.add_argument("--size", choices=("sd15", "tiny", "testbed"), default=None,
-                   help="sd15: SD v1.5 architecture, random weights (default on CUDA); tiny: load_models('tiny') "
-                        "(default on CPU); testbed: the project's trained test-bed model (load_models('testbed'))")
-    p.add_argument("--resolution", type=int, default=512, help="image size for --size sd15 (default 512)")
+    p.add_argument("--size", choices=("sd15", "sdxl", "tiny", "testbed"), default=None,
+                   help="sd15: SD v1.5 architecture, random weights (default on CUDA); sdxl: SDXL base 1.0's "
+                        "architecture, random weights; tiny: load_models('tiny') (default on CPU); testbed: the "
+                        "project's trained test-bed model (load_models('testbed'))")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image size for --size sd15 (default 512) and sdxl (default 1024)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps T (default 30; 10 with --quick)")
     p.add_argument("--inner_steps", type=int, default=None, help="K (default 100, i.e. 1015 iterations at T=30)")
     p.add_argument("--iters", type=int, default=None,
@@ -752,7 +788,10 @@ def main(argv=None, log=print) -> dict:
     num_inner_steps = args.inner_steps or (10 if args.quick else 100)
     if args.iters is not None:
         num_inner_steps = inner_steps_for(num_steps, args.iters)
-    resolution = args.resolution if args.size == "sd15" else build_bundle(args.size, torch.device("cpu"), torch.float32).image_size
+    if args.size in ("sd15", "sdxl"):
+        resolution = args.resolution or (1024 if args.size == "sdxl" else 512)
+    else:
+        resolution = build_bundle(args.size, torch.device("cpu"), torch.float32).image_size
     args.resolution = resolution
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

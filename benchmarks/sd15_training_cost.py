@@ -1,6 +1,7 @@
-"""StyleDiffusion's memory and FLOPs at SD v1.5 size, from shapes alone (no GPU, no weights, no compute).
+"""StyleDiffusion's memory and FLOPs at SD v1.5 or SDXL size, from shapes alone (no GPU, no weights, no compute).
 
-Builds the SD v1.5 architecture (configs in ``stylediffusion/configs/sd15``) on PyTorch's ``meta``
+Builds the SD v1.5 architecture (configs in ``stylediffusion/configs/sd15``; ``--size sdxl``: SDXL
+base 1.0 at 1024², ``stylediffusion/configs/sdxl``) on PyTorch's ``meta``
 device, where tensors have shapes and dtypes but no data, and runs one training iteration of each
 benchmark mode exactly as ``train_mapping_networks`` does (mapping network -> UNet with the learned
 values and the mid-low attention recorder -> DDIM step -> latent MSE + attention loss -> backward).
@@ -29,6 +30,7 @@ step four rows, plus the reference's image encoder once per conditional call) fo
 the time those FLOPs take at a given rate (a floor: no GPU reaches its peak rate).
 
     python benchmarks/sd15_training_cost.py
+    python benchmarks/sd15_training_cost.py --size sdxl
 """
 from __future__ import annotations
 
@@ -113,25 +115,26 @@ class SavedTensors:
         return sorted(by_label.items(), key=lambda kv: -kv[1])[:k]
 
 
-def estimate(mode: gpu_bench.Mode, resolution: int = 512, num_steps: int = 30, num_inner_steps: int = 100) -> dict:
+def estimate(mode: gpu_bench.Mode, resolution: int = 512, num_steps: int = 30, num_inner_steps: int = 100,
+             size: str = "sd15") -> dict:
     dtype = gpu_bench.DTYPES[mode.dtype]
-    parts = gpu_bench.sd15_components(META, 0, resolution)
-    for key in ("vae", "unet", "text_encoder", "image_encoder"):
+    parts = (gpu_bench.sdxl_components if size == "sdxl" else gpu_bench.sd15_components)(META, 0, resolution)
+    encoders = [k for k in ("text_encoder", "image_encoder", "text_encoder_2") if k in parts]
+    for key in ("vae", "unet", *encoders):
         parts[key].requires_grad_(False).eval().to(dtype=torch.float32 if key == "vae" else dtype)
-    bundle = ModelBundle(**parts, model_id="sd15-meta", image_encoder_id="vit-b16-meta", device=META, dtype=dtype,
+    bundle = ModelBundle(**parts, model_id=f"{size}-meta", image_encoder_id="vit-b16-meta", device=META, dtype=dtype,
                          untrained=True)
     if mode.unet_weight_grads:
         bundle.unet.requires_grad_(True)
-    weights = sum(p.nbytes for name in ("unet", "text_encoder", "image_encoder", "vae")
-                  for p in getattr(bundle, name).parameters())
+    weights = sum(p.nbytes for name in ("unet", "vae", *encoders) for p in getattr(bundle, name).parameters())
     weight_grads = sum(p.nbytes for p in bundle.unet.parameters()) if mode.unet_weight_grads else 0  # grads in the weights' dtype
-    parameters = {p.untyped_storage()._cdata for name in ("unet", "text_encoder", "image_encoder", "vae")
+    parameters = {p.untyped_storage()._cdata for name in ("unet", "vae", *encoders)
                   for p in getattr(bundle, name).parameters()}
 
     latent = resolution // bundle.vae_scale
     z = torch.empty(1, 4, latent, latent, device=META)
-    width = bundle.text_encoder.config.hidden_size
-    cond = torch.empty(1, bundle.tokenizer.model_max_length, width, device=META)
+    width = bundle.unet.config.cross_attention_dim  # SDXL: 768 + 1280, plus the pooled row (families.py)
+    cond = torch.empty(1, bundle.tokenizer.model_max_length + int(bundle.family.pooled_row), width, device=META)
     vision = bundle.image_encoder.config
     features = torch.empty(1, (vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size, device=META)
     schedule = DDIMSchedule(bundle.scheduler, num_steps)
@@ -168,7 +171,9 @@ def estimate(mode: gpu_bench.Mode, resolution: int = 512, num_steps: int = 30, n
               # per step one call of 4 rows (fast) or two of 2 (reference): four rows of UNet work, and the
               # reference's per-layer image encoder once for the conditional call
               "edit": num_steps * (4 * flops["call_plain"] + flops["call_learned"] - flops["call_plain"])}
+    reference_bytes = sum(m.nbytes for m in reference)
     return {"mode": mode.name, "dtype": mode.dtype, "weights_bytes": weights, "weight_grad_bytes": weight_grads,
+            "mid_low_maps": len(reference), "reference_map_bytes_per_step": reference_bytes,
             "saved_activation_bytes": saved.total(), "mapping_network_bytes": mapping_bytes,
             "total_bytes": weights + weight_grads + saved.total() + mapping_bytes,
             "largest_saved": saved.largest(), "flops": flops, "train_iterations": iterations, "phase_flops": phases}
@@ -205,15 +210,19 @@ def count_flops(bundle, mode, schedule, z, step, eps_u, mapper, features, cond, 
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--size", choices=("sd15", "sdxl"), default="sd15",
+                   help="sd15: SD v1.5 (stylediffusion/configs/sd15); sdxl: SDXL base 1.0 (stylediffusion/configs/sdxl)")
+    p.add_argument("--resolution", type=int, default=None, help="default 512 (sd15), 1024 (sdxl)")
     p.add_argument("--fast_dtype", choices=tuple(gpu_bench.DTYPES), default="bfloat16")
     p.add_argument("--tflops", type=float, default=800.0,
                    help="rate for the time floor of the fast mode's FLOPs (default 800: the H100's bf16 matmul rate "
                         "quoted in the issue)")
     args = p.parse_args(argv)
     modes = [gpu_bench.reference_mode(), gpu_bench.fast_mode(torch.device("cuda"), args.fast_dtype, False, False)]
-    rows = [estimate(m, args.resolution) for m in modes]
-    print(f"SD v1.5 architecture at {args.resolution}x{args.resolution}, one training iteration, meta device "
+    resolution = args.resolution or (1024 if args.size == "sdxl" else 512)
+    rows = [estimate(m, resolution, size=args.size) for m in modes]
+    name = "SDXL base 1.0" if args.size == "sdxl" else "SD v1.5"
+    print(f"{name} architecture at {resolution}x{resolution}, one training iteration, meta device "
           f"(shapes only): memory resident during backward, GiB (a lower bound on the GPU's peak)")
     print("| mode | dtype | weights | UNet weight grads | saved activations | mapping net + Adam | total |")
     print("|---|---|---:|---:|---:|---:|---:|")
@@ -221,6 +230,9 @@ def main(argv=None) -> list[dict]:
         print(f"| {r['mode']} | {r['dtype']} | {r['weights_bytes'] / GiB:.2f} | {r['weight_grad_bytes'] / GiB:.2f} | "
               f"{r['saved_activation_bytes'] / GiB:.2f} | {r['mapping_network_bytes'] / GiB:.3f} | "
               f"{r['total_bytes'] / GiB:.2f} |")
+    print(f"mid-low cross-attention maps per step (the attention loss's reference A*_i, kept for all T steps): "
+          f"{rows[1]['mid_low_maps']} maps, {rows[1]['reference_map_bytes_per_step'] / GiB:.3f} GiB per step, "
+          f"{30 * rows[1]['reference_map_bytes_per_step'] / GiB:.2f} GiB for T=30")
     for r in rows:
         print(f"{r['mode']}: largest saved tensors: "
               + "; ".join(f"{label} {n / GiB:.2f} GiB" for label, n in r["largest_saved"]))

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import validate
+from . import families, validate
 from .editing import TAU_C, TAU_S, TAU_U, TAU_V, EditSpec, build_controller, default_edit_type
 from .encoders import check_prompt_length, decode_latent
 from .errors import UserError
@@ -98,7 +98,7 @@ def _array_to_pil(array) -> Image.Image:
 
 
 class StyleDiffusionEditor:
-    """Invert real images and edit them with text, on frozen Stable Diffusion v1.x/2.x components."""
+    """Invert real images and edit them with text, on frozen Stable Diffusion v1.x/2.x or SDXL components."""
 
     def __init__(self, bundle: ModelBundle, progress: bool = True, _borrowed: bool = False):
         self.bundle = bundle
@@ -108,22 +108,27 @@ class StyleDiffusionEditor:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, image_encoder: str | None = None, device=None, dtype=None,
-                        seed: int = 0, progress: bool = True) -> "StyleDiffusionEditor":
+                        seed: int = 0, progress: bool = True, vae: str | None = None,
+                        image_size: int | None = None) -> "StyleDiffusionEditor":
         """Load a hub id or a local diffusers folder (or ``"testbed"``, ``"tiny"``) plus a CLIP vision tower.
 
         ``device``: None = CUDA if available, else the CPU. ``dtype`` of the frozen UNet and encoders:
         None = bfloat16 on CUDA, float32 on the CPU (mapping networks, DDIM math and losses stay float32).
-        ``seed`` seeds the random weights of ``"tiny"``.
+        ``seed`` seeds the random weights of ``"tiny"``. ``vae``: a VAE hub id or folder in place of the
+        model's (e.g. ``madebyollin/sdxl-vae-fp16-fix``), run in ``dtype``; the model's own VAE runs in float32.
+        ``image_size``: pixels to run at (default: the model's; 1024 for SDXL).
         """
         device = _resolve_device(device)
-        bundle = load_models(str(model), image_encoder, device=device, dtype=_resolve_dtype(dtype, device), seed=seed)
+        bundle = load_models(str(model), image_encoder, device=device, dtype=_resolve_dtype(dtype, device), seed=seed,
+                             vae=vae, image_size=image_size)
         if bundle.untrained:
             logger.warning("the 'tiny' model has random, untrained weights: outputs show the mechanics, not real edits.")
         return cls(bundle, progress=progress)
 
     @classmethod
     def from_pipe(cls, pipe, image_encoder=None, progress: bool = True) -> "StyleDiffusionEditor":
-        """Edit with the components of a loaded ``StableDiffusionPipeline`` (shared, never copied).
+        """Edit with the components of a loaded ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``
+        (shared, never copied; SDXL's second text encoder and ``force_zeros_for_empty_prompt`` come along).
 
         ``image_encoder``: a CLIP vision model (module), a hub id or folder to load one from, or None for
         the pipeline's own ``image_encoder`` if it has one, else ``openai/clip-vit-base-patch16``. During
@@ -136,10 +141,17 @@ class StyleDiffusionEditor:
 
         missing = [name for name in ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
                    if getattr(pipe, name, None) is None]
-        if missing or not isinstance(pipe.unet, UNet2DConditionModel) or getattr(pipe, "text_encoder_2", None) is not None:
+        sdxl = isinstance(getattr(pipe, "unet", None), UNet2DConditionModel) \
+            and families.family_of(pipe.unet.config).pooled_row
+        if sdxl:
+            missing += [name for name in ("text_encoder_2", "tokenizer_2") if getattr(pipe, name, None) is None]
+        if missing or not isinstance(pipe.unet, UNet2DConditionModel):
             raise UserError(f"from_pipe needs a Stable Diffusion v1/v2 pipeline (vae, unet, text_encoder, tokenizer, "
-                            f"scheduler), got {type(pipe).__name__}"
+                            f"scheduler) or an SDXL one (also text_encoder_2, tokenizer_2), got {type(pipe).__name__}"
                             + (f" without {', '.join(missing)}" if missing else "") + ".")
+        if sdxl and pipe.vae.dtype == torch.float16 and pipe.vae.config.get("force_upcast", True):
+            raise UserError("the pipeline's VAE is SDXL's in float16, which overflows: pipe.vae.to(torch.float32), or "
+                            "load madebyollin/sdxl-vae-fp16-fix as the pipeline's vae, then call from_pipe again.")
         unet = pipe.unet
         device, dtype = unet.device, unet.dtype
         encoder_id = "pipeline image_encoder"
@@ -159,7 +171,8 @@ class StyleDiffusionEditor:
         name = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
         bundle = ModelBundle(vae=pipe.vae, unet=unet, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                              scheduler=make_ddim_scheduler(pipe.scheduler.config), image_encoder=image_encoder,
-                             model_id=str(name or "pipeline"), image_encoder_id=encoder_id, device=device, dtype=dtype)
+                             model_id=str(name or "pipeline"), image_encoder_id=encoder_id, device=device, dtype=dtype,
+                             **_second_text_encoder(pipe) if sdxl else {})
         return cls(bundle, progress=progress, _borrowed=True)
 
     # ------------------------------------------------------------------ the two calls
@@ -305,7 +318,7 @@ class StyleDiffusionEditor:
             yield
             return
         b = self.bundle
-        modules = [m for m in (b.vae, b.unet, b.text_encoder, b.image_encoder) if m is not None]
+        modules = [m for m in (b.vae, b.unet, b.text_encoder, b.image_encoder, b.text_encoder_2) if m is not None]
         processors = dict(b.unet.attn_processors)
         state = getattr(b.unet, "_stylediffusion_state", None)  # set while the toolkit's processors are in
         flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
@@ -342,6 +355,12 @@ def _blend_words(value) -> tuple[str, str] | None:
     if words is None or len(words) != 2 or not all(isinstance(w, str) for w in words):
         raise UserError(f"blend_words needs two words (source word, target word), got {value!r}.")
     return words
+
+
+def _second_text_encoder(pipe) -> dict:
+    """An SDXL pipeline's second text tower, its tokenizer, and how it encodes the empty prompt (families.py)."""
+    zeros = getattr(getattr(pipe, "config", None), "force_zeros_for_empty_prompt", True)
+    return dict(text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2, zero_empty_prompt=bool(zeros))
 
 
 def _load_image_encoder(name: str):

@@ -126,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hub id or local diffusers folder; 'testbed' = bundled test-bed model, 'tiny' = untrained")
     g.add_argument("--image_encoder", default=None,
                    help=f"CLIP vision tower, hub id or folder (default: the model's image_encoder/ or {DEFAULT_IMAGE_ENCODER})")
+    g.add_argument("--vae", default=None,
+                   help="a VAE hub id or folder in place of the model's (e.g. madebyollin/sdxl-vae-fp16-fix), run in "
+                        "--dtype; without it the model's own VAE runs in float32 (SDXL's overflows in float16)")
+    g.add_argument("--image_size", type=int, default=None,
+                   help="pixels to run at (default: the model's: 512 for SD 1.x, 1024 for SDXL); images are resized to it")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
     g.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
                    help="dtype of the frozen UNet and encoders (auto: bfloat16 on CUDA, float32 on the CPU; "
@@ -367,7 +372,9 @@ def run(args, log=print) -> list[Path]:
     device = _device(args.device)
     tune_backends(device)
     bundle = load_models(args.model, args.image_encoder, device=device, dtype=resolve_dtype(args.dtype, device),
-                         seed=args.seed)
+                         seed=args.seed, vae=args.vae, image_size=args.image_size)
+    if bundle.family.pooled_row or args.vae:  # say which VAE runs in which dtype where it matters (families.py)
+        log(f"model: {bundle.family.describe(bundle)}")
     if bundle.untrained:
         log("note: --model tiny has random, untrained weights: outputs show the mechanics, not real edits.")
     T = args.num_ddim_steps

@@ -22,12 +22,11 @@ def check_prompt_length(tokenizer, prompt: str) -> None:
 
 @torch.no_grad()
 def encode_prompts(bundle: ModelBundle, prompts: list[str]) -> torch.Tensor:
-    """Text embeddings (n, max_tokens, width) of the padded prompts, in float32 (``predict`` casts them)."""
+    """Text embeddings (n, max_tokens, width) of the padded prompts, in float32 (``predict`` casts them);
+    on SDXL (n, max_tokens + 1, width) with the pooled embedding as the last row (families.py)."""
     for prompt in prompts:
         check_prompt_length(bundle.tokenizer, prompt)
-    tok = bundle.tokenizer(prompts, padding="max_length", max_length=bundle.tokenizer.model_max_length,
-                           truncation=True, return_tensors="pt")
-    return bundle.text_encoder(tok.input_ids.to(bundle.device))[0].float()
+    return bundle.family.encode_prompts(bundle, prompts)
 
 
 @torch.no_grad()

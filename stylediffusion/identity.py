@@ -41,6 +41,7 @@ _DIGEST_PARAMETERS = {
     "unet": ("conv_in.weight", "conv_out.weight", "time_embedding.linear_1.weight"),
     "vae": ("quant_conv.weight", "post_quant_conv.weight"),
     "text_encoder": ("final_layer_norm.weight", "embeddings.position_embedding.weight"),
+    "text_encoder_2": ("text_projection.weight", "final_layer_norm.weight", "embeddings.position_embedding.weight"),
     "image_encoder": ("post_layernorm.weight", "embeddings.class_embedding"),
 }
 # transformers 4 nests CLIP's parameters under these names, transformers 5 does not.
@@ -111,6 +112,11 @@ def model_identity(components: dict, digests: dict | None = None) -> dict:
         config = module.config
         record[name] = {"class": type(module).__name__, "config": public_config(config, module)}
         record[name]["weights"] = digests.get(name) or weights_digest(name, module)
+    if components.get("text_encoder_2") is not None:  # SDXL: its second text tower, and how "" encodes
+        module = components["text_encoder_2"]
+        record["text_encoder_2"] = {"class": type(module).__name__, "config": public_config(module.config, module),
+                                    "weights": digests.get("text_encoder_2") or weights_digest("text_encoder_2", module)}
+        record["zero_empty_prompt"] = bool(components.get("zero_empty_prompt"))
     record["scheduler"] = schedule_config(components["scheduler"])
     return record
 

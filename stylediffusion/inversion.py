@@ -31,7 +31,8 @@ def identity(bundle: ModelBundle, image: torch.Tensor, prompt: str, num_steps: i
 
 def mapping_config(bundle: ModelBundle, features: torch.Tensor, text: torch.Tensor, variant: str) -> MappingConfig:
     """Token counts and widths from the encoders themselves (197x768 and 77x768 for SD1 + ViT-B/16)."""
-    return MappingConfig(image_tokens=features.shape[1], image_width=features.shape[2], text_tokens=text.shape[1],
+    return MappingConfig(image_tokens=features.shape[1], image_width=features.shape[2],
+                         text_tokens=bundle.family.text_tokens(text),
                          text_width=text.shape[2], variant=variant)
 
 
@@ -110,8 +111,8 @@ def train_inversion(bundle: ModelBundle, image: torch.Tensor, prompt: str, num_s
 
 
 def latent_shape(bundle: ModelBundle) -> tuple[int, int, int, int]:
-    """(1, C, h, w) of this model's latent for one image: what z_T must be."""
-    side = int(bundle.unet.config.sample_size)
+    """(1, C, h, w) of this model's latent for one image at the run's size: what z_T must be."""
+    side = bundle.image_size // bundle.vae_scale
     return (1, int(bundle.unet.config.in_channels), side, side)
 
 

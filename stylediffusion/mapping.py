@@ -47,12 +47,19 @@ class MappingNetwork(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, image_features: torch.Tensor, text_embedding: torch.Tensor) -> torch.Tensor:
-        """(1, image_tokens, image_width), (n, text_tokens, text_width) -> value input (n, text_tokens, text_width)."""
+        """(1, image_tokens, image_width), (n, text_tokens, text_width) -> value input (n, text_tokens, text_width).
+
+        Rows past ``text_tokens`` (SDXL's pooled row, families.py) are not cross-attention input: they pass
+        through unchanged, so the pooled conditioning stays the plain prompt's.
+        """
         h = self.net(self.bridge(image_features))
+        tokens, extra = text_embedding[:, :self.cfg.text_tokens], text_embedding[:, self.cfg.text_tokens:]
         if self.cfg.variant == "replace":
-            return h.expand(text_embedding.shape[0], -1, -1)
-        gamma, beta = h.chunk(2, dim=1)
-        return text_embedding * gamma + beta
+            values = h.expand(text_embedding.shape[0], -1, -1)
+        else:
+            gamma, beta = h.chunk(2, dim=1)
+            values = tokens * gamma + beta
+        return torch.cat([values, extra], dim=1) if extra.shape[1] else values
 
 
 class MappingNetworks(nn.Module):

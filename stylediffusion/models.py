@@ -17,7 +17,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModel
 
-from . import identity
+from . import families, identity
 from .ddim import make_ddim_scheduler
 from .errors import UserError
 
@@ -49,15 +49,31 @@ class ModelBundle:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     untrained: bool = False
+    # SDXL only (families.SDXL): the second text encoder and tokenizer, and whether "" encodes to zeros
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+    zero_empty_prompt: bool = False
+    vae_id: str | None = None  # a VAE given with --vae in place of the model's own
+    resolution: int | None = None  # --image_size: pixels to run at instead of the model's default (families.py)
+
+    @property
+    def family(self) -> "families.ModelFamily":
+        """SD 1.x, SD 2.x or SDXL: how prompts become UNet conditioning (stylediffusion/families.py)."""
+        return families.family_of(self.unet.config)
 
     @property
     def vae_scale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
-    def image_size(self) -> int:
-        """Pixel size the model is meant for: UNet sample size times the VAE factor (512 for SD1)."""
+    def default_image_size(self) -> int:
+        """Pixel size the model is meant for: UNet sample size times the VAE factor (512 for SD1, 1024 for SDXL)."""
         return int(self.unet.config.sample_size) * self.vae_scale
+
+    @property
+    def image_size(self) -> int:
+        """Pixel size of this run: ``resolution`` where one was asked for, else the model's default."""
+        return self.resolution or self.default_image_size
 
     @property
     def scaling_factor(self) -> float:
@@ -70,7 +86,12 @@ class ModelBundle:
     def identity(self) -> dict:
         """What determines this model's outputs (identity.model_identity): public configs, schedule, weights."""
         parts = {k: getattr(self, k) for k in ("vae", "unet", "text_encoder", "image_encoder", "scheduler")}
-        return identity.model_identity(parts, self.weight_digests)
+        if self.text_encoder_2 is not None:  # SDXL; SD 1.x/2.x records stay exactly as they were
+            parts.update(text_encoder_2=self.text_encoder_2, zero_empty_prompt=self.zero_empty_prompt)
+        record = identity.model_identity(parts, self.weight_digests)
+        if self.image_size != self.default_image_size:  # SDXL's time ids, and every latent, follow the size
+            record["image_size"] = self.image_size
+        return record
 
     @property
     def fingerprint(self) -> str:
@@ -81,7 +102,8 @@ class ModelBundle:
     def label(self) -> str:
         """A short, machine-independent name for file names: the hub id (also read back from a hub-cache
         snapshot path) or the folder's name."""
-        return model_label(self.model_id)
+        size = f"-{self.image_size}px" if self.image_size != self.default_image_size else ""
+        return model_label(self.model_id) + size
 
 
 def model_label(model_id: str) -> str:
@@ -192,7 +214,9 @@ def _scheduler_config(model: str) -> dict:
 def _load_component(cls, model: str, subfolder: str | None, prefer_half: bool, **hub):
     """``cls.from_pretrained`` from safetensors only, choosing the fp16 variant where that is what there is."""
     folder = Path(model) / subfolder if subfolder else Path(model)
-    kwargs = dict(use_safetensors=True, **hub)
+    # float32 weights as stored: transformers would otherwise follow a config's "torch_dtype": "float16"
+    # (SD 2.x's and SDXL's text encoders) and round them to float16 before load_models casts
+    kwargs = dict(use_safetensors=True, torch_dtype=torch.float32, **hub)
     if subfolder:
         kwargs["subfolder"] = subfolder
     if folder.is_dir():
@@ -233,12 +257,24 @@ def _quiet_loading():
             hub_utils.enable_progress_bars()
 
 
-def _load_pretrained(model: str, image_encoder: str | None, prefer_half: bool = False):
+def _load_pretrained(model: str, image_encoder: str | None, prefer_half: bool = False, vae: str | None = None):
     with _quiet_loading():
-        return _load_pretrained_quietly(model, image_encoder, prefer_half)
+        return _load_pretrained_quietly(model, image_encoder, prefer_half, vae)
 
 
-def _load_pretrained_quietly(model: str, image_encoder: str | None, prefer_half: bool):
+def _load_vae(vae: str, prefer_half: bool) -> AutoencoderKL:
+    """``--vae``: a VAE folder or hub id in place of the model's (e.g. madebyollin/sdxl-vae-fp16-fix); the
+    folder may be a VAE alone or a whole model folder with a vae/ inside."""
+    subfolder = "vae" if (Path(vae) / "vae").is_dir() else None
+    try:
+        return _load_component(AutoencoderKL, vae, subfolder, prefer_half)
+    except UserError:
+        raise
+    except (OSError, ValueError) as err:
+        raise _missing_weights("VAE", vae, "--vae", err) from err
+
+
+def _load_pretrained_quietly(model: str, image_encoder: str | None, prefer_half: bool, vae: str | None = None):
     local = Path(model)
     if local.is_file():
         raise UserError(f"'{model}' is a single file; pass the diffusers folder of the model (model_index.json, unet/, "
@@ -255,6 +291,9 @@ def _load_pretrained_quietly(model: str, image_encoder: str | None, prefer_half:
             tokenizer=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer"),
             scheduler=make_ddim_scheduler(_scheduler_config(model)),
         )
+        parts.update(families.load_second_text_encoder(model, _load_component, prefer_half))  # SDXL
+        if vae is not None:
+            parts["vae"] = _load_vae(vae, prefer_half)
     except UserError:
         raise
     except (OSError, ValueError) as err:
@@ -297,9 +336,17 @@ def tune_backends(device: str | torch.device) -> None:
 
 
 def load_models(model: str = DEFAULT_MODEL, image_encoder: str | None = None, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32, seed: int = 0) -> ModelBundle:
-    """Load (or build) every frozen component, move it to ``device``/``dtype`` and freeze it."""
+                dtype: torch.dtype = torch.float32, seed: int = 0, vae: str | None = None,
+                image_size: int | None = None) -> ModelBundle:
+    """Load (or build) every frozen component, move it to ``device``/``dtype`` and freeze it.
+
+    The model's own VAE stays float32 (fp16 SD VAEs, SDXL's most of all, overflow); a ``vae`` given in its
+    place (a hub id or folder, e.g. madebyollin/sdxl-vae-fp16-fix) runs in ``dtype``. ``image_size``: the
+    pixel size to run at (default: the model's, 1024 for SDXL; families.check_image_size says what fits).
+    """
     untrained = model == "tiny"
+    if vae is not None and model in BUILTIN_MODELS:
+        raise UserError(f"--vae replaces the VAE of a model folder or hub id; --model {model} has its own built in.")
     if model == "tiny":
         parts, image_encoder_id = tiny_components(seed), f"tiny-vision(seed={seed})"
         model_id = f"tiny(seed={seed})"
@@ -309,17 +356,21 @@ def load_models(model: str = DEFAULT_MODEL, image_encoder: str | None = None, de
                 raise UserError(f"the test-bed model is not in {TESTBED_DIR}; train it with "
                                 f"'python -m stylediffusion.testbed.train --stage all' or use --model tiny.")
             model = str(TESTBED_DIR)
-        parts, image_encoder_id = _load_pretrained(model, image_encoder, prefer_half=dtype != torch.float32)
+        parts, image_encoder_id = _load_pretrained(model, image_encoder, prefer_half=dtype != torch.float32, vae=vae)
         model_id = "testbed" if Path(model) == TESTBED_DIR else model
     device = torch.device(device)
     # Digests before the dtype cast, so a bfloat16 run and a float32 run of one model agree.
-    digests = {k: identity.weights_digest(k, parts[k]) for k in ("vae", "unet", "text_encoder", "image_encoder")}
-    for key in ("vae", "unet", "text_encoder", "image_encoder"):
+    frozen = [k for k in ("vae", "unet", "text_encoder", "image_encoder", "text_encoder_2") if k in parts]
+    digests = {k: identity.weights_digest(k, parts[k]) for k in frozen}
+    for key in frozen:
         module = parts[key]
         module.requires_grad_(False)
         module.eval()
-        # The VAE stays fp32: fp16 SD VAEs overflow, and it runs only twice per image.
-        target_dtype = torch.float32 if key == "vae" else dtype
+        # The VAE stays fp32: fp16 SD VAEs overflow, and it runs only twice per image (a --vae runs in dtype).
+        target_dtype = torch.float32 if key == "vae" and vae is None else dtype
         module.to(device) if target_dtype == torch.float32 else module.to(device=device, dtype=target_dtype)
-    return ModelBundle(**parts, model_id=model_id, image_encoder_id=image_encoder_id, device=device, dtype=dtype,
-                       untrained=untrained, weight_digests=digests)
+    bundle = ModelBundle(**parts, model_id=model_id, image_encoder_id=image_encoder_id, device=device, dtype=dtype,
+                         untrained=untrained, weight_digests=digests, vae_id=vae)
+    if image_size is not None:
+        bundle.resolution = families.check_image_size(bundle, image_size)
+    return bundle

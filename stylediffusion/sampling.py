@@ -18,12 +18,15 @@ def predict(bundle: ModelBundle, schedule: DDIMSchedule, latents: torch.Tensor, 
     input per row."""
     state = install_attention_control(bundle.unet)
     state.set(step=i, layout=layout, latent_hw=tuple(latents.shape[-2:]), num_steps=schedule.num_steps)
-    dt = bundle.dtype
-    kwargs = {"value_states": values.to(dt)} if values is not None else None
+    dt, family = bundle.dtype, bundle.family
+    # SDXL: the prompt embedding's pooled row and the size become added_cond_kwargs (families.py); None elsewhere
+    text, added = family.unet_conditioning(bundle, text, latents.shape[-2:])
+    kwargs = {"value_states": family.token_rows(values).to(dt)} if values is not None else None
     if keys is not None:
-        kwargs = {**(kwargs or {}), "key_states": keys.to(dt)}
+        kwargs = {**(kwargs or {}), "key_states": family.token_rows(keys).to(dt)}
     t = schedule.timesteps[i].to(bundle.device)
-    out = bundle.unet(latents.to(dt), t, encoder_hidden_states=text.to(dt), cross_attention_kwargs=kwargs).sample
+    out = bundle.unet(latents.to(dt), t, encoder_hidden_states=text.to(dt), cross_attention_kwargs=kwargs,
+                      added_cond_kwargs=added).sample
     return out.float()
 
 

@@ -10,7 +10,8 @@ from z_T, the inversion's hooks applied), with their own controller:
   ``masactrl_start_layer`` (10 of SD1's 16; round(10/16 L) for a UNet with L layers) on, the target
   rows' self-attention queries attend to the source row's keys and values (per guidance branch).
 - Plug-and-Play (Tumanyan et al., CVPR 2023): for steps i < ``pnp_feature_fraction`` T (0.8) the output
-  of the decoder ResBlock ``up_blocks[1].resnets[1]`` (PnP's "layer 4" at SD1's 16x16 level) of each
+  of the decoder ResBlock ``up_blocks[1].resnets[1]`` (PnP's "layer 4" at SD1's 16x16 level, latent/4;
+  on SDXL the block at the same resolution, ``up_blocks[0].resnets[1]``) of each
   target row is replaced by the source row's of the same branch; for steps i < ``pnp_attention_fraction``
   T (0.5) the target's self-attention maps (= injecting the source's queries and keys) are replaced in
   every decoder self-attention layer but the first (SD1: up_blocks 1 [attentions 1, 2], 2 and 3).
@@ -101,8 +102,10 @@ def pnp_attention_layers(unet) -> set[int]:
 
 
 def pnp_feature_block(unet):
-    """PnP's injected ResBlock: the second resnet of the second decoder block (SD1: 16x16 level)."""
-    block = unet.up_blocks[min(1, len(unet.up_blocks) - 1)]
+    """PnP's injected ResBlock: the second resnet of the decoder block at latent/4 (SD1: up_blocks[1], the
+    16x16 level at 512²; SDXL: up_blocks[0], 32x32 at 1024²). Decoder block j of n works at
+    latent / 2^(n-1-j), so latent/4 is block n-3."""
+    block = unet.up_blocks[min(max(len(unet.up_blocks) - 3, 0), len(unet.up_blocks) - 1)]
     return block.resnets[min(1, len(block.resnets) - 1)]
 
 
