@@ -185,6 +185,11 @@ def test_every_inversion_runs_and_edits_on_sdxl(xl, image, inverted, inversion):
 @pytest.mark.parametrize("edit", list(EDITS))
 def test_every_edit_runs_on_sdxl(xl, image, inverted, edit):
     inversion = next(name for name in ("stylediffusion", "ddim", *INVERSIONS) if name in EDITS[edit].inversions)
+    if EDITS[edit].families is not None and xl.family.name not in EDITS[edit].families:
+        with pytest.raises(UserError, match=f"--edit {edit} is defined on .* not on SDXL") as err:
+            run_method(context(xl, image), SPEC, inversion, edit, inverted=inverted(inversion))
+        assert "\n" not in str(err.value)
+        return
     out = run_method(context(xl, image), SPEC, inversion, edit, inverted=inverted(inversion))
     assert out.latents.shape == (2, 4, 8, 8) and torch.isfinite(out.latents).all()
     assert not torch.equal(out.latents[0], out.latents[1])

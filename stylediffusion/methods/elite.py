@@ -180,6 +180,9 @@ class EliteEdit(EditMethod):
                MethodOption("elite_projections", "elite", choices=("elite", "unet")),
                MethodOption("elite_image_encoder", elite.DEFAULT_IMAGE_ENCODER))
     default_inversion = "spdinv"
+    families = ("SD 1.x",)
+    family_reason = ("ELITE's mapping networks write a word into SD v1's one 768-wide CLIP text encoder and its "
+                     "16 cross-attention layers; use an SD v1.x model (e.g. CompVis/stable-diffusion-v1-4).")
 
     def check(self, spec: EditSpec, options: dict) -> None:
         check_elite_inputs(spec, options)

@@ -130,6 +130,16 @@ class EditMethod:
     def edit(self, ctx: MethodContext, inv: Inversion, spec: EditSpec) -> MethodOutput:
         raise NotImplementedError
 
+    # The model families (``families.ModelFamily.name``) the edit is defined on; None = every family.
+    families: tuple[str, ...] | None = None
+    family_reason: str = ""
+
+    def check_family(self, bundle: ModelBundle) -> None:
+        """One line when the edit is not defined on the loaded model's family."""
+        if self.families is not None and bundle.family.name not in self.families:
+            raise UserError(f"--edit {self.name} is defined on {' / '.join(self.families)} only, not on "
+                            f"{bundle.family.name}: {self.family_reason}")
+
     def check(self, spec: EditSpec, options: dict) -> None:
         """Refuse, before any work (model loading, inversion), inputs of this edit that need no model: its
         files, words of the prompts it relies on. ``options``: the checked method options. Default: none."""
@@ -257,6 +267,7 @@ def run_method(ctx: MethodContext, spec: EditSpec, inversion: str = "stylediffus
     edit_method = get_edit(edit, inversion)
     inversion_method = get_inversion(inversion)
     spec.validate()
+    edit_method.check_family(ctx.bundle)
     edit_method.check(spec, ctx.options)
     t0 = time.perf_counter()
     if inverted is None:
