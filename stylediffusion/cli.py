@@ -161,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "generated_seed=3); see --list_methods and docs/methods.md")
     g.add_argument("--list_methods", action="store_true", help="list the registered inversions and edits, and exit")
     g.add_argument("--progress", type=str2bool, default=True, metavar="True|False", help="show progress bars")
+
+    g = p.add_argument_group("style transfer (the paper's §5.2.7): --image_path/--prompt (or --idx) are the STYLE image")
+    g.add_argument("--content_image", type=Path, default=None,
+                   help="style-transfer mode: the image whose structure is kept (no --target needed); options as "
+                        "--method_option transfer_feature_fraction=0.8 ... (docs/method.md)")
+    g.add_argument("--content_prompt", default=None, help="caption of the content image (default: the empty prompt, as PnP)")
     return p
 
 
@@ -305,6 +311,10 @@ def _check_image_readable(path: Path) -> None:
 
 
 def run(args, log=print) -> list[Path]:
+    if getattr(args, "content_image", None) is not None:
+        return run_style_transfer(args, log)
+    if getattr(args, "content_prompt", None) is not None:
+        raise UserError("--content_prompt describes the --content_image of a style transfer: give --content_image too.")
     import torch
 
     from .editing import build_controller
@@ -380,6 +390,86 @@ def run(args, log=print) -> list[Path]:
             log(f"edit '{spec.source}' -> '{spec.target}' ({args.inversion} + {args.edit}, {spec.edit_type}) "
                 f"in {out.seconds:.1f}s -> {outdir}")
     return written
+
+
+def run_style_transfer(args, log=print) -> list[Path]:
+    """Style-transfer mode: train (or load) the style image's StyleDiffusion inversion as an edit would, then
+    transfer it onto --content_image; writes an edit's files (edited.png = the transfer)."""
+    import torch
+
+    from .api import StyleDiffusionEditor
+    from .methods.registry import check_method_options
+    from .models import load_models, resolve_dtype, tune_backends
+    from .style_transfer import STYLE_INVERSIONS, transfer_options
+
+    if args.inversion not in STYLE_INVERSIONS:
+        raise UserError(f"style transfer needs --inversion stylediffusion (the style's learned values), not "
+                        f"{args.inversion!r}.")
+    if args.is_train or args.target is not None:
+        raise UserError("--content_image is a style transfer: drop --is_train and --target (the style image is "
+                        "--image_path with its --prompt).")
+    if args.content_prompt is not None:
+        validate.prompt(args.content_prompt, "--content_prompt")
+    _check_image_readable(args.content_image)
+    style_args = argparse.Namespace(**{**vars(args), "is_train": True})
+    job = resolve_jobs(style_args)[0]
+    _check_image_readable(job.image_path)
+    given = method_options(args.method_option)
+    transfer = transfer_options({k: v for k, v in given.items() if k.startswith("transfer_")})
+    options = {"variant": args.variant, **check_method_options(
+        {k: v for k, v in given.items() if not k.startswith("transfer_")}, args.inversion)}
+    check_output_paths(argparse.Namespace(**{**vars(args), "is_train": False}), [job])
+    torch.manual_seed(args.seed)
+    device = _device(args.device)
+    tune_backends(device)
+    bundle = load_models(args.model, args.image_encoder, device=device, dtype=resolve_dtype(args.dtype, device),
+                         seed=args.seed)
+    if bundle.untrained:
+        log("note: --model tiny has random, untrained weights: outputs show the mechanics, not real edits.")
+    T = args.num_ddim_steps
+    check_num_steps(T, bundle.scheduler)
+    editor = StyleDiffusionEditor(bundle, progress=args.progress)
+    started()
+    ckpt = checkpoint_path(args, job, bundle.label, options)
+    if args.checkpoint is None:
+        validate.inside(args.checkpoint_dir, ckpt, "the checkpoint")
+    if args.retrain and ckpt.is_file():
+        ckpt.unlink()
+    if not ckpt.is_file():
+        log(f"no trained inversion of the style image at {ckpt}: training it first (T={T}, K={args.num_inner_steps})")
+    t0 = time.perf_counter()
+    inverted = editor.invert(job.image_path, job.prompt, method=args.inversion, num_inference_steps=T,
+                             num_inner_steps=args.num_inner_steps, guidance_scale=args.guidance_scale,
+                             checkpoint=ckpt, seed=args.seed, lr=args.lr, attention_loss=args.attention_loss,
+                             early_stop=args.early_stop, **options)
+    log(f"style inversion ready in {time.perf_counter() - t0:.1f}s ({ckpt})")
+    out = editor.transfer_style(inverted, args.content_image, args.content_prompt,
+                                guidance_scale=args.guidance_scale, **transfer)
+    written = [ckpt] + save_transfer_outputs(args.outdir, out, bundle, T, args.content_image, job.image_path)
+    log(f"style transfer of '{job.image_path}' onto '{args.content_image}' in {out.seconds:.1f}s -> {args.outdir}")
+    return written
+
+
+def save_transfer_outputs(outdir: Path, out, bundle, T: int, content_image: Path, style_image: Path) -> list[Path]:
+    """A transfer's files, named as an edit's: edited.png (the transfer), reconstruction.png (the style's own
+    reconstruction), grid.png (content | style | transfer) and edit.json."""
+    from .files import atomic_write_text
+    from .image_io import save_atomic
+
+    files = {"edited.png": out.images[0], "reconstruction.png": out.reconstruction, "grid.png": out.grid()}
+    paths = []
+    for name, img in files.items():
+        save_atomic(img, outdir / name)
+        paths.append(outdir / name)
+    spec = out.specs[0]
+    report = {"inversion": "stylediffusion", "edit": "style_transfer", "source": spec.target,
+              "content_image": str(content_image), "style_image": str(style_image),
+              "content_prompt": spec.source, "style_prompt": spec.target, **out.options,
+              "guidance_scale": spec.guidance_scale, "num_ddim_steps": T, "model": bundle.model_id,
+              "untrained_model": bundle.untrained, "dtype": str(bundle.dtype).removeprefix("torch."),
+              "edit_seconds": round(out.seconds, 3)}
+    atomic_write_text(outdir / "edit.json", json.dumps(report, indent=2) + "\n")
+    return paths + [outdir / "edit.json"]
 
 
 def save_edit_outputs(outdir: Path, out, bundle, T: int, inversion: str = "stylediffusion",
