@@ -14,14 +14,16 @@ training. Read from the pixels (``testbed.analyser``):
   the same scene on the content's background.
 
 Methods, all from one StyleDiffusion inversion of the style image per pair:
-- ``transfer``: ``StyleDiffusionEditor.transfer_style`` (the style's learned values + content injection);
+- ``transfer``: ``StyleDiffusionEditor.transfer_style`` with its defaults (Plug-and-Play's layers and steps);
 - ``no_learned_values``: the same injection with the style prompt alone (``transfer_value_fraction=0``);
+- ``transfer_all_resnets`` / ``all_resnets_no_learned_values``: the same with every decoder ResNet from
+  latent/4 on injected (``transfer_feature_layers=finer``);
 - ``style_reconstruction``: the style's plain reconstruction.
 
 ``--prompt`` picks the style prompt the inversion is trained with and the transfer samples with:
-``caption`` (the style scene's caption, colour and background words included) or ``shape`` ("a <shape>":
-only the learned values can tell the colour and background). Seeds: 100 was used while developing;
-the published table uses seed 2026 (pairs not seen during development).
+``neutral`` ("on a background": only the learned values can tell the colour and background) or
+``caption`` (the style scene's caption: colour, shape and background words included). Seeds: 100 was
+used while developing; the published table uses seed 2026 (pairs not seen during development).
 
     python benchmarks/testbed_style_transfer.py --n 24 --seed 2026 --outdir docs/testbed_style_transfer
 """
@@ -41,7 +43,16 @@ from stylediffusion.files import atomic_write_text
 from stylediffusion.image_io import image_grid, save_atomic
 from stylediffusion.testbed import analyser, world
 
-METHODS = ("transfer", "no_learned_values", "style_reconstruction")
+# name -> transfer options: PnP's defaults, and every decoder ResNet from latent/4 on (the test bed's 16x16
+# latent puts PnP's one ResNet at 4x4), each with and without the style's learned values.
+CONFIGS = {
+    "transfer": {},
+    "no_learned_values": {"transfer_value_fraction": 0.0},
+    "transfer_all_resnets": {"transfer_feature_layers": "finer"},
+    "all_resnets_no_learned_values": {"transfer_feature_layers": "finer", "transfer_value_fraction": 0.0},
+}
+METHODS = (*CONFIGS, "style_reconstruction")
+NEUTRAL_PROMPT = "on a background"  # names neither the colour, nor the shape, nor the background
 COLUMNS = ["pair", "heldout", "method", "content", "style", "truth", "shape", "position", "layout", "colour",
            "background", "style_prompt", "seconds"]
 
@@ -90,7 +101,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="testbed")
     p.add_argument("--n", type=int, default=24, help="pairs (every second one a held-out combination)")
     p.add_argument("--seed", type=int, default=2026, help="100 = development seed; 2026 = the published table's")
-    p.add_argument("--prompt", choices=("caption", "shape"), default="caption")
+    p.add_argument("--prompt", choices=("neutral", "caption"), default="neutral")
     p.add_argument("--num_ddim_steps", type=int, default=20)
     p.add_argument("--num_inner_steps", type=int, default=10)
     p.add_argument("--guidance_scale", type=float, default=7.5)
@@ -112,17 +123,18 @@ def main(argv=None) -> None:
     for k, (content, style, truth) in enumerate(pairs):
         if k in done:
             continue
-        prompt = style.caption if args.prompt == "caption" else f"a {style.objects[0].shape}"
+        prompt = style.caption if args.prompt == "caption" else NEUTRAL_PROMPT
         t0 = time.perf_counter()
         inv = editor.invert(style.pil(), prompt, num_inference_steps=args.num_ddim_steps,
                             num_inner_steps=args.num_inner_steps, guidance_scale=args.guidance_scale,
                             checkpoint=args.outdir / "inversions" / f"pair{k}.safetensors", seed=0)
         train_s = time.perf_counter() - t0
-        out = editor.transfer_style(inv, content.pil(), guidance_scale=args.guidance_scale, **options)
-        base = editor.transfer_style(inv, content.pil(), guidance_scale=args.guidance_scale,
-                                     **{**options, "transfer_value_fraction": 0.0})
-        images = {"transfer": out.images[0], "no_learned_values": base.images[0],
-                  "style_reconstruction": out.reconstruction}
+        outs = {name: editor.transfer_style(inv, content.pil(), guidance_scale=args.guidance_scale,
+                                            style_reconstruction=name == "transfer", **{**options, **config})
+                for name, config in CONFIGS.items()}
+        out = outs["transfer"]
+        images = {name: o.images[0] for name, o in outs.items()}
+        images["style_reconstruction"] = out.reconstruction
         pair_rows = []
         for method, img in images.items():
             verdict = judge(np.asarray(img), content, style, truth)
@@ -132,15 +144,27 @@ def main(argv=None) -> None:
         append_rows(log, pair_rows)
         rows += pair_rows
         if k < 8:
-            strips.append([content.pil(), style.pil(), out.images[0], base.images[0], out.reconstruction, truth.pil()])
+            strips.append([content.pil(), style.pil(), *images.values(), truth.pil()])
         print(f"pair {k + 1}/{len(pairs)}: " + ", ".join(f"{r['method']} L{r['layout']} C{r['colour']} B{r['background']}"
                                                          for r in pair_rows), flush=True)
     if strips:
-        save_atomic(image_grid([im.resize((64, 64)) for strip in strips for im in strip]), args.outdir / "samples.png")
-        atomic_write_text(args.outdir / "samples.txt", "each row of samples.png: content, style, transfer, "
-                          "no learned values, style reconstruction, truth\n")
+        save_atomic(sample_sheet(strips), args.outdir / "samples.png")
+        atomic_write_text(args.outdir / "samples.txt", "each row of samples.png: content, style, "
+                          + ", ".join(METHODS) + ", truth\n")
     if len({int(r["pair"]) for r in rows}) == len(pairs):
         write_summary(args, rows, options)
+
+
+def sample_sheet(strips):
+    from PIL import Image
+
+    rows = [image_grid([im.resize((64, 64), Image.NEAREST) for im in strip]) for strip in strips]
+    sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
+    y = 0
+    for r in rows:
+        sheet.paste(r, (0, y))
+        y += r.height
+    return sheet
 
 
 def read_rows(path: Path) -> list[dict]:
