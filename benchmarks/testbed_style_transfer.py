@@ -171,7 +171,8 @@ def read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+        rows = {(r["pair"], r["method"]): r for r in csv.DictReader(f)}  # a pair written twice counts once
+    return list(rows.values())
 
 
 def append_rows(path: Path, rows: list[dict]) -> None:

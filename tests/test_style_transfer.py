@@ -122,3 +122,41 @@ def test_real_layout_style_trained_in_one_process_transferred_in_another(tmp_pat
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"edited.png", "reconstruction.png", "grid.png",
                                                               "edit.json"}
     assert np.asarray(Image.open(tmp_path / "out" / "edited.png")).std() > 0
+
+
+def test_demo_section_transfers_the_inverted_style_and_refuses_bad_input(editor, tmp_path):
+    from stylediffusion.app import DemoApp
+    from stylediffusion.app_style_transfer import transfer
+
+    app = DemoApp(editor, tmp_path / "cache")
+    style, content, prompt = Image.open(STYLE).convert("RGB"), Image.open(CONTENT).convert("RGB"), "a red triangle"
+    step1 = (style, prompt, "stylediffusion", 2, 1)
+    with pytest.raises(UserError, match="press Invert first"):
+        transfer(app, *step1, content)
+    app.invert(*step1)
+    with pytest.raises(UserError, match="no content image"):
+        transfer(app, *step1, None)
+    with pytest.raises(UserError, match="no style image"):
+        transfer(app, None, prompt, "stylediffusion", 2, 1, content)
+    result = transfer(app, *step1, content, "", 0.5, 0.25)
+    report = json.loads(result.files[1].read_text())
+    assert report["transfer_feature_fraction"] == 0.5 and report["transfer_attention_fraction"] == 0.25
+    assert result.files[0].is_file() and result.grid.width > 3 * editor.bundle.image_size
+    app.invert(style, prompt, "ddim", 2, 1)
+    with pytest.raises(UserError, match="method='stylediffusion'"):
+        transfer(app, style, prompt, "ddim", 2, 1, content)
+
+
+def test_bench_reproduce_writes_content_style_transfer_grids(tmp_path):
+    from stylediffusion.bench import reproduce
+
+    args = ["--idx", "10", "--outdir", str(tmp_path), "--model", "tiny", "--num_ddim_steps", "2",
+            "--num_inner_steps", "1", "--device", "cpu", "--content_image", str(CONTENT)]
+    assert reproduce.main(args, log=lambda *_: None)["processed"] == 1
+    grid = Image.open(tmp_path / reproduce.TRANSFER_LABEL / "case10_transfer.png")
+    assert grid.width > 3 * reproduce.MIN_CELL
+    assert reproduce.main(args, log=lambda *_: None)["processed"] == 0  # resumed: nothing left
+    with pytest.raises(UserError, match="missing.png"):
+        reproduce.main([*args[:-1], str(tmp_path / "missing.png")], log=lambda *_: None)
+    with pytest.raises(UserError, match="needs --inversion stylediffusion"):
+        reproduce.main([*args, "--inversion", "ddim"], log=lambda *_: None)
