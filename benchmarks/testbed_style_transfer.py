@@ -193,7 +193,7 @@ def write_summary(args, rows, options) -> None:
     for m in METHODS:
         mine = [r for r in rows if r["method"] == m]
         held = [r for r in mine if int(r["heldout"])]
-        rate = lambda rs, key: 100 * np.mean([int(r[key]) for r in rs]) if rs else float("nan")  # noqa: E731
+        rate = lambda rs, key: 100 * np.mean([int(r[key]) for r in rs]) if rs else float("nan")
         lines.append(f"| {m} | {rate(mine, 'layout'):.0f} % ({rate(mine, 'shape'):.0f} / {rate(mine, 'position'):.0f}) "
                      f"| {rate(mine, 'colour'):.0f} % | {rate(mine, 'background'):.0f} % | "
                      f"{rate(held, 'layout'):.0f} / {rate(held, 'colour'):.0f} / {rate(held, 'background'):.0f} % |")

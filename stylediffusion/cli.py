@@ -310,20 +310,34 @@ def _check_image_readable(path: Path) -> None:
     load_image(path, 8)  # cheap: raises a UserError for a missing or unreadable file before any model loads
 
 
+def load_bundle(args, log=print):
+    """Seed, device and the model of a run; T checked against its scheduler."""
+    import torch
+
+    from .models import load_models, resolve_dtype, tune_backends
+
+    torch.manual_seed(args.seed)
+    device = _device(args.device)
+    tune_backends(device)
+    bundle = load_models(args.model, args.image_encoder, device=device, dtype=resolve_dtype(args.dtype, device),
+                         seed=args.seed)
+    if bundle.untrained:
+        log("note: --model tiny has random, untrained weights: outputs show the mechanics, not real edits.")
+    check_num_steps(args.num_ddim_steps, bundle.scheduler)
+    return bundle
+
+
 def run(args, log=print) -> list[Path]:
     if getattr(args, "content_image", None) is not None:
         return run_style_transfer(args, log)
     if getattr(args, "content_prompt", None) is not None:
         raise UserError("--content_prompt describes the --content_image of a style transfer: give --content_image too.")
-    import torch
-
     from .editing import build_controller
     from .encoders import check_prompt_length
     from .image_io import load_image
     from .api import StyleDiffusionEditor
     from .methods import get_edit, get_inversion
     from .methods.registry import check_method_options, split_method_options
-    from .models import load_models, resolve_dtype, tune_backends
 
     # Everything the flags, the index and the files say is checked here, before any model loads and
     # before anything is written or deleted.
@@ -339,15 +353,8 @@ def run(args, log=print) -> list[Path]:
         for spec in job.edits:
             spec.validate()
     check_output_paths(args, jobs)
-    torch.manual_seed(args.seed)
-    device = _device(args.device)
-    tune_backends(device)
-    bundle = load_models(args.model, args.image_encoder, device=device, dtype=resolve_dtype(args.dtype, device),
-                         seed=args.seed)
-    if bundle.untrained:
-        log("note: --model tiny has random, untrained weights: outputs show the mechanics, not real edits.")
+    bundle = load_bundle(args, log)
     T = args.num_ddim_steps
-    check_num_steps(T, bundle.scheduler)
     for job in jobs:  # word-level problems (too long, unknown blend word, unequal word counts...) before any training
         check_prompt_length(bundle.tokenizer, job.prompt)
         for spec in job.edits:
@@ -395,11 +402,9 @@ def run(args, log=print) -> list[Path]:
 def run_style_transfer(args, log=print) -> list[Path]:
     """Style-transfer mode: train (or load) the style image's StyleDiffusion inversion as an edit would, then
     transfer it onto --content_image; writes an edit's files (edited.png = the transfer)."""
-    import torch
-
     from .api import StyleDiffusionEditor
+    from .image_io import load_image
     from .methods.registry import check_method_options
-    from .models import load_models, resolve_dtype, tune_backends
     from .style_transfer import STYLE_INVERSIONS, transfer_options
 
     if args.inversion not in STYLE_INVERSIONS:
@@ -419,17 +424,13 @@ def run_style_transfer(args, log=print) -> list[Path]:
     options = {"variant": args.variant, **check_method_options(
         {k: v for k, v in given.items() if not k.startswith("transfer_")}, args.inversion)}
     check_output_paths(argparse.Namespace(**{**vars(args), "is_train": False}), [job])
-    torch.manual_seed(args.seed)
-    device = _device(args.device)
-    tune_backends(device)
-    bundle = load_models(args.model, args.image_encoder, device=device, dtype=resolve_dtype(args.dtype, device),
-                         seed=args.seed)
-    if bundle.untrained:
-        log("note: --model tiny has random, untrained weights: outputs show the mechanics, not real edits.")
+    bundle = load_bundle(args, log)
     T = args.num_ddim_steps
-    check_num_steps(T, bundle.scheduler)
     editor = StyleDiffusionEditor(bundle, progress=args.progress)
     started()
+    for path in (job.image_path, args.content_image):  # both are centre-cropped and resized to the model's size
+        for note in load_image(path, bundle.image_size)[1]:
+            log(f"note: {note}")
     ckpt = checkpoint_path(args, job, bundle.label, options)
     if args.checkpoint is None:
         validate.inside(args.checkpoint_dir, ckpt, "the checkpoint")

@@ -28,8 +28,8 @@ for the call and removed afterwards).
 """
 from __future__ import annotations
 
-from contextlib import ExitStack
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -37,13 +37,22 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .api import EditOutput
-from .attention_control import BatchLayout, AttentionController, controlled, install_attention_control
+from .attention_control import (
+    AttentionController,
+    BatchLayout,
+    controlled,
+    install_attention_control,
+)
 from .ddim import DDIMSchedule, guided
 from .editing import EditSpec, num_steps_for, run_edit, value_steps_for
 from .encoders import encode_latent, encode_prompts
 from .errors import UserError
 from .image_io import image_grid
-from .methods.attention_edits import PlugAndPlayAttention, feature_injection, transformer_layers
+from .methods.attention_edits import (
+    PlugAndPlayAttention,
+    feature_injection,
+    transformer_layers,
+)
 from .methods.common import learned_embedding
 from .methods.registry import MethodOption
 from .models import ModelBundle

@@ -128,7 +128,8 @@ TRANSFER_LABEL = "stylediffusion+style_transfer"
 
 def _check_transfer(args) -> None:
     """Style-transfer rows: the content image readable, the options known, before any model loads."""
-    from ..cli import _check_image_readable, method_options as parse_pairs
+    from ..cli import _check_image_readable
+    from ..cli import method_options as parse_pairs
     from ..files import writable_folder
     from ..methods.registry import check_method_options
     from ..style_transfer import STYLE_INVERSIONS, transfer_options
