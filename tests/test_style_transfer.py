@@ -49,6 +49,9 @@ def test_layers_are_chosen_by_resolution_and_default_to_pnp(tiny):
     assert decoder_downscales(unet) == [8, 4, 2, 1]  # SD1's decoder at a 64 latent: 8x8, 16x16, 32x32, 64x64
     assert feature_modules(unet, 4) == [pnp_feature_block(unet).conv2]  # up_blocks[1].resnets[1], before the skip
     assert attention_layers(unet, 4) == pnp_attention_layers(unet)
+    assert attention_layers(unet, 8, "all") == {idx for idx, _ in transformer_layers(unet)}
+    finer = [idx for idx, name in transformer_layers(unet) if name.startswith(("up_blocks.2.", "up_blocks.3."))]
+    assert attention_layers(unet, 2) == set(finer[1:])  # latent/2 and finer, the first of them left out
     assert len(feature_modules(unet, 2, "finer")) == sum(len(b.resnets) for b in unet.up_blocks[2:])
     with pytest.raises(UserError, match="latent/8, latent/4, latent/2, latent/1"):
         feature_modules(unet, 16)
