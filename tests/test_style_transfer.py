@@ -19,6 +19,7 @@ from stylediffusion.errors import UserError
 from stylediffusion.methods.attention_edits import (
     pnp_attention_layers,
     pnp_feature_block,
+    transformer_layers,
 )
 from stylediffusion.style_transfer import (
     TransferOutput,
