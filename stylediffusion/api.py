@@ -287,6 +287,49 @@ class StyleDiffusionEditor:
                                            for out in outputs],
                           seconds=sum(out.seconds.get("edit", 0.0) for out in outputs))
 
+    def transfer_style(self, style_inversion: Inversion, content_image, content_prompt: str | None = None,
+                       guidance_scale: float = 7.5, progress: bool | None = None, style_reconstruction: bool = True,
+                       **options) -> EditOutput:
+        """Style transfer (the paper's §5.2.7): the content image's structure in the style of the image
+        ``style_inversion`` was made from (a StyleDiffusion inversion: its learned values are the style).
+
+        The content image is DDIM-inverted with ``content_prompt`` (None: the empty prompt, as
+        Plug-and-Play) and its decoder features are injected into a sampling pass that uses the style's
+        prompt and learned values; nothing is optimised on the content. ``images[0]`` is the transfer,
+        ``reconstruction`` the style's own reconstruction (None with ``style_reconstruction=False``, which
+        saves its sampling pass), ``input_image`` the content; ``grid()`` shows content | style | transfer. Options (``style_transfer.TRANSFER_OPTIONS``; docs/method.md):
+        ``transfer_feature_fraction`` (.8), ``transfer_attention_fraction`` (.5),
+        ``transfer_feature_downscale`` (4), ``transfer_attention_downscale`` (4), ``transfer_value_fraction``
+        (1; 0 = the style prompt alone).
+        """
+        from .style_transfer import check_style_inversion, run_style_transfer, transfer_options, TransferOutput
+
+        check_style_inversion(style_inversion)
+        self._check_model(style_inversion)
+        guidance_scale = validate.number(guidance_scale, "guidance_scale", minimum=0.0, maximum=validate.MAX_GUIDANCE)
+        if content_image is None:
+            raise UserError("style transfer needs a content image (its structure is kept): pass content_image.")
+        if content_prompt is not None:
+            if not isinstance(content_prompt, str):
+                raise UserError(f"content_prompt must be text or None, got {type(content_prompt).__name__}.")
+            check_prompt_length(self.bundle.tokenizer, content_prompt)
+        opts = transfer_options(options)
+        pixels = self._pixels(content_image)
+        progress = self.progress if progress is None else progress
+        with self._lent():
+            result = run_style_transfer(self.bundle, style_inversion, pixels, content_prompt, opts,
+                                        float(guidance_scale), progress, reconstruction=bool(style_reconstruction))
+            decoded = decode_latent(self.bundle, torch.cat([result.latents] + (
+                [result.reconstruction] if result.reconstruction is not None else [])))
+            style_pixels = style_inversion.image if style_inversion.image is not None else \
+                decode_latent(self.bundle, style_inversion.z0.to(self.bundle.device))
+        spec = EditSpec(content_prompt or "", style_inversion.source, guidance_scale=float(guidance_scale))
+        return TransferOutput(images=[tensor_to_pil(decoded[1])],
+                              reconstruction=tensor_to_pil(decoded[2]) if len(decoded) > 2 else None,
+                              attention_maps=None, input_image=tensor_to_pil(pixels),
+                              latents=[result.latents.cpu()], specs=[spec], seconds=result.seconds,
+                              style_image=tensor_to_pil(style_pixels), options=opts)
+
     # ------------------------------------------------------------------ helpers
     def _pixels(self, image) -> torch.Tensor:
         """(1, 3, S, S) in [-1, 1] at the model's size, converted and centre-cropped as the CLI does."""

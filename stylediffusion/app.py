@@ -718,6 +718,9 @@ def build_ui(app: DemoApp, inversion_methods: list[str], edit_methods: list[str]
                         elem_id="examples")
 
         step1 = [image, prompt, method, steps, inner]
+        from .app_style_transfer import style_transfer_section
+
+        style_transfer_section(app, step1)
         # One model: inversions and edits share one queue slot ("model"), so requests take turns.
         inverting = invert_button.click(on_invert, step1, [last_key, reconstruction, invert_status],
                                         concurrency_id="model", concurrency_limit=1, preprocess=False,

@@ -169,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--list_methods", action="store_true", help="list the registered inversions and edits, and exit")
     g.add_argument("--progress", type=str2bool, default=True, metavar="True|False", help="show progress bars")
     add_elite_arguments(p)
+
+    g = p.add_argument_group("style transfer (the paper's §5.2.7): --image_path/--prompt (or --idx) are the STYLE image")
+    g.add_argument("--content_image", type=Path, default=None,
+                   help="style-transfer mode: the image whose structure is kept (no --target needed); options as "
+                        "--method_option transfer_feature_fraction=0.8 ... (docs/method.md)")
+    g.add_argument("--content_prompt", default=None, help="caption of the content image (default: the empty prompt, as PnP)")
     return p
 
 
@@ -338,16 +344,36 @@ def _check_image_readable(path: Path) -> None:
     load_image(path, 8)  # cheap: raises a UserError for a missing or unreadable file before any model loads
 
 
-def run(args, log=print) -> list[Path]:
+def load_bundle(args, log=print):
+    """Seed, device and the model of a run; T checked against its scheduler."""
     import torch
 
+    from .models import load_models, resolve_dtype, tune_backends
+
+    torch.manual_seed(args.seed)
+    device = _device(args.device)
+    tune_backends(device)
+    bundle = load_models(args.model, args.image_encoder, device=device, dtype=resolve_dtype(args.dtype, device),
+                         seed=args.seed, vae=args.vae, image_size=args.image_size)
+    if bundle.family.pooled_row or args.vae:  # say which VAE runs in which dtype where it matters (families.py)
+        log(f"model: {bundle.family.describe(bundle)}")
+    if bundle.untrained:
+        log("note: --model tiny has random, untrained weights: outputs show the mechanics, not real edits.")
+    check_num_steps(args.num_ddim_steps, bundle.scheduler)
+    return bundle
+
+
+def run(args, log=print) -> list[Path]:
+    if getattr(args, "content_image", None) is not None:
+        return run_style_transfer(args, log)
+    if getattr(args, "content_prompt", None) is not None:
+        raise UserError("--content_prompt describes the --content_image of a style transfer: give --content_image too.")
     from .editing import build_controller
     from .encoders import check_prompt_length
     from .image_io import load_image
     from .api import StyleDiffusionEditor
     from .methods import default_inversion, get_edit, get_inversion
     from .methods.registry import check_method_options, split_method_options
-    from .models import load_models, resolve_dtype, tune_backends
 
     # Everything the flags, the index and the files say is checked here, before any model loads and
     # before anything is written or deleted.
@@ -368,17 +394,8 @@ def run(args, log=print) -> list[Path]:
             spec.validate()
             get_edit(args.edit, args.inversion).check(spec, {**options, **flag_options})
     check_output_paths(args, jobs)
-    torch.manual_seed(args.seed)
-    device = _device(args.device)
-    tune_backends(device)
-    bundle = load_models(args.model, args.image_encoder, device=device, dtype=resolve_dtype(args.dtype, device),
-                         seed=args.seed, vae=args.vae, image_size=args.image_size)
-    if bundle.family.pooled_row or args.vae:  # say which VAE runs in which dtype where it matters (families.py)
-        log(f"model: {bundle.family.describe(bundle)}")
-    if bundle.untrained:
-        log("note: --model tiny has random, untrained weights: outputs show the mechanics, not real edits.")
+    bundle = load_bundle(args, log)
     T = args.num_ddim_steps
-    check_num_steps(T, bundle.scheduler)
     for job in jobs:  # word-level problems (too long, unknown blend word, unequal word counts...) before any training
         check_prompt_length(bundle.tokenizer, job.prompt)
         for spec in job.edits:
@@ -422,6 +439,80 @@ def run(args, log=print) -> list[Path]:
             log(f"edit '{spec.source}' -> '{spec.target}' ({args.inversion} + {args.edit}, {spec.edit_type}) "
                 f"in {out.seconds:.1f}s -> {outdir}")
     return written
+
+
+def run_style_transfer(args, log=print) -> list[Path]:
+    """Style-transfer mode: train (or load) the style image's StyleDiffusion inversion as an edit would, then
+    transfer it onto --content_image; writes an edit's files (edited.png = the transfer)."""
+    from .api import StyleDiffusionEditor
+    from .image_io import load_image
+    from .methods.registry import check_method_options
+    from .style_transfer import STYLE_INVERSIONS, transfer_options
+
+    if args.inversion not in STYLE_INVERSIONS:
+        raise UserError(f"style transfer needs --inversion stylediffusion (the style's learned values), not "
+                        f"{args.inversion!r}.")
+    if args.is_train or args.target is not None:
+        raise UserError("--content_image is a style transfer: drop --is_train and --target (the style image is "
+                        "--image_path with its --prompt).")
+    if args.content_prompt is not None:
+        validate.prompt(args.content_prompt, "--content_prompt")
+    _check_image_readable(args.content_image)
+    style_args = argparse.Namespace(**{**vars(args), "is_train": True})
+    job = resolve_jobs(style_args)[0]
+    _check_image_readable(job.image_path)
+    given = method_options(args.method_option)
+    transfer = transfer_options({k: v for k, v in given.items() if k.startswith("transfer_")})
+    options = {"variant": args.variant, **check_method_options(
+        {k: v for k, v in given.items() if not k.startswith("transfer_")}, args.inversion)}
+    check_output_paths(argparse.Namespace(**{**vars(args), "is_train": False}), [job])
+    bundle = load_bundle(args, log)
+    T = args.num_ddim_steps
+    editor = StyleDiffusionEditor(bundle, progress=args.progress)
+    started()
+    for path in (job.image_path, args.content_image):  # both are centre-cropped and resized to the model's size
+        for note in load_image(path, bundle.image_size)[1]:
+            log(f"note: {note}")
+    ckpt = checkpoint_path(args, job, bundle.label, options)
+    if args.checkpoint is None:
+        validate.inside(args.checkpoint_dir, ckpt, "the checkpoint")
+    if args.retrain and ckpt.is_file():
+        ckpt.unlink()
+    if not ckpt.is_file():
+        log(f"no trained inversion of the style image at {ckpt}: training it first (T={T}, K={args.num_inner_steps})")
+    t0 = time.perf_counter()
+    inverted = editor.invert(job.image_path, job.prompt, method=args.inversion, num_inference_steps=T,
+                             num_inner_steps=args.num_inner_steps, guidance_scale=args.guidance_scale,
+                             checkpoint=ckpt, seed=args.seed, lr=args.lr, attention_loss=args.attention_loss,
+                             early_stop=args.early_stop, **options)
+    log(f"style inversion ready in {time.perf_counter() - t0:.1f}s ({ckpt})")
+    out = editor.transfer_style(inverted, args.content_image, args.content_prompt,
+                                guidance_scale=args.guidance_scale, **transfer)
+    written = [ckpt] + save_transfer_outputs(args.outdir, out, bundle, T, args.content_image, job.image_path)
+    log(f"style transfer of '{job.image_path}' onto '{args.content_image}' in {out.seconds:.1f}s -> {args.outdir}")
+    return written
+
+
+def save_transfer_outputs(outdir: Path, out, bundle, T: int, content_image: Path, style_image: Path) -> list[Path]:
+    """A transfer's files, named as an edit's: edited.png (the transfer), reconstruction.png (the style's own
+    reconstruction), grid.png (content | style | transfer) and edit.json."""
+    from .files import atomic_write_text
+    from .image_io import save_atomic
+
+    files = {"edited.png": out.images[0], "reconstruction.png": out.reconstruction, "grid.png": out.grid()}
+    paths = []
+    for name, img in files.items():
+        save_atomic(img, outdir / name)
+        paths.append(outdir / name)
+    spec = out.specs[0]
+    report = {"inversion": "stylediffusion", "edit": "style_transfer", "source": spec.target,
+              "content_image": str(content_image), "style_image": str(style_image),
+              "content_prompt": spec.source, "style_prompt": spec.target, **out.options,
+              "guidance_scale": spec.guidance_scale, "num_ddim_steps": T, "model": bundle.model_id,
+              "untrained_model": bundle.untrained, "dtype": str(bundle.dtype).removeprefix("torch."),
+              "edit_seconds": round(out.seconds, 3)}
+    atomic_write_text(outdir / "edit.json", json.dumps(report, indent=2) + "\n")
+    return paths + [outdir / "edit.json"]
 
 
 def save_edit_outputs(outdir: Path, out, bundle, T: int, inversion: str = "stylediffusion",

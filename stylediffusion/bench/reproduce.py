@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_model_args(p)
     options.add_method_args(p)
     options.add_edit_args(p, "the index row")
+    g = p.add_argument_group("style transfer (Fig. 20): each case's image is the STYLE, one grid content | style | "
+                             "transfer per case")
+    g.add_argument("--content_image", type=Path, default=None, help="the content image of every transfer")
+    g.add_argument("--content_prompt", default=None, help="its caption (default: the empty prompt)")
     return p
 
 
@@ -119,16 +123,43 @@ def contact_sheet(paths: list[Path], title: str):
     return sheet
 
 
+TRANSFER_LABEL = "stylediffusion+style_transfer"
+
+
+def _check_transfer(args) -> None:
+    """Style-transfer rows: the content image readable, the options known, before any model loads."""
+    from ..cli import _check_image_readable
+    from ..cli import method_options as parse_pairs
+    from ..files import writable_folder
+    from ..methods.registry import check_method_options
+    from ..style_transfer import STYLE_INVERSIONS, transfer_options
+
+    if args.inversion not in STYLE_INVERSIONS:
+        raise UserError(f"style transfer needs --inversion stylediffusion, not {args.inversion!r}.")
+    _check_image_readable(args.content_image)
+    pairs = parse_pairs(args.method_option or [])
+    transfer_options({k: v for k, v in pairs.items() if k.startswith("transfer_")})
+    check_method_options({k: v for k, v in pairs.items() if not k.startswith("transfer_")}, args.inversion)
+    writable_folder(args.outdir, "--outdir")
+
+
 def run(args, log=print) -> dict:
-    method_options = options.check_method(args)
+    transfer = getattr(args, "content_image", None) is not None
+    if transfer:
+        _check_transfer(args)
+    else:
+        method_options = options.check_method(args)
     items = index_items(args.idx, args.data_dir)
+    if transfer:  # one transfer per case: its image is the style
+        items = [it for it in items if it[1] == 0]
     from ..methods import get_edit
 
     for spec in (row_spec(r, args) for _, _, r in items):
         spec.validate()
-        get_edit(args.edit, args.inversion).check(spec, method_options)  # e.g. ELITE's files and placeholder
+        if not transfer:
+            get_edit(args.edit, args.inversion).check(spec, method_options)  # e.g. ELITE's files and placeholder
     shard = init_shard(args.device, args.timeout_hours)
-    method = options.method_label(args)
+    method = TRANSFER_LABEL if transfer else options.method_label(args)
     out = Path(args.outdir)
     manifest, parts = out / "reproduce.csv", out / "parts"
     started()  # files are written from here on: Ctrl-C keeps the finished rows
@@ -140,7 +171,8 @@ def run(args, log=print) -> dict:
     log(f"{shard.tag} {method}: {len(items)} index rows, {len(items) - len(todo)} already done, "
         f"{len(mine)} rows ({len(my_cases)} cases) on this process ({shard.device})")
     if mine:
-        _process(args, mine, method, shard, part_path(parts, "reproduce", shard.rank), log)
+        process = _process_transfer if transfer else _process
+        process(args, mine, method, shard, part_path(parts, "reproduce", shard.rank), log)
     shard.barrier()
     if shard.is_main:
         rows = merge_parts(manifest, parts, "reproduce", COLUMNS, _key)
@@ -200,6 +232,41 @@ def _process(args, mine, method: str, shard, part: Path, log) -> None:
                            "tau_v": spec.tau_v, "tau_c": spec.tau_c, "tau_s": spec.tau_s, "tau_u": spec.tau_u,
                            "grid": rel.as_posix(), "seconds": f"{seconds:.3f}"})
             log(f"{shard.tag} case {case} #{k}: '{spec.target}' -> {rel}")
+
+
+def _process_transfer(args, mine, method: str, shard, part: Path, log) -> None:
+    """Fig. 20-like grids: content | style | transfer, the style trained (or loaded) per case."""
+    from ..api import StyleDiffusionEditor
+    from ..image_io import save_atomic
+    from ..methods.registry import split_method_options
+
+    bundle = options.load_bundle(args, shard.device, log)
+    editor = StyleDiffusionEditor(bundle, progress=args.progress)
+    pairs = options.method_options(args)
+    transfer = {k: v for k, v in pairs.items() if k.startswith("transfer_")}
+    inversion_options, _ = split_method_options({k: v for k, v in pairs.items() if k not in transfer},
+                                                args.inversion)
+    writer = RowLog(part, COLUMNS)
+    folder = options.safe_dirname(method)
+    for case, _, row in mine:
+        ckpt = options.checkpoint_file(Path(args.outdir) / "checkpoints", f"case{case}", args, bundle)
+        t0 = time.perf_counter()
+        inverted = editor.invert(row.image_path, row.prompt, method=args.inversion, num_inference_steps=args.num_ddim_steps,
+                                 num_inner_steps=args.num_inner_steps, guidance_scale=args.guidance_scale,
+                                 lr=args.lr, attention_loss=args.attention_loss, early_stop=args.early_stop,
+                                 checkpoint=ckpt, seed=args.seed, **inversion_options)
+        out = editor.transfer_style(inverted, args.content_image, args.content_prompt,
+                                    guidance_scale=args.guidance_scale, **transfer)
+        title = (f"case {case} [{method}]: style '{row.prompt}', content {args.content_image.name}"
+                 + (f" ('{args.content_prompt}')" if args.content_prompt else ""))
+        rel = Path(folder) / f"case{case}_transfer.png"
+        save_atomic(labelled_grid([out.input_image, out.style_image, out.images[0]], ["content", "style", "transfer"],
+                                  title), Path(args.outdir) / rel)
+        writer.append({"case": case, "k": 0, "method": method, "source": row.prompt,
+                       "target": f"style transfer onto {args.content_image.name}", "edit_type": "", "blend_words": "",
+                       "tau_v": "", "tau_c": "", "tau_s": "", "tau_u": "", "grid": rel.as_posix(),
+                       "seconds": f"{time.perf_counter() - t0:.3f}"})
+        log(f"{shard.tag} case {case}: style transfer -> {rel}")
 
 
 def main(argv=None, log=print) -> dict:
