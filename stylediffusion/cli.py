@@ -446,9 +446,11 @@ def run_style_transfer(args, log=print) -> list[Path]:
     transfer it onto --content_image; writes an edit's files (edited.png = the transfer)."""
     from .api import StyleDiffusionEditor
     from .image_io import load_image
-    from .methods.registry import check_method_options
+    from .methods.registry import check_method_options, default_inversion
     from .style_transfer import STYLE_INVERSIONS, transfer_options
 
+    if args.inversion is None:
+        args.inversion = default_inversion(None)
     if args.inversion not in STYLE_INVERSIONS:
         raise UserError(f"style transfer needs --inversion stylediffusion (the style's learned values), not "
                         f"{args.inversion!r}.")

@@ -131,9 +131,11 @@ def _check_transfer(args) -> None:
     from ..cli import _check_image_readable
     from ..cli import method_options as parse_pairs
     from ..files import writable_folder
-    from ..methods.registry import check_method_options
+    from ..methods.registry import check_method_options, default_inversion
     from ..style_transfer import STYLE_INVERSIONS, transfer_options
 
+    if args.inversion is None:
+        args.inversion = default_inversion(None)
     if args.inversion not in STYLE_INVERSIONS:
         raise UserError(f"style transfer needs --inversion stylediffusion, not {args.inversion!r}.")
     _check_image_readable(args.content_image)
