@@ -15,7 +15,8 @@ What it changes (docs/method.md, "Why StyleDiffusion reconstructs worse" for the
 * **A quarter of the optimiser budget.** With the error closed exactly, the values no longer have to
   carry the whole reconstruction; they only have to make the image's own values fit the step. K+_i =
   ceil(``sdplus_budget`` * K_i) iterations (K_i = ceil(K e^(-0.1 i)) as StyleDiffusion's), M_i
-  warm-started from the trained M_{i-1}, StyleDiffusion's early stop kept.
+  warm-started from the trained M_{i-1}, StyleDiffusion's early stop kept. M_0 starts as StyleDiffusion's
+  (PyTorch's initialisation); ``sdplus_init=identity`` starts every network at value = c instead.
 
 Everything learned comes from the image (E(x), z*_t, A*_i) and the prompt; no other data.
 """
@@ -65,7 +66,7 @@ def identity_init(mappers: MappingNetworks) -> None:
 
 
 def train_with_offsets(ctx: MethodContext, budget: float, features: torch.Tensor, cond: torch.Tensor,
-                       init: str = "identity", progress: bool = True):
+                       init: str = "random", progress: bool = True):
     """(z0, trajectory, trained mapping networks, offsets (T, C, h, w), per-step reports) for E(x) = ``features``
     and the source prompt's embedding ``cond``."""
     b, schedule, T = ctx.bundle, ctx.schedule, ctx.num_steps
@@ -163,9 +164,10 @@ class StyleDiffusionPlusInversion(InversionMethod):
     paper = ("StyleDiffusion's learned values (Li et al., 2023) trained on the DDIM trajectory, their residual "
              "closed per step as DirectInversion does (Ju et al., 2024)")
     defaults = ("T=30, K_i as StyleDiffusion's times sdplus_budget=0.25, warm start, attention loss on, "
-                "source-branch offsets; edit with --edit p2p (tau_u > 0: P2Plus)")
+                "source-branch offsets; option sdplus_init=random|identity (value = c at the start); "
+                "edit with --edit p2p (tau_u > 0: P2Plus)")
     options = (MethodOption("sdplus_budget", 0.25, minimum=0.01, maximum=1.0),
-               MethodOption("sdplus_init", "identity", choices=("identity", "random")))
+               MethodOption("sdplus_init", "random", choices=("random", "identity")))
 
     def invert(self, ctx: MethodContext) -> Inversion:
         return stylediffusion_plus_inversion(ctx)
