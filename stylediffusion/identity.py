@@ -146,6 +146,8 @@ def checkpoint_name(case: str, model_label: str, num_steps: int, num_inner_steps
     embedding = options.pop("embedding", "value")
     if inversion != "stylediffusion":
         parts.append(slug(inversion))
+        if inversion == "stylediffusion_plus":  # trains for a share of K iterations too
+            parts.append(f"K{int(num_inner_steps)}")
     else:  # only StyleDiffusion trains for K iterations
         parts.append(f"K{int(num_inner_steps)}")
         parts += [slug(variant)] if variant != "modulate" else []

@@ -5,11 +5,13 @@ and the ``register`` lines below are the one list of what exists (in the order `
 shows them, which is also the order an edit defined for every inversion lists them in).
 """
 from . import attention_edits, builtin, directinv, elite, generated, npi, nulltext, sdedit, spdinv
+from . import stylediffusion_plus
 from .registry import (EDITS, INVERSIONS, EditMethod, InversionMethod, Inverted, MethodContext, MethodOption,
                        MethodOutput, check_method_options, default_inversion, describe_methods, edit_loop_inputs,
                        get_edit, get_inversion, register, run_method)
 
 register(builtin.StyleDiffusionInversion())
+register(stylediffusion_plus.StyleDiffusionPlusInversion())
 register(builtin.DDIMInversion())
 register(nulltext.NullTextInversion())
 register(npi.NegativePromptInversion())
