@@ -171,7 +171,10 @@ class ControlledAttnProcessor:
             if attention_mask is not None:
                 scores = scores + attention_mask.float()
             probs = controller(scores.softmax(dim=-1), place, state)
-            out = torch.matmul(probs.to(v.dtype), v)
+            # The maps stay float32 into the product with the values: rounding edited (or read) maps to
+            # bf16 makes the edit pass differ from the pass the inversion was computed with (DirectInversion's
+            # reconstruction lost ~5 dB on the test bed). A no-op in float32.
+            out = torch.matmul(probs, v.float())
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn.scale)
 
@@ -251,6 +254,15 @@ class CrossAttentionEdit:
 
     def mapped(self, source: torch.Tensor, target: torch.Tensor, prompt: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def to(self, device: torch.device) -> "CrossAttentionEdit":
+        """Move the edit's tensors to ``device`` (once per run: ``mapped`` then copies nothing per call)."""
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+            elif isinstance(value, CrossAttentionEdit):
+                value.to(device)
+        return self
 
 
 class ReplacementEdit(CrossAttentionEdit):
@@ -341,9 +353,23 @@ class PromptToPromptController(AttentionController):
         self.local_blend = local_blend
         self.map_sum: torch.Tensor | None = None  # (prompts, queries, keys)
         self.map_count = 0
+        self._active_steps: list[bool] | None = None  # per step: is any token's cross-attention replaced
+        self._device: torch.device | None = None  # where the tensors above live
 
     def _cross_active(self, step: int) -> bool:
-        return self.cross_edit is not None and step < self.num_steps and bool(self.cross_alpha[step].any())
+        if self._active_steps is None:  # read once from the host copy: no device sync per layer
+            self._active_steps = [bool(a.any()) for a in self.cross_alpha.cpu()]
+        return self.cross_edit is not None and step < self.num_steps and self._active_steps[step]
+
+    def _move_to(self, device: torch.device) -> None:
+        """Put the edit's tensors on the maps' device once, at the first map of a run."""
+        self._cross_active(0)
+        self.cross_alpha = self.cross_alpha.to(device, torch.float32)
+        if self.cross_edit is not None:
+            self.cross_edit.to(device)
+        if self.local_blend is not None:
+            self.local_blend.word_tokens = self.local_blend.word_tokens.to(device, torch.float32)
+        self._device = device
 
     def needs_maps(self, place, state):
         if place.is_cross:
@@ -351,6 +377,8 @@ class PromptToPromptController(AttentionController):
         return place.self_replace_allowed and state.step < max(self.self_steps, self.uncond_self_steps)
 
     def __call__(self, probs, place, state):
+        if probs.device != self._device:
+            self._move_to(probs.device)
         layout, step = state.layout, state.step
         source_cond = layout.row(COND, 0)
         targets = range(1, layout.num_prompts)

@@ -253,14 +253,10 @@ def resolve_jobs(args) -> list[Job]:
     return [Job(f"case{idx}", rows[0].image_path, rows[0].prompt, edits)]
 
 
-def _device(name: str) -> str:
-    import torch
+def _device(name: str):
+    from .models import check_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu.")
-    return name
+    return check_device(name, "--device")
 
 
 def checkpoint_path(args, job: Job, model_label: str, options: dict | None = None) -> Path:

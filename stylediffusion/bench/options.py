@@ -88,11 +88,12 @@ def load_bundle(args, device: str, log=print):
     import torch
 
     from ..cli import check_num_steps
-    from ..models import load_models, resolve_dtype, tune_backends
+    from ..models import check_device, load_models, resolve_dtype
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu.")
-    tune_backends(device)
+    device = str(check_device(device, "--device"))
+    # No cuDNN autotuning here (tune_backends): it may pick other kernels in each process, and the
+    # shards of a run should compute what one process computes (docs/benchmarks.md).
+    torch.backends.cudnn.benchmark = False
     bundle = load_models(args.model, args.image_encoder, device=device, dtype=resolve_dtype(args.dtype, device),
                          seed=args.seed)
     check_num_steps(args.num_ddim_steps, bundle.scheduler)
