@@ -157,7 +157,7 @@ class StyleDiffusionEditor:
         else:
             encoder_id = getattr(getattr(image_encoder, "config", None), "_name_or_path", "") or "given image_encoder"
             encoder_device = execution_device(image_encoder)
-            if encoder_device != device:
+            if (encoder_device.type, encoder_device.index or 0) != (device.type, device.index or 0):
                 raise UserError(f"the image encoder runs on {encoder_device} and the pipeline's UNet on {device}: "
                                 f"move it there first (image_encoder.to('{device}')).")
         name = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)

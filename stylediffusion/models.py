@@ -397,7 +397,7 @@ def load_models(model: str = DEFAULT_MODEL, image_encoder: str | None = None, de
     device = torch.device(device)
     # Digests before the dtype cast, so a bfloat16 run and a float32 run of one model agree.
     digests = {k: identity.weights_digest(k, parts[k]) for k in ("vae", "unet", "text_encoder", "image_encoder")}
-    with out_of_memory_as_user_error(device):
+    with out_of_memory_as_user_error(device), _quiet_loading():
         for key in ("vae", "unet", "text_encoder", "image_encoder"):
             module = parts[key]
             module.requires_grad_(False)
@@ -405,6 +405,9 @@ def load_models(model: str = DEFAULT_MODEL, image_encoder: str | None = None, de
             # Every component in the run's dtype, whatever dtype its folder was saved in (a folder saved
             # from an fp16 pipeline loads its text and image encoders in float16). The VAE stays fp32:
             # fp16 SD VAEs overflow, and it runs only twice per image.
-            module.to(device=device, dtype=torch.float32 if key == "vae" else dtype)
+            target_dtype = torch.float32 if key == "vae" else dtype
+            if any(p.dtype != target_dtype for p in module.parameters() if p.is_floating_point()):
+                module.to(dtype=target_dtype)
+            module.to(device)
     return ModelBundle(**parts, model_id=model_id, image_encoder_id=image_encoder_id, device=device, dtype=dtype,
                        untrained=untrained, weight_digests=digests)
