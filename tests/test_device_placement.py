@@ -208,27 +208,33 @@ def test_the_torch_floor_is_what_the_code_needs():
     assert all(tuple(int(x) for x in f.split(".")) >= (2, 3) for f in floors), floors
 
 
-def test_edited_maps_multiply_the_values_in_float32(tiny):
-    """In bfloat16 a layer whose maps a controller reads gives what the fused layer gives (the maps
-    are not rounded to bf16 before the value product), so an edit pass reproduces the inversion's."""
-    from stylediffusion.attention_control import AttentionController, controlled, install_attention_control
-    from stylediffusion.attention_control import BatchLayout
+def test_edited_maps_multiply_the_values_in_float32():
+    """In bfloat16, a layer whose maps a controller reads or edits multiplies the float32 maps with the
+    values (rounding them to bf16 first changed 36 % of this layer's outputs, and made DirectInversion's
+    edit pass drift from the pass its offsets were computed with)."""
+    from diffusers.models.attention_processor import Attention
+
+    from stylediffusion.attention_control import (AttentionController, AttentionState, BatchLayout,
+                                                  ControlledAttnProcessor)
 
     class ReadEveryMap(AttentionController):
         def needs_maps(self, place, state):
             return True
 
-    unet = copy.deepcopy(tiny.unet).to(torch.bfloat16)
-    state = install_attention_control(unet)
-    state.set(step=0, layout=BatchLayout.single(), latent_hw=(16, 16))
     torch.manual_seed(0)
-    z, text = torch.randn(1, 4, 16, 16, dtype=torch.bfloat16), torch.randn(1, 77, 32, dtype=torch.bfloat16)
-    t = torch.tensor(500)
+    attn = Attention(query_dim=64, cross_attention_dim=32, heads=4, dim_head=16).to(torch.bfloat16)
+    state = AttentionState(controller=ReadEveryMap())
+    state.set(step=0, layout=BatchLayout.single(), latent_hw=(8, 8))
+    attn.set_processor(ControlledAttnProcessor("layer", 0, state))
+    x, context = torch.randn(1, 64, 64, dtype=torch.bfloat16), 3 * torch.randn(1, 77, 32, dtype=torch.bfloat16)
     with torch.no_grad():
-        fused = unet(z, t, encoder_hidden_states=text).sample.float()
-        with controlled(state, ReadEveryMap()):
-            explicit = unet(z, t, encoder_hidden_states=text).sample.float()
-    assert (explicit - fused).abs().max() <= 2e-2 * fused.abs().max()
+        out = attn(x, encoder_hidden_states=context)
+        q, k, v = (lin(h).view(1, -1, 4, 16).transpose(1, 2)
+                   for lin, h in ((attn.to_q, x), (attn.to_k, context), (attn.to_v, context)))
+        probs = (q.float() @ k.float().transpose(-1, -2) * attn.scale).softmax(-1)
+        project = lambda o: attn.to_out[1](attn.to_out[0](o.transpose(1, 2).reshape(1, 64, 64).to(torch.bfloat16)))
+        assert torch.equal(out, project(probs @ v.float()))
+        assert not torch.equal(out, project(probs.to(torch.bfloat16) @ v))  # what rounding the maps gives
 
 
 # ---------------------------------------------------------------------------------------------- one line
