@@ -111,7 +111,8 @@ class StyleDiffusionEditor:
         """Load a hub id or a local diffusers folder (or ``"testbed"``, ``"tiny"``) plus a CLIP vision tower.
 
         ``device``: None = CUDA if available, else the CPU. ``dtype`` of the frozen UNet and encoders:
-        None = bfloat16 on CUDA, float32 on the CPU (mapping networks, DDIM math and losses stay float32).
+        None = bfloat16 on GPUs with native bf16 (compute capability 8.0+), float16 on older GPUs, float32 on
+        the CPU (``models.resolve_dtype``; mapping networks, DDIM math and losses stay float32).
         ``seed`` seeds the random weights of ``"tiny"``.
         """
         device = _resolve_device(device)

@@ -80,6 +80,12 @@ class AttentionPlace:
         """Self-attention maps are swapped only at (latent/2)² queries or fewer (32² for SD)."""
         return self.num_queries * 4 <= self.latent_tokens
 
+    @property
+    def maps_editable(self) -> bool:
+        """Whether Prompt-to-Prompt / P2Plus may read or edit this layer's maps: every cross-attention
+        layer, and self-attention where it may be swapped."""
+        return self.is_cross or self.self_replace_allowed
+
 
 @dataclass
 class AttentionState:
@@ -171,10 +177,17 @@ class ControlledAttnProcessor:
             if attention_mask is not None:
                 scores = scores + attention_mask.float()
             probs = controller(scores.softmax(dim=-1), place, state)
-            # The maps stay float32 into the product with the values: rounding edited (or read) maps to
-            # bf16 makes the edit pass differ from the pass the inversion was computed with (DirectInversion's
-            # reconstruction lost ~5 dB on the test bed). A no-op in float32.
+            # The maps stay float32 into the product with the values (a no-op in float32).
             out = torch.matmul(probs, v.float())
+        elif place.maps_editable and q.dtype != torch.float32:
+            # Half precision: in the layers whose maps an edit may read or change, the fused attention is
+            # computed in float32 too, so that a pass that reads maps there (explicit, float32) computes what
+            # a pass that does not (the inversion's) computed. Rounded attention differs between the two
+            # paths in ~40 % of its outputs, and guidance multiplies the difference by w: DirectInversion's
+            # bf16 reconstruction lost ~5 dB on the test bed (docs/performance.md, "CUDA readiness").
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                 attn_mask=None if attention_mask is None else attention_mask.float(),
+                                                 scale=attn.scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn.scale)
 

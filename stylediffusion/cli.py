@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"CLIP vision tower, hub id or folder (default: the model's image_encoder/ or {DEFAULT_IMAGE_ENCODER})")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
     g.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
-                   help="dtype of the frozen UNet and encoders (auto: bfloat16 on CUDA, float32 on the CPU; "
+                   help="dtype of the frozen UNet and encoders (auto: bfloat16 on GPUs that compute it natively, compute "
+                        "capability 8.0+; float16 with loss scaling on older GPUs; float32 on the CPU; "
                         "mapping networks, DDIM math and losses always run in float32)")
     g.add_argument("--seed", type=seed_int, default=0, help=f"0 .. {MAX_SEED}")
 

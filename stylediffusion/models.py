@@ -322,6 +322,8 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
         device = torch.device(device)
         if device.type != "cuda":
             return torch.float32
+        if not torch.cuda.is_available():  # no GPU to ask (check_device refuses the run): the current GPUs' answer
+            return torch.bfloat16
         return torch.bfloat16 if native_bf16(device) else torch.float16
     if name not in DTYPE_NAMES:
         raise UserError(f"--dtype {name!r} is not one of {', '.join(DTYPE_NAMES)}.")

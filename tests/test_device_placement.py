@@ -237,6 +237,29 @@ def test_edited_maps_multiply_the_values_in_float32():
         assert not torch.equal(out, project(probs.to(torch.bfloat16) @ v))  # what rounding the maps gives
 
 
+def test_in_bfloat16_an_edit_pass_computes_the_source_row_the_inversion_computed(tiny):
+    """The layers P2P reads are computed in float32 whether or not a controller reads them, so the
+    source row of a bf16 edit gets the noise prediction the inversion (no controller) got, bit for bit
+    (DirectInversion's offsets assume exactly that). Rounded fused attention moved it by ~3 %."""
+    from stylediffusion.attention_control import BatchLayout, controlled, install_attention_control
+    from stylediffusion.ddim import DDIMSchedule
+    from stylediffusion.editing import EditSpec, build_controller
+    from stylediffusion.sampling import predict
+
+    bundle = dataclasses.replace(tiny, unet=copy.deepcopy(tiny.unet).to(torch.bfloat16), dtype=torch.bfloat16)
+    schedule = DDIMSchedule(bundle.scheduler, 10)
+    torch.manual_seed(0)
+    z, text = torch.randn(4, 4, 16, 16), torch.randn(4, 77, 32)
+    controller = build_controller(EditSpec(SOURCE, TARGET, tau_u=0.5), bundle.tokenizer, 10)
+    with torch.no_grad():
+        plain = predict(bundle, schedule, z, 2, text, BatchLayout.guided(2))
+        with controlled(install_attention_control(bundle.unet), controller):
+            edited = predict(bundle, schedule, z, 2, text, BatchLayout.guided(2))
+    source_rows = [0, 2]  # uncond source, cond source
+    assert torch.equal(plain[source_rows], edited[source_rows])
+    assert not torch.equal(plain[[1, 3]], edited[[1, 3]])  # the target rows were edited
+
+
 # ---------------------------------------------------------------------------------------------- one line
 def test_a_gpu_the_machine_lacks_is_one_line(monkeypatch, tmp_path, capsys):
     from stylediffusion.cli import main

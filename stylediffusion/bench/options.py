@@ -20,7 +20,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto",
                    help="auto (this process's accelerate device: cuda:<local rank>, or cpu), cpu, cuda, ...")
     g.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
-                   help="dtype of the frozen models (auto: bfloat16 on CUDA, float32 on the CPU)")
+                   help="dtype of the frozen models (auto: bfloat16 on GPUs with native bf16, float16 on older "
+                        "GPUs, float32 on the CPU)")
     g.add_argument("--seed", type=seed_int, default=0, help="torch seed, reset before every item (so sharding "
                    "does not change results)")
     g.add_argument("--timeout_hours", type=finite_float(above=0.0), default=48.0,
