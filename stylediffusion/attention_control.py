@@ -172,22 +172,21 @@ class ControlledAttnProcessor:
         controller = state.controller
         if controller is not None:
             k, v = controller.edit_kv(k, v, place, state)
-        if controller is not None and controller.needs_maps(place, state):
+        reads_maps = controller is not None and controller.needs_maps(place, state)
+        # Half precision: the layers whose maps an edit may read or change compute attention the explicit way,
+        # in float32, whether or not a controller reads them now, so that a pass that reads maps there computes
+        # bit for bit what a pass that does not (the inversion's) computed. Fused half-precision attention
+        # differs from the explicit float32 maps in ~40 % of a layer's outputs, and in bf16 any such difference
+        # grows (each step re-rounds, guidance multiplies by w): DirectInversion's bf16 reconstruction lost
+        # ~12 dB on the test bed (docs/performance.md, "CUDA readiness"). In float32 nothing changes.
+        if reads_maps or (place.maps_editable and q.dtype != torch.float32):
             scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
             if attention_mask is not None:
                 scores = scores + attention_mask.float()
-            probs = controller(scores.softmax(dim=-1), place, state)
-            # The maps stay float32 into the product with the values (a no-op in float32).
-            out = torch.matmul(probs, v.float())
-        elif place.maps_editable and q.dtype != torch.float32:
-            # Half precision: in the layers whose maps an edit may read or change, the fused attention is
-            # computed in float32 too, so that a pass that reads maps there (explicit, float32) computes what
-            # a pass that does not (the inversion's) computed. Rounded attention differs between the two
-            # paths in ~40 % of its outputs, and guidance multiplies the difference by w: DirectInversion's
-            # bf16 reconstruction lost ~5 dB on the test bed (docs/performance.md, "CUDA readiness").
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
-                                                 attn_mask=None if attention_mask is None else attention_mask.float(),
-                                                 scale=attn.scale)
+            probs = scores.softmax(dim=-1)
+            if reads_maps:
+                probs = controller(probs, place, state)
+            out = torch.matmul(probs, v.float())  # the maps stay float32 into the product with the values
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn.scale)
 
