@@ -238,7 +238,7 @@ def test_edited_maps_multiply_the_values_in_float32():
 
 
 def test_in_bfloat16_an_edit_pass_computes_the_source_row_the_inversion_computed(tiny):
-    """The layers P2P reads are computed in float32 whether or not a controller reads them, so the
+    """The layers P2P may read compute explicit float32 attention whether or not a controller reads them, so the
     source row of a bf16 edit gets the noise prediction the inversion (no controller) got, bit for bit
     (DirectInversion's offsets assume exactly that). Rounded fused attention moved it by ~3 %."""
     from stylediffusion.attention_control import BatchLayout, controlled, install_attention_control
