@@ -129,6 +129,9 @@ class StyleDiffusionEditor:
         the pipeline's own ``image_encoder`` if it has one, else ``openai/clip-vit-base-patch16``. During
         each call the borrowed modules are frozen and get this toolkit's attention processors; afterwards
         their processors, ``requires_grad`` flags and train/eval modes are put back as they were.
+        A pipeline with ``enable_model_cpu_offload()`` / ``enable_sequential_cpu_offload()`` runs on its
+        offload hooks' execution device (and is offloaded again after each call); a ``torch.compile``d
+        UNet is used through the module it wraps.
         """
         from diffusers import UNet2DConditionModel
 
