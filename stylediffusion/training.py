@@ -76,7 +76,7 @@ def early_stop_threshold(i: int) -> float:
     return 1e-5 + i * 2e-5
 
 
-def gradient_scaler(bundle: ModelBundle):
+def gradient_scaler(bundle: ModelBundle) -> torch.amp.GradScaler:
     """Dynamic loss scaling when the UNet computes in float16 (float16 weights, or float32 weights under
     float16 autocast); a no-op (bit-identical) otherwise.
 
