@@ -297,8 +297,8 @@ DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 def native_bf16(device: str | torch.device) -> bool:
     """Whether the CUDA GPU computes bfloat16 natively (compute capability 8.0+: A100, H100, RTX 30xx...).
 
-    ``torch.cuda.is_bf16_supported()`` alone also says yes where bf16 is only emulated (V100, T4),
-    which runs without tensor cores and without fused attention kernels.
+    ``torch.cuda.is_bf16_supported()`` can also say yes where bf16 is only emulated (V100, T4; its
+    ``including_emulation`` default), which runs without tensor cores and without fused attention kernels.
     """
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
