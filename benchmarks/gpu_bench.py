@@ -620,14 +620,11 @@ def load_test_image(size: int, seed: int, name: str = "chelsea.jpg") -> torch.Te
 
 
 def autocast_unet(bundle: ModelBundle, dtype: torch.dtype) -> None:
-    """fp32 weights, UNet forward under torch.autocast (matmuls/convs in ``dtype``, norms/softmax in fp32)."""
-    forward = bundle.unet.forward
+    """fp32 weights, UNet forward under torch.autocast (matmuls/convs in ``dtype``, norms/softmax in fp32).
 
-    def autocast_forward(*args, **kwargs):
-        with torch.autocast(bundle.device.type, dtype=dtype):
-            return forward(*args, **kwargs)
-
-    bundle.unet.forward = autocast_forward
+    ``sampling.predict`` enters the autocast; training decides loss scaling on the compute dtype, so
+    float16-autocast trains with a GradScaler as float16 weights do."""
+    bundle.autocast_dtype = dtype
 
 
 def precision_run(size: str, device: torch.device, variant: str, num_steps: int, num_inner_steps: int,
@@ -668,7 +665,7 @@ def precision_run(size: str, device: torch.device, variant: str, num_steps: int,
     if dtype != torch.float32 or how == "autocast":
         # diagnostic: the same learned M_i and z*_T, sampled with the UNet in fp32
         # (separates what the half-precision training learned from half-precision sampling noise)
-        bundle.unet.forward = type(bundle.unet).forward.__get__(bundle.unet)
+        bundle.autocast_dtype = None
         bundle.unet.float()
         bundle.dtype = torch.float32
         z32 = reconstruct(bundle, schedule, trajectory.z_T, mappers, features, cond, uncond, cfg.guidance_scale)

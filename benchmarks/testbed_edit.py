@@ -21,7 +21,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from stylediffusion import StyleDiffusionEditor
 from stylediffusion.editing import TAU_C, TAU_S, TAU_V, EditSpec, default_edit_type
@@ -80,6 +79,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="testbed")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (the published table ran on the CPU)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"),
+                   help="dtype of the frozen models (the published tables are float32; bfloat16 is what CUDA "
+                        "GPUs with bf16 units run by default)")
     p.add_argument("--n", type=int, default=50, help="held-out scenes")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
@@ -100,7 +102,7 @@ def main(argv=None) -> None:
         get_inversion(inv)
         get_edit("p2p" if ed == "p2plus" else ed, inv)
         pairs.append((inv, ed))
-    editor = StyleDiffusionEditor.from_pretrained(args.model, device=args.device, dtype=torch.float32, progress=False)
+    editor = StyleDiffusionEditor.from_pretrained(args.model, device=args.device, dtype=args.dtype, progress=False)
     size = editor.bundle.image_size
     rng = np.random.default_rng(args.seed)
     scenes = [world.sample_scene(rng, split="heldout", size=size) for _ in range(args.n)]
@@ -175,7 +177,7 @@ def append_rows(path: Path, rows: list[dict]) -> None:
 def write_outputs(args, rows) -> None:
     methods = sorted({r["method"] for r in rows}, key=lambda m: [r["method"] for r in rows].index(m))
     lines = [f"Test-bed editing benchmark: model `{args.model}`, {args.n} held-out scenes, T={args.num_ddim_steps}, "
-             f"K={args.num_inner_steps}, w={args.guidance_scale}.", "",
+             f"K={args.num_inner_steps}, w={args.guidance_scale}, dtype {args.dtype}.", "",
              "Success: the edited attribute reads right and the other objects are kept; in brackets the strict rate "
              "(the edited object's other attribute kept too).", "",
              "| method | " + " | ".join(f"{k} success" for k in args.kinds) + " | background PSNR (colour/shape) | "

@@ -29,7 +29,8 @@ from .errors import UserError
 from .image_io import image_grid, load_image, prepare_image, tensor_to_pil
 from .methods import MethodContext, get_edit, get_inversion, run_method
 from .methods.registry import check_method_options
-from .models import DEFAULT_IMAGE_ENCODER, DEFAULT_MODEL, ModelBundle, load_models, resolve_dtype
+from .models import (DEFAULT_IMAGE_ENCODER, DEFAULT_MODEL, ModelBundle, execution_device, load_models,
+                     out_of_memory_as_user_error, resolve_dtype)
 from .results import Inversion
 from .training import TrainConfig
 
@@ -60,12 +61,9 @@ class EditOutput:
 
 
 def _resolve_device(device) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {str(device)!r} was asked for but no CUDA GPU is visible; use device='cpu'.")
-    return device
+    from .models import check_device
+
+    return check_device(device, "device")
 
 
 def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
@@ -100,10 +98,11 @@ def _array_to_pil(array) -> Image.Image:
 class StyleDiffusionEditor:
     """Invert real images and edit them with text, on frozen Stable Diffusion v1.x/2.x or SDXL components."""
 
-    def __init__(self, bundle: ModelBundle, progress: bool = True, _borrowed: bool = False):
+    def __init__(self, bundle: ModelBundle, progress: bool = True, _borrowed: bool = False, _pipe=None):
         self.bundle = bundle
         self.progress = progress
         self._borrowed = _borrowed  # components belong to the caller's pipeline: restore them after each call
+        self._pipe = _pipe  # the borrowed pipeline (its offload hooks are reset after each call)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -113,10 +112,12 @@ class StyleDiffusionEditor:
         """Load a hub id or a local diffusers folder (or ``"testbed"``, ``"tiny"``) plus a CLIP vision tower.
 
         ``device``: None = CUDA if available, else the CPU. ``dtype`` of the frozen UNet and encoders:
-        None = bfloat16 on CUDA, float32 on the CPU (mapping networks, DDIM math and losses stay float32).
-        ``seed`` seeds the random weights of ``"tiny"``. ``vae``: a VAE hub id or folder in place of the
-        model's (e.g. ``madebyollin/sdxl-vae-fp16-fix``), run in ``dtype``; the model's own VAE runs in float32.
-        ``image_size``: pixels to run at (default: the model's; 1024 for SDXL).
+        None = bfloat16 on GPUs with native bf16 (compute capability 8.0+), float16 on older GPUs, float32 on
+        the CPU (``models.resolve_dtype``; mapping networks, DDIM math and losses stay float32).
+        ``seed`` seeds the random weights of ``"tiny"``.
+        ``vae``: a VAE hub id or folder in place of the model's (e.g. ``madebyollin/sdxl-vae-fp16-fix``),
+        run in ``dtype``; the model's own VAE runs in float32. ``image_size``: pixels to run at (default:
+        the model's; 1024 for SDXL).
         """
         device = _resolve_device(device)
         bundle = load_models(str(model), image_encoder, device=device, dtype=_resolve_dtype(dtype, device), seed=seed,
@@ -134,6 +135,9 @@ class StyleDiffusionEditor:
         the pipeline's own ``image_encoder`` if it has one, else ``openai/clip-vit-base-patch16``. During
         each call the borrowed modules are frozen and get this toolkit's attention processors; afterwards
         their processors, ``requires_grad`` flags and train/eval modes are put back as they were.
+        A pipeline with ``enable_model_cpu_offload()`` / ``enable_sequential_cpu_offload()`` runs on its
+        offload hooks' execution device (and is offloaded again after each call); a ``torch.compile``d
+        UNet is used through the module it wraps.
         """
         from diffusers import UNet2DConditionModel
 
@@ -141,19 +145,22 @@ class StyleDiffusionEditor:
 
         missing = [name for name in ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
                    if getattr(pipe, name, None) is None]
-        sdxl = isinstance(getattr(pipe, "unet", None), UNet2DConditionModel) \
-            and families.family_of(pipe.unet.config).pooled_row
+        # A torch.compile'd UNet (pipe.unet = torch.compile(pipe.unet)) is used through the module it wraps:
+        # the toolkit's attention processors carry per-step Python state, which would recompile every step.
+        unet = getattr(getattr(pipe, "unet", None), "_orig_mod", getattr(pipe, "unet", None))
+        sdxl = isinstance(unet, UNet2DConditionModel) and families.family_of(unet.config).pooled_row
         if sdxl:
             missing += [name for name in ("text_encoder_2", "tokenizer_2") if getattr(pipe, name, None) is None]
-        if missing or not isinstance(pipe.unet, UNet2DConditionModel):
+        if missing or not isinstance(unet, UNet2DConditionModel):
             raise UserError(f"from_pipe needs a Stable Diffusion v1/v2 pipeline (vae, unet, text_encoder, tokenizer, "
                             f"scheduler) or an SDXL one (also text_encoder_2, tokenizer_2), got {type(pipe).__name__}"
                             + (f" without {', '.join(missing)}" if missing else "") + ".")
         if sdxl and pipe.vae.dtype == torch.float16 and pipe.vae.config.get("force_upcast", True):
             raise UserError("the pipeline's VAE is SDXL's in float16, which overflows: pipe.vae.to(torch.float32), or "
                             "load madebyollin/sdxl-vae-fp16-fix as the pipeline's vae, then call from_pipe again.")
-        unet = pipe.unet
-        device, dtype = unet.device, unet.dtype
+        # Where the work runs: with model or sequential CPU offload the weights sit on the CPU (or the meta
+        # device) between calls and accelerate's hooks run them on their execution device.
+        device, dtype = execution_device(unet), unet.dtype
         encoder_id = "pipeline image_encoder"
         if image_encoder is None and isinstance(getattr(pipe, "image_encoder", None), torch.nn.Module):
             image_encoder = pipe.image_encoder
@@ -165,15 +172,16 @@ class StyleDiffusionEditor:
                             f"{type(image_encoder).__name__}.")
         else:
             encoder_id = getattr(getattr(image_encoder, "config", None), "_name_or_path", "") or "given image_encoder"
-            if next(image_encoder.parameters()).device != device:
-                raise UserError(f"the image encoder is on {next(image_encoder.parameters()).device} and the pipeline's "
-                                f"UNet on {device}: move it there first (image_encoder.to('{device}')).")
+            encoder_device = execution_device(image_encoder)
+            if (encoder_device.type, encoder_device.index or 0) != (device.type, device.index or 0):
+                raise UserError(f"the image encoder runs on {encoder_device} and the pipeline's UNet on {device}: "
+                                f"move it there first (image_encoder.to('{device}')).")
         name = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
         bundle = ModelBundle(vae=pipe.vae, unet=unet, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                              scheduler=make_ddim_scheduler(pipe.scheduler.config), image_encoder=image_encoder,
                              model_id=str(name or "pipeline"), image_encoder_id=encoder_id, device=device, dtype=dtype,
                              **_second_text_encoder(pipe) if sdxl else {})
-        return cls(bundle, progress=progress, _borrowed=True)
+        return cls(bundle, progress=progress, _borrowed=True, _pipe=pipe)
 
     # ------------------------------------------------------------------ the two calls
     def invert(self, image, prompt: str, method: str = "stylediffusion", num_inference_steps: int = 30,
@@ -356,9 +364,12 @@ class StyleDiffusionEditor:
 
     @contextmanager
     def _lent(self):
-        """For borrowed components: freeze them for the call, then restore processors, flags and modes."""
+        """For borrowed components: freeze them for the call, then restore processors, flags and modes
+        (and, for a pipeline with model CPU offload, put its components back on the CPU). Out of memory
+        on the GPU is a UserError saying what to lower, for own and borrowed components alike."""
         if not self._borrowed:
-            yield
+            with out_of_memory_as_user_error(self.bundle.device):
+                yield
             return
         b = self.bundle
         modules = [m for m in (b.vae, b.unet, b.text_encoder, b.image_encoder, b.text_encoder_2) if m is not None]
@@ -370,8 +381,12 @@ class StyleDiffusionEditor:
             m.requires_grad_(False)
             m.eval()
         try:
-            yield
+            with out_of_memory_as_user_error(b.device):
+                yield
         finally:
+            free_hooks = getattr(self._pipe, "maybe_free_model_hooks", None)
+            if callable(free_hooks):  # model CPU offload: what ran last goes back to the CPU, as after pipe(...)
+                free_hooks()
             b.unet.set_attn_processor(processors)
             if state is not None:
                 b.unet._stylediffusion_state = state

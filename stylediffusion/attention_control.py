@@ -80,6 +80,12 @@ class AttentionPlace:
         """Self-attention maps are swapped only at (latent/2)² queries or fewer (32² for SD)."""
         return self.num_queries * 4 <= self.latent_tokens
 
+    @property
+    def maps_editable(self) -> bool:
+        """Whether Prompt-to-Prompt / P2Plus may read or edit this layer's maps: every cross-attention
+        layer, and self-attention where it may be swapped."""
+        return self.is_cross or self.self_replace_allowed
+
 
 @dataclass
 class AttentionState:
@@ -172,15 +178,25 @@ class ControlledAttnProcessor:
         controller = state.controller
         if controller is not None:
             k, v = controller.edit_kv(k, v, place, state)
-        if controller is not None and controller.needs_maps(place, state):
+        reads_maps = controller is not None and controller.needs_maps(place, state)
+        # Half precision: the layers whose maps an edit may read or change compute attention the explicit way,
+        # in float32, whether or not a controller reads them now, so that a pass that reads maps there computes
+        # bit for bit what a pass that does not (the inversion's) computed. Fused half-precision attention
+        # differs from the explicit float32 maps in ~40 % of a layer's outputs, and in bf16 any such difference
+        # grows (each step re-rounds, guidance multiplies by w): DirectInversion's bf16 reconstruction lost
+        # ~12 dB on the test bed (docs/performance.md, "CUDA readiness"). In float32 nothing changes.
+        if reads_maps or (place.maps_editable and q.dtype != torch.float32):
             scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
             if attention_mask is not None:
                 scores = scores + attention_mask.float()
-            probs = controller(scores.softmax(dim=-1), place, state)
-            out = torch.matmul(probs.to(v.dtype), v)
-            extra = controller.add_attention(q, probs, place, state)
-            if extra is not None:
-                out = out + extra.to(out.dtype)
+            probs = scores.softmax(dim=-1)
+            if reads_maps:
+                probs = controller(probs, place, state)
+            out = torch.matmul(probs, v.float())  # the maps stay float32 into the product with the values
+            if reads_maps:
+                extra = controller.add_attention(q, probs, place, state)  # e.g. ELITE's local values
+                if extra is not None:
+                    out = out + extra.to(out.dtype)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn.scale)
 
@@ -260,6 +276,15 @@ class CrossAttentionEdit:
 
     def mapped(self, source: torch.Tensor, target: torch.Tensor, prompt: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def to(self, device: torch.device) -> "CrossAttentionEdit":
+        """Move the edit's tensors to ``device`` (once per run: ``mapped`` then copies nothing per call)."""
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+            elif isinstance(value, CrossAttentionEdit):
+                value.to(device)
+        return self
 
 
 class ReplacementEdit(CrossAttentionEdit):
@@ -350,9 +375,23 @@ class PromptToPromptController(AttentionController):
         self.local_blend = local_blend
         self.map_sum: torch.Tensor | None = None  # (prompts, queries, keys)
         self.map_count = 0
+        self._active_steps: list[bool] | None = None  # per step: is any token's cross-attention replaced
+        self._device: torch.device | None = None  # where the tensors above live
 
     def _cross_active(self, step: int) -> bool:
-        return self.cross_edit is not None and step < self.num_steps and bool(self.cross_alpha[step].any())
+        if self._active_steps is None:  # read once from the host copy: no device sync per layer
+            self._active_steps = [bool(a.any()) for a in self.cross_alpha.cpu()]
+        return self.cross_edit is not None and step < self.num_steps and self._active_steps[step]
+
+    def _move_to(self, device: torch.device) -> None:
+        """Put the edit's tensors on the maps' device once, at the first map of a run."""
+        self._cross_active(0)
+        self.cross_alpha = self.cross_alpha.to(device, torch.float32)
+        if self.cross_edit is not None:
+            self.cross_edit.to(device)
+        if self.local_blend is not None:
+            self.local_blend.word_tokens = self.local_blend.word_tokens.to(device, torch.float32)
+        self._device = device
 
     def needs_maps(self, place, state):
         if place.is_cross:
@@ -360,6 +399,8 @@ class PromptToPromptController(AttentionController):
         return place.self_replace_allowed and state.step < max(self.self_steps, self.uncond_self_steps)
 
     def __call__(self, probs, place, state):
+        if probs.device != self._device:
+            self._move_to(probs.device)
         layout, step = state.layout, state.step
         source_cond = layout.row(COND, 0)
         targets = range(1, layout.num_prompts)

@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pixels to run at (default: the model's: 512 for SD 1.x, 1024 for SDXL); images are resized to it")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
     g.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
-                   help="dtype of the frozen UNet and encoders (auto: bfloat16 on CUDA, float32 on the CPU; "
+                   help="dtype of the frozen UNet and encoders (auto: bfloat16 on GPUs that compute it natively, compute "
+                        "capability 8.0+; float16 with loss scaling on older GPUs; float32 on the CPU; "
                         "mapping networks, DDIM math and losses always run in float32)")
     g.add_argument("--seed", type=seed_int, default=0, help=f"0 .. {MAX_SEED}")
 
@@ -293,14 +294,10 @@ def resolve_jobs(args) -> list[Job]:
     return [Job(f"case{idx}", rows[0].image_path, rows[0].prompt, edits)]
 
 
-def _device(name: str) -> str:
-    import torch
+def _device(name: str):
+    from .models import check_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu.")
-    return name
+    return check_device(name, "--device")
 
 
 def checkpoint_path(args, job: Job, model_label: str, options: dict | None = None) -> Path:

@@ -52,6 +52,9 @@ class DDIMSchedule:
         self.alphas_cumprod = scheduler.alphas_cumprod.clone().double()
         self.final_alpha = torch.as_tensor(scheduler.final_alpha_cumprod).double()
         self.prediction_type = scheduler.config.prediction_type
+        # Per device: the timesteps and the float32 levels of every step, copied there once per run, so a
+        # step indexes tensors already on the device instead of copying two scalars from the host.
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def alpha(self, i: int) -> torch.Tensor:
         return self.alphas_cumprod[int(self.timesteps[i])]
@@ -59,10 +62,25 @@ class DDIMSchedule:
     def alpha_prev(self, i: int) -> torch.Tensor:
         return self.alphas_cumprod[int(self.timesteps[i + 1])] if i + 1 < self.num_steps else self.final_alpha
 
+    def on_device(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(timesteps, alpha(i) for every i, alpha_prev(i) for every i) on ``device``, levels in float32;
+        made once per device and schedule."""
+        device = torch.device(device)
+        if device not in self._on_device:
+            steps = range(self.num_steps)
+            alphas = torch.stack([self.alpha(i) for i in steps]).to(torch.float32)
+            prevs = torch.stack([self.alpha_prev(i) for i in steps]).to(torch.float32)
+            self._on_device[device] = (self.timesteps.to(device), alphas.to(device), prevs.to(device))
+        return self._on_device[device]
+
+    def timestep(self, i: int, device: torch.device | str) -> torch.Tensor:
+        """The timestep of sampling step i, as a 0-d tensor already on ``device``."""
+        return self.on_device(device)[0][i]
+
     def sample_step(self, model_output: torch.Tensor, sample: torch.Tensor, i: int) -> torch.Tensor:
         """z_t -> z_{t-1} at sampling step i."""
-        a_t, a_s = self._levels(sample, self.alpha(i), self.alpha_prev(i))
-        return ddim_move(model_output, sample, a_t, a_s, self.prediction_type)
+        _, alphas, prevs = self.on_device(sample.device)
+        return ddim_move(model_output, sample, alphas[i], prevs[i], self.prediction_type)
 
     def invert_step(self, model_output: torch.Tensor, sample: torch.Tensor, i: int) -> torch.Tensor:
         """z_{t-1} -> z_t: the reverse of ``sample_step(i)``, using the UNet evaluated at timestep i.
@@ -70,16 +88,12 @@ class DDIMSchedule:
         The model output is interpreted at level alpha(i) for v/sample predictions (it was computed at
         that timestep); the latent itself sits at alpha_prev(i), as in Null-text's inversion.
         """
-        a_here, a_next = self._levels(sample, self.alpha_prev(i), self.alpha(i))
+        _, alphas, prevs = self.on_device(sample.device)
+        a_here, a_next = prevs[i], alphas[i]
         if self.prediction_type == "epsilon":
             return ddim_move(model_output, sample, a_here, a_next, "epsilon")
-        a_model = self.alpha(i).to(sample.device, torch.float32)
-        _, eps = x0_and_eps(model_output.float(), sample.float(), a_model, self.prediction_type)
+        _, eps = x0_and_eps(model_output.float(), sample.float(), a_next, self.prediction_type)
         return ddim_move(eps, sample, a_here, a_next, "epsilon")
-
-    @staticmethod
-    def _levels(sample, *alphas):
-        return tuple(a.to(sample.device, torch.float32) for a in alphas)
 
 
 def make_ddim_scheduler(config: dict) -> DDIMScheduler:

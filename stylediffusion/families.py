@@ -108,9 +108,11 @@ class SDXLFamily(ModelFamily):
         pooled = row[:, :pooled_width(bundle)]
         scale = bundle.vae_scale
         h, w = int(latent_hw[0]) * scale, int(latent_hw[1]) * scale
-        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=text.device).expand(text.shape[0], -1)
         dt = bundle.dtype
-        return hidden, {"text_embeds": pooled.to(dt), "time_ids": time_ids.to(dt)}
+        # (original H, W, crop top, left, target H, W), filled on the device: no host->device copy per UNet call
+        time_ids = torch.zeros(text.shape[0], 6, dtype=dt, device=text.device)
+        time_ids[:, 0::4], time_ids[:, 1::4] = h, w
+        return hidden, {"text_embeds": pooled.to(dt), "time_ids": time_ids}
 
     def token_rows(self, x):
         return x[:, :-1]

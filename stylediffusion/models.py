@@ -81,6 +81,13 @@ class ModelBundle:
 
     # Weight digests taken at load time, before the dtype cast (identity.weights_digest); None = take them now.
     weight_digests: dict | None = None
+    # Set: the UNet runs under torch.autocast in this dtype over float32 weights (a benchmark variant).
+    autocast_dtype: torch.dtype | None = None
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the UNet computes in: what loss scaling is decided on (training.gradient_scaler)."""
+        return self.autocast_dtype or self.dtype
 
     @cached_property
     def identity(self) -> dict:
@@ -104,6 +111,20 @@ class ModelBundle:
         snapshot path) or the folder's name."""
         size = f"-{self.image_size}px" if self.image_size != self.default_image_size else ""
         return model_label(self.model_id) + size
+
+
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """The device ``module`` computes on: the execution device of accelerate's offload hook where one is
+    attached (``enable_model_cpu_offload``: on the module itself; ``enable_sequential_cpu_offload``: on
+    its submodules, whose weights wait on the meta device), else the device of its parameters."""
+    for sub in module.modules():
+        hook = getattr(sub, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            device = getattr(h, "execution_device", None)
+            if device is not None:
+                return torch.device(device)
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def model_label(model_id: str) -> str:
@@ -312,17 +333,79 @@ def _load_pretrained_quietly(model: str, image_encoder: str | None, prefer_half:
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 
 
-def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
-    """The frozen models' dtype for a ``--dtype`` name; "auto" is bfloat16 on CUDA, float32 elsewhere.
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether the CUDA GPU computes bfloat16 natively (compute capability 8.0+: A100, H100, RTX 30xx...).
 
-    bfloat16 halves memory and runs on tensor cores, and moves reconstruction PSNR by a few hundredths
-    of a dB (docs/performance.md); CPUs without bf16 units run it slower than float32.
+    ``torch.cuda.is_bf16_supported()`` can also say yes where bf16 is only emulated (V100, T4; its
+    ``including_emulation`` default), which runs without tensor cores and without fused attention kernels.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index)[0] >= 8
+
+
+def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    """The frozen models' dtype for a ``--dtype`` name; "auto" (the one place this default lives):
+
+    - CUDA GPU with native bfloat16 (compute capability 8.0+): bfloat16: float32's exponent range, so
+      training needs no loss scaling, at half the memory and on tensor cores;
+    - older CUDA GPUs (V100, T4: Colab's): float16, which they run on tensor cores; training then uses
+      dynamic loss scaling (``training.gradient_scaler``) and the VAE stays float32 (load_models);
+    - the CPU and anything else: float32 (CPUs without bf16 units run half precision slower).
+
+    What half precision moves on the test bed is measured in docs/performance.md ("Half precision").
     """
     if name == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        device = torch.device(device)
+        if device.type != "cuda":
+            return torch.float32
+        if not torch.cuda.is_available():  # no GPU to ask (check_device refuses the run): the current GPUs' answer
+            return torch.bfloat16
+        return torch.bfloat16 if native_bf16(device) else torch.float16
     if name not in DTYPE_NAMES:
         raise UserError(f"--dtype {name!r} is not one of {', '.join(DTYPE_NAMES)}.")
     return getattr(torch, name)
+
+
+def check_device(name: str | torch.device, flag: str = "--device") -> torch.device:
+    """``name`` as a torch device the machine has ("auto": the first CUDA GPU, else the CPU), or a
+    UserError saying which devices there are (one place for the CLI, the API, the runners and the demo)."""
+    if name is None or str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise UserError(f"{flag} {str(name)!r} is not a device: use cpu, cuda or cuda:N.") from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"{flag} {str(name)!r} was asked for but no CUDA GPU is visible; use {flag} cpu.")
+        if device.index is not None and device.index >= count:
+            visible = "cuda:0" if count == 1 else f"cuda:0 ... cuda:{count - 1}"
+            raise UserError(f"{flag} {str(name)!r} was asked for but this machine shows {count} CUDA GPU"
+                            f"{'s' if count > 1 else ''} ({visible}): pick one of those (CUDA_VISIBLE_DEVICES "
+                            f"renumbers them from 0).")
+    return device
+
+
+def out_of_memory_message(device: torch.device | str | None = None) -> str:
+    """The one line for a CUDA out-of-memory error: what to lower or pick."""
+    where = f" on {device}" if device is not None else ""
+    return (f"the GPU ran out of memory{where}: lower the precision (--dtype bfloat16 or float16; API dtype=), use "
+            f"a smaller model or image resolution, offload (pipe.enable_model_cpu_offload(), then "
+            f"StyleDiffusionEditor.from_pipe(pipe)), free the memory other processes hold, or pick another GPU "
+            f"(--device cuda:N).")
+
+
+@contextmanager
+def out_of_memory_as_user_error(device: torch.device | str | None = None):
+    """Turn CUDA's out-of-memory error into a UserError that says what to do."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as err:
+        raise UserError(out_of_memory_message(device)) from err
 
 
 def tune_backends(device: str | torch.device) -> None:
@@ -330,6 +413,8 @@ def tune_backends(device: str | torch.device) -> None:
 
     Training calls the UNet 1000+ times on one fixed shape, so autotuning once pays (the GPU
     benchmark's fast mode does the same). A process-wide switch, hence not done by load_models.
+    Autotuning may pick other kernels in another process, so GPU results agree across processes to
+    rounding, not bit for bit; the benchmark runners leave it off (docs/benchmarks.md).
     """
     if torch.device(device).type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -362,13 +447,18 @@ def load_models(model: str = DEFAULT_MODEL, image_encoder: str | None = None, de
     # Digests before the dtype cast, so a bfloat16 run and a float32 run of one model agree.
     frozen = [k for k in ("vae", "unet", "text_encoder", "image_encoder", "text_encoder_2") if k in parts]
     digests = {k: identity.weights_digest(k, parts[k]) for k in frozen}
-    for key in frozen:
-        module = parts[key]
-        module.requires_grad_(False)
-        module.eval()
-        # The VAE stays fp32: fp16 SD VAEs overflow, and it runs only twice per image (a --vae runs in dtype).
-        target_dtype = torch.float32 if key == "vae" and vae is None else dtype
-        module.to(device) if target_dtype == torch.float32 else module.to(device=device, dtype=target_dtype)
+    with out_of_memory_as_user_error(device), _quiet_loading():
+        for key in frozen:
+            module = parts[key]
+            module.requires_grad_(False)
+            module.eval()
+            # Every component in the run's dtype, whatever dtype its folder was saved in (a folder saved
+            # from an fp16 pipeline loads its text and image encoders in float16). The model's own VAE stays
+            # fp32: fp16 SD VAEs overflow (SDXL's too), and it runs only twice per image; a --vae runs in dtype.
+            target_dtype = torch.float32 if key == "vae" and vae is None else dtype
+            if any(p.dtype != target_dtype for p in module.parameters() if p.is_floating_point()):
+                module.to(dtype=target_dtype)
+            module.to(device)
     bundle = ModelBundle(**parts, model_id=model_id, image_encoder_id=image_encoder_id, device=device, dtype=dtype,
                          untrained=untrained, weight_digests=digests, vae_id=vae)
     if image_size is not None:

@@ -1,6 +1,7 @@
 """UNet calls with explicit attention state, DDIM inversion, and plain guided sampling."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -14,19 +15,22 @@ from .models import ModelBundle
 
 def predict(bundle: ModelBundle, schedule: DDIMSchedule, latents: torch.Tensor, i: int, text: torch.Tensor,
             layout: BatchLayout, values: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:
-    """UNet output (fp32) at sampling step i; ``values`` (``keys``) replaces the cross-attention value (key)
-    input per row."""
+    """UNet output (fp32, on the model's device) at sampling step i; ``values`` (``keys``) replaces the
+    cross-attention value (key) input per row. Inputs are moved to the model's device and dtype (a no-op
+    for tensors already there, the hot loops' case); the timestep comes from the schedule's device copy."""
     state = install_attention_control(bundle.unet)
     state.set(step=i, layout=layout, latent_hw=tuple(latents.shape[-2:]), num_steps=schedule.num_steps)
-    dt, family = bundle.dtype, bundle.family
+    dev, dt, family = bundle.device, bundle.dtype, bundle.family
     # SDXL: the prompt embedding's pooled row and the size become added_cond_kwargs (families.py); None elsewhere
-    text, added = family.unet_conditioning(bundle, text, latents.shape[-2:])
-    kwargs = {"value_states": family.token_rows(values).to(dt)} if values is not None else None
+    text, added = family.unet_conditioning(bundle, text.to(dev), latents.shape[-2:])
+    kwargs = {"value_states": family.token_rows(values).to(dev, dt)} if values is not None else None
     if keys is not None:
-        kwargs = {**(kwargs or {}), "key_states": family.token_rows(keys).to(dt)}
-    t = schedule.timesteps[i].to(bundle.device)
-    out = bundle.unet(latents.to(dt), t, encoder_hidden_states=text.to(dt), cross_attention_kwargs=kwargs,
-                      added_cond_kwargs=added).sample
+        kwargs = {**(kwargs or {}), "key_states": family.token_rows(keys).to(dev, dt)}
+    t = schedule.timestep(i, dev)
+    autocast = nullcontext() if bundle.autocast_dtype is None else torch.autocast(dev.type, bundle.autocast_dtype)
+    with autocast:  # fp32 weights, UNet under autocast (a benchmark's precision variant)
+        out = bundle.unet(latents.to(dev, dt), t, encoder_hidden_states=text.to(dev, dt),
+                          cross_attention_kwargs=kwargs, added_cond_kwargs=added).sample
     return out.float()
 
 
@@ -56,6 +60,7 @@ def ddim_inversion(bundle: ModelBundle, schedule: DDIMSchedule, z0: torch.Tensor
     """Invert z0 with the source prompt at guidance 1 (conditional branch only, no learned values)."""
     state = install_attention_control(bundle.unet)
     recorder = CrossAttentionRecorder() if record_maps else None
+    z0 = z0.to(bundle.device)
     latents, z = [z0], z0
     T = schedule.num_steps
     with controlled(state, recorder):
@@ -71,8 +76,9 @@ def guided_sampling(bundle: ModelBundle, schedule: DDIMSchedule, z_T: torch.Tens
                     uncond: torch.Tensor, guidance_scale: float, progress: bool = False) -> torch.Tensor:
     """Plain classifier-free-guided DDIM sampling from z_T (one row per prompt); no attention control."""
     n = cond.shape[0]
+    z_T = z_T.to(bundle.device)
     z = z_T.expand(n, -1, -1, -1) if z_T.shape[0] == 1 else z_T
-    text = torch.cat([uncond.expand(n, -1, -1), cond])
+    text = torch.cat([uncond.to(bundle.device).expand(n, -1, -1), cond.to(bundle.device)])
     for i in tqdm(range(schedule.num_steps), desc="sampling", disable=not progress, leave=False):
         eps_u, eps_c = predict(bundle, schedule, torch.cat([z, z]), i, text, BatchLayout.guided(n)).chunk(2)
         z = schedule.sample_step(guided(eps_u, eps_c, guidance_scale), z, i)

@@ -77,14 +77,16 @@ def early_stop_threshold(i: int) -> float:
 
 
 def gradient_scaler(bundle: ModelBundle) -> torch.amp.GradScaler:
-    """Dynamic loss scaling when the frozen models run in float16; a no-op (bit-identical) otherwise.
+    """Dynamic loss scaling when the UNet computes in float16 (float16 weights, or float32 weights under
+    float16 autocast); a no-op (bit-identical) otherwise.
 
     The gradient a latent MSE sends into the UNet is about 2 r / N per element (N = 16,384 for SD's
     64x64x4 latent, residual r ~ 1e-3 late in training): below float16's smallest normal number
     (6e-5), so an unscaled float16 backward returns mostly or all zero gradients (measured in
     docs/performance.md). bfloat16 has float32's exponent range and needs no scaling.
     """
-    return torch.amp.GradScaler(bundle.device.type, enabled=bundle.dtype == torch.float16)
+    enabled = bundle.compute_dtype == torch.float16
+    return torch.amp.GradScaler(bundle.device.type, enabled=enabled)
 
 
 def attention_loss(maps: list[torch.Tensor], reference: list[torch.Tensor]) -> torch.Tensor:

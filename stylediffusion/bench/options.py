@@ -7,7 +7,6 @@ from pathlib import Path
 
 from .. import validate
 from ..cli import count_at_least, finite_float, fraction_or_dict, guidance_float, literal, lr_float, seed_int, str2bool
-from ..errors import UserError
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -20,7 +19,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto",
                    help="auto (this process's accelerate device: cuda:<local rank>, or cpu), cpu, cuda, ...")
     g.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
-                   help="dtype of the frozen models (auto: bfloat16 on CUDA, float32 on the CPU)")
+                   help="dtype of the frozen models (auto: bfloat16 on GPUs with native bf16, float16 on older "
+                        "GPUs, float32 on the CPU)")
     g.add_argument("--seed", type=seed_int, default=0, help="torch seed, reset before every item (so sharding "
                    "does not change results)")
     g.add_argument("--timeout_hours", type=finite_float(above=0.0), default=48.0,
@@ -92,11 +92,12 @@ def load_bundle(args, device: str, log=print):
     import torch
 
     from ..cli import check_num_steps
-    from ..models import load_models, resolve_dtype, tune_backends
+    from ..models import check_device, load_models, resolve_dtype
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu.")
-    tune_backends(device)
+    device = str(check_device(device, "--device"))
+    # No cuDNN autotuning here (tune_backends): it may pick other kernels in each process, and the
+    # shards of a run should compute what one process computes (docs/benchmarks.md).
+    torch.backends.cudnn.benchmark = False
     bundle = load_models(args.model, args.image_encoder, device=device, dtype=resolve_dtype(args.dtype, device),
                          seed=args.seed)
     check_num_steps(args.num_ddim_steps, bundle.scheduler)

@@ -58,4 +58,5 @@ def stack(latents: list[torch.Tensor]) -> torch.Tensor:
 
 
 def unstack(t: torch.Tensor, device) -> list[torch.Tensor]:
-    return [t[k:k + 1].to(device) for k in range(t.shape[0])]
+    t = t.to(device)  # one copy to the device, not one per latent
+    return [t[k:k + 1] for k in range(t.shape[0])]
