@@ -115,6 +115,9 @@ def tiny_pipe(tiny):
     from diffusers import StableDiffusionPipeline
 
     parts = {k: copy.deepcopy(getattr(tiny, k)) for k in ("vae", "unet", "text_encoder")}
+    # a user's pipeline has never had the toolkit's processors; the shared ``tiny`` UNet may have (other tests)
+    if hasattr(parts["unet"], "_stylediffusion_state"):
+        del parts["unet"]._stylediffusion_state
     pipe = StableDiffusionPipeline(**parts, tokenizer=tiny.tokenizer, scheduler=copy.deepcopy(tiny.scheduler),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
