@@ -119,6 +119,35 @@ class StepReport:
     loss: float
 
 
+def fit_step(bundle: ModelBundle, schedule: DDIMSchedule, z: torch.Tensor, i: int, eps_u: torch.Tensor, mapper,
+             image_features: torch.Tensor, cond: torch.Tensor, target: torch.Tensor, reference: list,
+             state, recorder, cfg: TrainConfig, scaler, num_iterations: int, bar, what: str = "training") -> tuple[int, float]:
+    """Adam on M_i alone at the pivot ``z`` for up to ``num_iterations`` iterations (early stop as released);
+    (iterations run, last loss). ``what`` names the loss in the error line."""
+    mapper.requires_grad_(True)
+    optimizer = torch.optim.Adam(mapper.parameters(), lr=step_lr(cfg.lr, i))
+    it, loss_value = 0, float("nan")
+    for it in range(1, num_iterations + 1):
+        loss = iteration_loss(bundle, schedule, z, i, eps_u, mapper(image_features, cond), cond, target, reference,
+                              state, recorder, cfg)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise UserError(f"the {what} loss became {loss_value} at DDIM step {i}, iteration {it}: lower --lr, "
+                            f"or use --dtype float32 if you trained in half precision.")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        bar.update(1)
+        bar.set_postfix(step=f"{i + 1}/{schedule.num_steps}", loss=f"{loss_value:.2e}")
+        if cfg.early_stop and loss_value < early_stop_threshold(i):
+            break
+    bar.update(num_iterations - it)
+    mapper.requires_grad_(False)
+    recorder.reset()
+    return it, loss_value
+
+
 def train_mapping_networks(
     bundle: ModelBundle, schedule: DDIMSchedule, trajectory: InversionTrajectory, image_features: torch.Tensor,
     cond: torch.Tensor, uncond: torch.Tensor, mappers: MappingNetworks, cfg: TrainConfig, *,
@@ -140,32 +169,12 @@ def train_mapping_networks(
         mapper = mappers[i]
         if cfg.warm_start and i > 0:
             mapper.load_state_dict(mappers[i - 1].state_dict())
-        mapper.requires_grad_(True)
-        optimizer = torch.optim.Adam(mapper.parameters(), lr=step_lr(cfg.lr, i))
         target = trajectory.target_for_step(i).to(bundle.device)
-        reference = trajectory.maps.get(i, [])
         with torch.no_grad():
             eps_u = predict(bundle, schedule, z, i, uncond, layout)
-        k_i = inner_steps(cfg.num_inner_steps, i)
-        it, loss_value = 0, float("nan")
-        for it in range(1, k_i + 1):
-            loss = iteration_loss(bundle, schedule, z, i, eps_u, mapper(image_features, cond), cond, target, reference,
-                                  state, recorder, cfg)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise UserError(f"the training loss became {loss_value} at DDIM step {i}, iteration {it}: lower --lr, "
-                                f"or use --dtype float32 if you trained in half precision.")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            bar.update(1)
-            bar.set_postfix(step=f"{i + 1}/{T}", loss=f"{loss_value:.2e}")
-            if cfg.early_stop and loss_value < early_stop_threshold(i):
-                break
-        bar.update(k_i - it)
-        mapper.requires_grad_(False)
-        recorder.reset()
+        it, loss_value = fit_step(bundle, schedule, z, i, eps_u, mapper, image_features, cond, target,
+                                  trajectory.maps.get(i, []), state, recorder, cfg, scaler,
+                                  inner_steps(cfg.num_inner_steps, i), bar)
         with torch.no_grad():
             eps_c = predict(bundle, schedule, z, i, cond, layout,
                             **embedding_inputs(cfg.embedding, mapper(image_features, cond)))

@@ -38,7 +38,7 @@ from ..errors import UserError
 from ..inversion import mapping_config
 from ..mapping import MappingConfig, MappingNetworks
 from ..sampling import ddim_inversion, predict
-from ..training import early_stop_threshold, gradient_scaler, inner_steps, iteration_loss, step_lr
+from ..training import fit_step, gradient_scaler, inner_steps
 from .common import checkpointed, option
 from .directinv import SourceOffsetHooks
 from .registry import Inversion, InversionMethod, MethodContext, MethodOption
@@ -92,29 +92,11 @@ def train_with_offsets(ctx: MethodContext, budget: float, features: torch.Tensor
         mapper = mappers[i]
         if i > 0:
             mapper.load_state_dict(mappers[i - 1].state_dict())
-        mapper.requires_grad_(True)
-        optimizer = torch.optim.Adam(mapper.parameters(), lr=step_lr(cfg.lr, i))
         with torch.no_grad():
             eps_u = predict(b, schedule, z, i, uncond, layout)
-        k_i = budget_steps(cfg.num_inner_steps, budget, i)
-        it, loss_value = 0, float("nan")
-        for it in range(1, k_i + 1):
-            loss = iteration_loss(b, schedule, z, i, eps_u, mapper(features, cond), cond, target, reference,
-                                  state, recorder, cfg)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise UserError(f"the {NAME} training loss became {loss_value} at DDIM step {i}, iteration {it}: "
-                                f"lower --lr, or use --dtype float32 if you trained in half precision.")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            bar.update(1)
-            if cfg.early_stop and loss_value < early_stop_threshold(i):
-                break
-        bar.update(k_i - it)
-        mapper.requires_grad_(False)
-        recorder.reset()
+        it, loss_value = fit_step(b, schedule, z, i, eps_u, mapper, features, cond, target, reference, state,
+                                  recorder, cfg, scaler, budget_steps(cfg.num_inner_steps, budget, i), bar,
+                                  what=f"{NAME} training")
         with torch.no_grad():
             eps_c = predict(b, schedule, z, i, cond, layout, values=mapper(features, cond))
             landed = schedule.sample_step(guided(eps_u, eps_c, cfg.guidance_scale), z, i)
