@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -158,11 +159,12 @@ def check_out_of_memory(resolution_model: str) -> dict:
 
 DETERMINISM_RUN = """
 import sys, torch
+from safetensors.torch import save_file
 from stylediffusion import StyleDiffusionEditor
 torch.backends.cudnn.benchmark = False
 e = StyleDiffusionEditor.from_pretrained("testbed", device="cuda", progress=False)
 inv = e.invert(sys.argv[1], "a red triangle", method=sys.argv[3], num_inference_steps=10, num_inner_steps=10)
-torch.save(e.edit(inv, "a blue triangle", tau_u=0.5).latents[0], sys.argv[2])
+save_file({"latent": e.edit(inv, "a blue triangle", tau_u=0.5).latents[0].contiguous().cpu()}, sys.argv[2])
 """
 
 
@@ -171,11 +173,11 @@ def check_determinism(method: str) -> dict:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        paths = [str(Path(tmp) / f"run{k}.pt") for k in range(2)]
+        paths = [str(Path(tmp) / f"run{k}.safetensors") for k in range(2)]
         for path in paths:
             subprocess.run([sys.executable, "-c", DETERMINISM_RUN, str(SCENE), path, method], cwd=ROOT, check=True,
                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
-        a, b = (torch.load(p) for p in paths)
+        a, b = (load_file(p)["latent"] for p in paths)  # safetensors: no pickle is read
     diff = float((a.float() - b.float()).abs().max())
     return {"ok": True, "method": method, "max_abs_diff_between_processes": diff, "bitwise_equal": diff == 0.0}
 
