@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -96,7 +96,6 @@ class AttentionState:
     step: int = 0
     num_steps: int = 1
     latent_tokens: int = 0
-    calls: dict = field(default_factory=dict)  # per-layer call counter, for diagnostics only
 
     def set(self, *, step: int, layout: BatchLayout, latent_hw: tuple[int, int], num_steps: int | None = None):
         self.step, self.layout = step, layout

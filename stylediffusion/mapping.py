@@ -77,6 +77,3 @@ class MappingNetworks(nn.Module):
 
     def __getitem__(self, i: int) -> MappingNetwork:
         return self.mappers[i]
-
-    def num_parameters_per_step(self) -> int:
-        return sum(p.numel() for p in self.mappers[0].parameters())

@@ -1,8 +1,6 @@
 """Pictures a person looks at: the input | reconstruction | edit strip and per-word attention maps."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -45,11 +43,3 @@ def attention_figure(maps: torch.Tensor, prompt: str, tokenizer, grid_hw: tuple[
     figure = Image.fromarray(np.asarray(fig.canvas.buffer_rgba()).copy())
     plt.close(fig)
     return figure
-
-
-def save_attention_figure(maps: torch.Tensor, prompt: str, tokenizer, grid_hw: tuple[int, int], image: Image.Image,
-                          path: Path) -> None:
-    """``attention_figure`` written to ``path`` atomically."""
-    from .image_io import save_atomic
-
-    save_atomic(attention_figure(maps, prompt, tokenizer, grid_hw, image), path)

@@ -135,11 +135,6 @@ def _extents(shape: str) -> Tuple[float, float, float, float]:
     return _EXTENTS[shape]
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.count_nonzero(a | b)
-    return 0.0 if union == 0 else np.count_nonzero(a & b) / union
-
-
 def shape_scores(silhouette: np.ndarray, center: Optional[Tuple[float, float]] = None,
                  radius: Optional[float] = None) -> Dict[str, float]:
     """Best IoU of ``silhouette`` against every shape's template.

@@ -341,11 +341,6 @@ def _place(rng: np.random.Generator, radii: Sequence[float], size: int,
     return centres
 
 
-def _combo_ok(colour: str, shape: str, split: str) -> bool:
-    held = (colour, shape) in HELDOUT_COMBOS
-    return not held if split == "train" else True
-
-
 def sample_scene(
     rng: np.random.Generator,
     split: str = "train",
