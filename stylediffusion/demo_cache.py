@@ -85,10 +85,6 @@ class BoundedCache:
             else:
                 self._pins.pop(name, None)
 
-    def pinned(self, name: str) -> bool:
-        with self._lock:
-            return name in self._pins
-
     def touch(self, name: str) -> None:
         """Mark the entry as used now (its newest file's time is its last use)."""
         entry = self.entries().get(name)
