@@ -11,6 +11,7 @@ import math
 import unicodedata
 from pathlib import Path
 
+from .defaults import EDIT_TYPES
 from .errors import UserError
 
 # A literal longer than this is refused before it is parsed: ``ast.literal_eval`` builds a syntax
@@ -154,8 +155,6 @@ def _eq_params_shape(value, what: str) -> None:
 def edit_spec(spec) -> None:
     """Everything an ``EditSpec`` says that can be checked without a tokenizer (the words themselves are
     checked against the prompts by ``editing.build_controller``)."""
-    from .editing import EDIT_TYPES
-
     prompt(spec.source, "the source prompt")
     prompt(spec.target, "the target prompt (--target)")
     if spec.edit_type not in EDIT_TYPES:
