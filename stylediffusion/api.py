@@ -258,7 +258,8 @@ class StyleDiffusionEditor:
             raise UserError("edit needs a target prompt (the edited caption) or a non-empty list of them.")
         edit_method = get_edit(method, inversion.method)
         T = inversion.num_steps
-        blend = _blend_words(blend_words)
+        no_blend = isinstance(blend_words, str) and not blend_words
+        blend = None if no_blend else validate.blend_words(blend_words, "blend_words")
         specs = [t if isinstance(t, EditSpec) else
                  EditSpec(inversion.source, t, edit_type or default_edit_type(inversion.source, t), tau_v=tau_v,
                           tau_c=tau_c, tau_s=tau_s, tau_u=tau_u, blend_words=blend, eq_params=eq_params,
@@ -405,15 +406,6 @@ def _method_options(options: dict, inversion: str, edit: str | None = None) -> d
     callbacks = {k: v for k, v in options.items() if callable(v)}
     plain = {k: v for k, v in options.items() if not callable(v)}
     return {**check_method_options(plain, inversion, edit), **callbacks}
-
-
-def _blend_words(value) -> tuple[str, str] | None:
-    if value is None or value == "":
-        return None
-    words = tuple(value.split()) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else None
-    if words is None or len(words) != 2 or not all(isinstance(w, str) for w in words):
-        raise UserError(f"blend_words needs two words (source word, target word), got {value!r}.")
-    return words
 
 
 def _second_text_encoder(pipe) -> dict:
