@@ -26,6 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from ptp_utils import BatchLayout  # noqa: E402
 from stylediffusion.ddim import DDIMSchedule, guided  # noqa: E402
+from stylediffusion.defaults import VARIANT  # noqa: E402
 from stylediffusion.encoders import clip_image_features, encode_latent, encode_prompts  # noqa: E402
 from stylediffusion.image_io import load_image  # noqa: E402
 from stylediffusion.inversion import mapping_config  # noqa: E402
@@ -53,7 +54,7 @@ def mapper_gradient(bundle: ModelBundle, image: torch.Tensor, prompt: str, resid
     cond, uncond = encode_prompts(bundle, [prompt]), encode_prompts(bundle, [""])
     features = clip_image_features(bundle, image)
     torch.manual_seed(0)
-    mapper = MappingNetworks(mapping_config(bundle, features, cond, "modulate"), num_steps)[step]
+    mapper = MappingNetworks(mapping_config(bundle, features, cond, VARIANT), num_steps)[step]
     with torch.no_grad():
         eps_u = predict(bundle, schedule, z, step, uncond, BatchLayout.single())
     eps_c = predict(bundle, schedule, z, step, cond, BatchLayout.single(), values=mapper(features, cond))

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from stylediffusion import StyleDiffusionEditor
-from stylediffusion.editing import TAU_C, TAU_S, TAU_V, EditSpec, default_edit_type
+from stylediffusion.defaults import GUIDANCE_SCALE, NUM_DDIM_STEPS, TAU_C, TAU_S, TAU_V
+from stylediffusion.editing import EditSpec, default_edit_type
 from stylediffusion.files import atomic_write_text
 from stylediffusion.image_io import image_grid, save_atomic
 from stylediffusion.methods import get_edit, get_inversion
@@ -87,9 +88,9 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                    help="inversion:edit pairs; edit 'p2plus' = p2p with tau_u 0.5")
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
-    p.add_argument("--num_ddim_steps", type=int, default=30)
+    p.add_argument("--num_ddim_steps", type=int, default=NUM_DDIM_STEPS)
     p.add_argument("--num_inner_steps", type=int, default=20)
-    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--guidance_scale", type=float, default=GUIDANCE_SCALE)
     p.add_argument("--outdir", type=Path, default=Path("outputs/testbed_bench"))
     p.add_argument("--scene_range", default=None, metavar="START:STOP",
                    help="only these scenes (run several processes on disjoint ranges with one --outdir, then once "

@@ -30,6 +30,7 @@ from stylediffusion.metrics import psnr, ssim
 from stylediffusion.methods import get_inversion
 from stylediffusion.sampling import ddim_inversion
 from stylediffusion.ddim import DDIMSchedule
+from stylediffusion.defaults import GUIDANCE_SCALE, NUM_INNER_STEPS
 from stylediffusion.testbed import world
 
 COLUMNS = ["scene", "objects", "sizes", "method", "psnr", "ssim", "wall_seconds", "cpu_seconds", "unet_forward_no_grad",
@@ -96,8 +97,8 @@ def main(argv=None) -> None:
                    help="inversions; NAME@KEY=VALUE,KEY=VALUE passes options (e.g. stylediffusion@num_inner_steps=100, "
                         "stylediffusion@variant=replace), and the whole string labels the rows")
     p.add_argument("--num_ddim_steps", type=int, default=50)
-    p.add_argument("--num_inner_steps", type=int, default=100)
-    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--num_inner_steps", type=int, default=NUM_INNER_STEPS)
+    p.add_argument("--guidance_scale", type=float, default=GUIDANCE_SCALE)
     p.add_argument("--outdir", type=Path, default=Path("outputs/testbed_inversion"))
     args = p.parse_args(argv)
     for m in args.methods:

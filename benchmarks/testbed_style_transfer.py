@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from stylediffusion import StyleDiffusionEditor
+from stylediffusion.defaults import GUIDANCE_SCALE
 from stylediffusion.files import atomic_write_text
 from stylediffusion.image_io import image_grid, save_atomic
 from stylediffusion.testbed import analyser, world
@@ -104,7 +105,7 @@ def main(argv=None) -> None:
     p.add_argument("--prompt", choices=("neutral", "caption"), default="neutral")
     p.add_argument("--num_ddim_steps", type=int, default=20)
     p.add_argument("--num_inner_steps", type=int, default=10)
-    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--guidance_scale", type=float, default=GUIDANCE_SCALE)
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a transfer option")
     p.add_argument("--outdir", type=Path, default=Path("outputs/testbed_style_transfer"))
     args = p.parse_args(argv)

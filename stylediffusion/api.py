@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 
 from . import families, validate
-from .editing import TAU_C, TAU_S, TAU_U, TAU_V, EditSpec, build_controller, default_edit_type
+from .defaults import GUIDANCE_SCALE, NUM_DDIM_STEPS, NUM_INNER_STEPS, TAU_C, TAU_S, TAU_U, TAU_V
+from .editing import EditSpec, build_controller, default_edit_type
 from .encoders import check_prompt_length, decode_latent
 from .errors import UserError
 from .image_io import image_grid, load_image, prepare_image, tensor_to_pil
@@ -184,8 +185,8 @@ class StyleDiffusionEditor:
         return cls(bundle, progress=progress, _borrowed=True, _pipe=pipe)
 
     # ------------------------------------------------------------------ the two calls
-    def invert(self, image, prompt: str, method: str = "stylediffusion", num_inference_steps: int = 30,
-               num_inner_steps: int = 100, guidance_scale: float = 7.5, progress: bool | None = None,
+    def invert(self, image, prompt: str, method: str = "stylediffusion", num_inference_steps: int = NUM_DDIM_STEPS,
+               num_inner_steps: int = NUM_INNER_STEPS, guidance_scale: float = GUIDANCE_SCALE, progress: bool | None = None,
                checkpoint: str | Path | None = None, seed: int = 0, **options) -> Inversion:
         """Invert ``image`` (a PIL image, a file path, or an array) described by ``prompt``.
 
@@ -230,7 +231,7 @@ class StyleDiffusionEditor:
 
     def edit(self, inversion: Inversion, target: str | EditSpec | list, tau_v: float = TAU_V, tau_c: float | dict = TAU_C,
              tau_s: float = TAU_S, tau_u: float = TAU_U, blend_words=None, edit_type: str | None = None,
-             eq_params: dict | None = None, method: str = "p2p", generator=None, guidance_scale: float = 7.5,
+             eq_params: dict | None = None, method: str = "p2p", generator=None, guidance_scale: float = GUIDANCE_SCALE,
              progress: bool | None = None, **options) -> EditOutput:
         """Edit an inversion into one target prompt or several (one output image each).
 
@@ -257,7 +258,8 @@ class StyleDiffusionEditor:
             raise UserError("edit needs a target prompt (the edited caption) or a non-empty list of them.")
         edit_method = get_edit(method, inversion.method)
         T = inversion.num_steps
-        blend = _blend_words(blend_words)
+        no_blend = isinstance(blend_words, str) and not blend_words
+        blend = None if no_blend else validate.blend_words(blend_words, "blend_words")
         specs = [t if isinstance(t, EditSpec) else
                  EditSpec(inversion.source, t, edit_type or default_edit_type(inversion.source, t), tau_v=tau_v,
                           tau_c=tau_c, tau_s=tau_s, tau_u=tau_u, blend_words=blend, eq_params=eq_params,
@@ -296,7 +298,7 @@ class StyleDiffusionEditor:
                           seconds=sum(out.seconds.get("edit", 0.0) for out in outputs))
 
     def transfer_style(self, style_inversion: Inversion, content_image, content_prompt: str | None = None,
-                       guidance_scale: float = 7.5, progress: bool | None = None, style_reconstruction: bool = True,
+                       guidance_scale: float = GUIDANCE_SCALE, progress: bool | None = None, style_reconstruction: bool = True,
                        **options) -> EditOutput:
         """Style transfer (the paper's §5.2.7): the content image's structure in the style of the image
         ``style_inversion`` was made from (a StyleDiffusion inversion: its learned values are the style).
@@ -404,15 +406,6 @@ def _method_options(options: dict, inversion: str, edit: str | None = None) -> d
     callbacks = {k: v for k, v in options.items() if callable(v)}
     plain = {k: v for k, v in options.items() if not callable(v)}
     return {**check_method_options(plain, inversion, edit), **callbacks}
-
-
-def _blend_words(value) -> tuple[str, str] | None:
-    if value is None or value == "":
-        return None
-    words = tuple(value.split()) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else None
-    if words is None or len(words) != 2 or not all(isinstance(w, str) for w in words):
-        raise UserError(f"blend_words needs two words (source word, target word), got {value!r}.")
-    return words
 
 
 def _second_text_encoder(pipe) -> dict:

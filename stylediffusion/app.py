@@ -39,6 +39,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 from PIL import Image  # noqa: E402
 
 from . import validate  # noqa: E402
+from .defaults import EDIT_TYPES, NUM_DDIM_STEPS, NUM_INNER_STEPS, TAU_C, TAU_S, TAU_U, TAU_V  # noqa: E402
 from .demo_cache import EDITS, BoundedCache, megabytes  # noqa: E402
 from .demo_limits import (  # noqa: E402
     DEFAULT_CACHE_MAX_MB,
@@ -55,7 +56,7 @@ PAGE_CSS = """
 #input-image img, #reconstruction img, #strip img, #edits img { image-rendering: pixelated; }
 #input-image img, #reconstruction img { width: 100%; height: 100%; object-fit: contain; }
 """
-EDIT_TYPE_CHOICES = ("auto", "Replacement", "Refinement", "Reweight")
+EDIT_TYPE_CHOICES = ("auto", *EDIT_TYPES)
 # "auto": Replacement when source and target have the same number of words, else Refinement (the CLI's rule).
 _KEY_PATTERN = re.compile(r"^[0-9a-f]{24}$")
 # Modes a PNG stores as they are; an upload in another mode (CMYK, YCbCr, LAB, HSV, F...) is converted
@@ -426,7 +427,7 @@ class DemoApp:
 
     # ------------------------------------------------------------------ step 1
     def invert(self, image: Image.Image | None, prompt: str | None, method: str = "stylediffusion",
-               num_inference_steps: int = 30, num_inner_steps: int = 100, progress: bool = False,
+               num_inference_steps: int = NUM_DDIM_STEPS, num_inner_steps: int = NUM_INNER_STEPS, progress: bool = False,
                session: str | None = None) -> InvertResult:
         """Invert (image, prompt) with these settings, or return the cached inversion made earlier."""
         from .methods import get_inversion
@@ -476,8 +477,7 @@ class DemoApp:
              reweight: str | None = None, edit_method: str = "p2p", session: str | None = None) -> EditResult:
         """Edit the cached inversion of (image, prompt, settings) towards every target (one per line).
 
-        A τ left at None takes the command line's default (``editing.TAU_*``)."""
-        from .editing import TAU_C, TAU_S, TAU_U, TAU_V
+        A τ left at None takes the command line's default (``defaults.TAU_*``)."""
         from .image_io import image_grid
 
         image = page_image(image, self.limits)
@@ -616,8 +616,6 @@ def build_ui(app: DemoApp, inversion_methods: list[str], edit_methods: list[str]
     """The page: Gradio components wired to ``app``'s methods, nothing else."""
     import gradio as gr
 
-    from .editing import TAU_C, TAU_S, TAU_U, TAU_V
-
     # The inputs arrive unprocessed (preprocess=False below): the image as Gradio's record of the uploaded
     # file, numbers and text as sent. DemoApp's own checks read them, so no input reaches a library's
     # exception (a decompression bomb, say, is refused from its header instead of inside Gradio's decoder).
@@ -669,8 +667,8 @@ def build_ui(app: DemoApp, inversion_methods: list[str], edit_methods: list[str]
                 prompt = gr.Textbox(label="prompt (caption of the image)", elem_id="prompt")
                 with gr.Row():
                     method = gr.Dropdown(inversion_methods, value="stylediffusion", label="inversion method")
-                    steps = gr.Number(30, label="T (DDIM steps)", precision=0, minimum=1, elem_id="steps")
-                    inner = gr.Number(100, label="K (training iterations at step 0)", precision=0, minimum=1,
+                    steps = gr.Number(NUM_DDIM_STEPS, label="T (DDIM steps)", precision=0, minimum=1, elem_id="steps")
+                    inner = gr.Number(NUM_INNER_STEPS, label="K (training iterations at step 0)", precision=0, minimum=1,
                                       elem_id="inner-steps")
                 with gr.Row():
                     invert_button = gr.Button("Invert", variant="primary", elem_id="invert")

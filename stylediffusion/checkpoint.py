@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .defaults import VARIANT, VARIANTS
 from .errors import UserError
 from .files import atomic_write, atomic_write_text
 
@@ -97,8 +98,6 @@ def validate_inversion(tensors: dict[str, torch.Tensor], meta: dict, path: str |
     """Refuse a StyleDiffusion checkpoint whose content does not fit this run: metadata of the wrong
     type, an unknown variant, a step count out of range, or a ``z_T`` (and a partial's ``pivot``)
     whose shape or dtype is not the model's latent."""
-    from .mapping import VARIANTS
-
     def bad(what: str) -> UserError:
         return UserError(f"checkpoint '{path}' is damaged or foreign: {what}; delete it and train again.")
 
@@ -113,7 +112,7 @@ def validate_inversion(tensors: dict[str, torch.Tensor], meta: dict, path: str |
         value = mapping.get(key, 1 if key == "hidden_layers" else None)
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "hidden_layers" else 1):
             raise bad(f"mapping_config '{key}' is {value!r}, not a positive whole number")
-    if mapping.get("variant", "modulate") not in VARIANTS:
+    if mapping.get("variant", VARIANT) not in VARIANTS:
         raise bad(f"mapping_config variant {mapping.get('variant')!r} is unknown")
     unknown = set(mapping) - set(_MAPPING_INT_FIELDS) - {"variant"}
     if unknown:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import validate
+from .defaults import (EDIT_TYPES, GUIDANCE_SCALE, LEARNING_RATE, NUM_DDIM_STEPS, NUM_INNER_STEPS, TAU_C, TAU_S, TAU_U,
+                       TAU_V, VARIANT, VARIANTS)
 from .errors import UserError, exit_code, one_line, quiet_libraries, started
 
 # torch.manual_seed takes at most 64 bits; seeds are kept to the non-negative half so that every
@@ -103,7 +105,6 @@ def literal(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .editing import TAU_C, TAU_S, TAU_U, TAU_V
     from .models import DEFAULT_IMAGE_ENCODER, DEFAULT_MODEL, DTYPE_NAMES
 
     p = ArgumentParser(
@@ -139,12 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=seed_int, default=0, help=f"0 .. {MAX_SEED}")
 
     g = p.add_argument_group("inversion (training)")
-    g.add_argument("--num_ddim_steps", type=count_at_least(1), default=30,
+    g.add_argument("--num_ddim_steps", type=count_at_least(1), default=NUM_DDIM_STEPS,
                    help="T (at most the scheduler's num_train_timesteps, 1000 for SD)")
-    g.add_argument("--num_inner_steps", type=count_at_least(1), default=100, help="K: iterations at the first step, K_i = ceil(K e^-0.1i)")
-    g.add_argument("--guidance_scale", type=guidance_float, default=7.5, help=f"w, in [0, {validate.MAX_GUIDANCE:g}]")
-    g.add_argument("--lr", type=lr_float, default=1e-2, help="Adam learning rate at step 0 (decays as 1 - i/100)")
-    g.add_argument("--variant", choices=("modulate", "replace"), default="modulate",
+    g.add_argument("--num_inner_steps", type=count_at_least(1), default=NUM_INNER_STEPS, help="K: iterations at the first step, K_i = ceil(K e^-0.1i)")
+    g.add_argument("--guidance_scale", type=guidance_float, default=GUIDANCE_SCALE, help=f"w, in [0, {validate.MAX_GUIDANCE:g}]")
+    g.add_argument("--lr", type=lr_float, default=LEARNING_RATE, help="Adam learning rate at step 0 (decays as 1 - i/100)")
+    g.add_argument("--variant", choices=VARIANTS, default=VARIANT,
                    help="mapping network: released code's c*gamma+beta (modulate) or the paper's direct value (replace)")
     g.add_argument("--attention_loss", type=str2bool, default=True, metavar="True|False")
     g.add_argument("--early_stop", type=str2bool, default=True, metavar="True|False")
@@ -153,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--retrain", action="store_true", help="train again even if a matching checkpoint exists")
 
     g = p.add_argument_group("editing (Prompt-to-Prompt + P2Plus); unset values come from the index row or the README defaults")
-    g.add_argument("--edit_type", choices=("Replacement", "Refinement", "Reweight"), default=None)
+    g.add_argument("--edit_type", choices=EDIT_TYPES, default=None)
     g.add_argument("--tau_v", type=float, default=None, help=f"fraction of steps the target uses the learned values ({TAU_V})")
     g.add_argument("--tau_c", type=fraction_or_dict, default=None, help=f"cross-attention replacement fraction or per-word dict ({TAU_C})")
     g.add_argument("--tau_s", type=float, default=None, help=f"self-attention replacement fraction, conditional branch ({TAU_S})")
@@ -241,7 +242,7 @@ def _blend_words(value) -> tuple[str, str] | None:
 
 
 def _spec(args, source: str, target: str, row=None):
-    from .editing import TAU_C, TAU_S, TAU_U, TAU_V, EditSpec, default_edit_type
+    from .editing import EditSpec, default_edit_type
 
     def pick(name, default):
         value = getattr(args, name)

@@ -16,16 +16,14 @@ from .attention_control import (BatchLayout, LocalBlend, PromptToPromptControlle
                        ReweightEdit, controlled, install_attention_control)
 
 from .ddim import DDIMSchedule, guided
+# EDIT_TYPES and TAU_* re-exported: callers import the edit defaults from here too
+from .defaults import EDIT_TYPES, GUIDANCE_SCALE, TAU_C, TAU_S, TAU_U, TAU_V  # noqa: F401
 from .encoders import encode_prompts
 from .errors import UserError
 from .mapping import MappingNetworks
 from .models import ModelBundle
 from .sampling import predict
 from .training import embedding_inputs
-
-EDIT_TYPES = ("Replacement", "Refinement", "Reweight")
-# The README's edit defaults, shared by the command line, the Python API and ``EditSpec``.
-TAU_V, TAU_C, TAU_S, TAU_U = 0.5, 0.6, 0.6, 0.0
 
 
 def default_edit_type(source: str, target: str) -> str:
@@ -57,7 +55,7 @@ class EditSpec:
     tau_u: float = TAU_U
     blend_words: tuple[str, str] | None = None
     eq_params: dict | None = None
-    guidance_scale: float = 7.5
+    guidance_scale: float = GUIDANCE_SCALE
     blend_threshold: float = 0.3
     notes: list[str] = field(default_factory=list)
 

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from .defaults import VARIANT
+
 # Keys that say how or by whom a config was written, not what the model computes.
 _BOOKKEEPING_KEYS = frozenset({
     "transformers_version", "architectures", "torch_dtype", "dtype", "model_type", "output_hidden_states",
@@ -142,7 +144,7 @@ def checkpoint_name(case: str, model_label: str, num_steps: int, num_inner_steps
     """
     options = {k: v for k, v in (options or {}).items() if not k.startswith("_") and not callable(v)}
     parts = [slug(case), slug(model_label), f"T{int(num_steps)}"]
-    variant = options.pop("variant", "modulate")
+    variant = options.pop("variant", VARIANT)
     embedding = options.pop("embedding", "value")
     if inversion != "stylediffusion":
         parts.append(slug(inversion))
@@ -150,7 +152,7 @@ def checkpoint_name(case: str, model_label: str, num_steps: int, num_inner_steps
             parts.append(f"K{int(num_inner_steps)}")
     else:  # only StyleDiffusion trains for K iterations
         parts.append(f"K{int(num_inner_steps)}")
-        parts += [slug(variant)] if variant != "modulate" else []
+        parts += [slug(variant)] if variant != VARIANT else []
         parts += [slug(embedding)] if embedding != "value" else []
     if options:
         parts.append("o" + hashlib.sha256(json.dumps(_plain(options), sort_keys=True).encode()).hexdigest()[:8])

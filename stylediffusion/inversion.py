@@ -10,6 +10,7 @@ import torch
 from .checkpoint import (MODEL_IDENTITY_VERSION, check_identity, identity_mismatch, read_checkpoint, save_checkpoint,
                          validate_inversion)
 from .ddim import DDIMSchedule
+from .defaults import VARIANT
 from .encoders import clip_image_features, encode_latent, encode_prompts
 from .errors import UserError
 from .image_io import image_sha256
@@ -46,7 +47,7 @@ def _tensors(mappers: MappingNetworks, z_T: torch.Tensor, pivot: torch.Tensor | 
 
 
 def train_inversion(bundle: ModelBundle, image: torch.Tensor, prompt: str, num_steps: int, cfg: TrainConfig,
-                    checkpoint: Path | None = None, variant: str = "modulate", resume: bool = True,
+                    checkpoint: Path | None = None, variant: str = VARIANT, resume: bool = True,
                     progress: bool = True, log=None) -> Inversion:
     """Invert and train M_0..M_{T-1}; the result is returned in memory.
 

@@ -44,6 +44,7 @@ from .attention_control import (
     install_attention_control,
 )
 from .ddim import DDIMSchedule, guided
+from .defaults import GUIDANCE_SCALE
 from .editing import EditSpec, num_steps_for, run_edit, value_steps_for
 from .encoders import encode_latent, encode_prompts
 from .errors import UserError
@@ -180,7 +181,7 @@ class TransferOutput(EditOutput):
 
 @torch.no_grad()
 def transfer_latents(bundle: ModelBundle, schedule: DDIMSchedule, style: Inversion, content_z0: torch.Tensor,
-                     content_prompt: str, options: dict, guidance_scale: float = 7.5,
+                     content_prompt: str, options: dict, guidance_scale: float = GUIDANCE_SCALE,
                      progress: bool = True) -> torch.Tensor:
     """The transfer: (2, C, h, w) [content row, transfer row] (see the module's docstring).
 
@@ -218,7 +219,7 @@ def transfer_latents(bundle: ModelBundle, schedule: DDIMSchedule, style: Inversi
 
 
 @torch.no_grad()
-def style_reconstruction(bundle: ModelBundle, schedule: DDIMSchedule, style: Inversion, guidance_scale: float = 7.5,
+def style_reconstruction(bundle: ModelBundle, schedule: DDIMSchedule, style: Inversion, guidance_scale: float = GUIDANCE_SCALE,
                          progress: bool = True) -> torch.Tensor:
     """The style image regenerated from its own z*_T with its learned values: (1, C, h, w)."""
     spec = EditSpec(style.source, style.source, guidance_scale=guidance_scale)
@@ -236,7 +237,7 @@ def check_sizes(style: Inversion, content_z0: torch.Tensor) -> None:
 
 
 def run_style_transfer(bundle: ModelBundle, style: Inversion, content_pixels: torch.Tensor,
-                       content_prompt: str | None, options: dict, guidance_scale: float = 7.5,
+                       content_prompt: str | None, options: dict, guidance_scale: float = GUIDANCE_SCALE,
                        progress: bool = True, reconstruction: bool = True) -> TransferResult:
     """Checked inputs to latents: the transfer and (``reconstruction``) the style's own reconstruction."""
     check_style_inversion(style)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .attention_control import BatchLayout, CrossAttentionRecorder, controlled, install_attention_control
 
 from .ddim import DDIMSchedule, guided
+from .defaults import GUIDANCE_SCALE, LEARNING_RATE, NUM_INNER_STEPS
 from .errors import UserError
 from .mapping import MappingNetworks
 from .models import ModelBundle
@@ -32,9 +33,9 @@ from .sampling import InversionTrajectory, predict
 
 @dataclass
 class TrainConfig:
-    num_inner_steps: int = 100  # K
-    guidance_scale: float = 7.5
-    lr: float = 1e-2
+    num_inner_steps: int = NUM_INNER_STEPS  # K
+    guidance_scale: float = GUIDANCE_SCALE
+    lr: float = LEARNING_RATE
     attention_loss: bool = True
     attention_weight: float = 1.0
     early_stop: bool = True

@@ -11,6 +11,7 @@ import math
 import unicodedata
 from pathlib import Path
 
+from .defaults import EDIT_TYPES
 from .errors import UserError
 
 # A literal longer than this is refused before it is parsed: ``ast.literal_eval`` builds a syntax
@@ -107,12 +108,15 @@ def tau_c(value, what: str = "tau_c"):
 
 
 def blend_words(value, what: str = "--blend_word"):
-    """LocalBlend words: None or two non-empty words (source word, target word)."""
+    """LocalBlend words: None, or two non-empty words (source word, target word) as a pair or as the text
+    ``"cat tiger"``. The one check of every surface: the command line and the demo parse their own text
+    forms (a literal pair; one line per target) into what this takes, the API passes its argument."""
     if value is None:
         return None
-    if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(isinstance(w, str) and w.strip() for w in value):
+    words = tuple(value.split()) if isinstance(value, str) else value
+    if not isinstance(words, (tuple, list)) or len(words) != 2 or not all(isinstance(w, str) and w.strip() for w in words):
         raise UserError(f"{what} needs two words (source word, target word), got {_short(value)}.")
-    return tuple(value)
+    return tuple(words)
 
 
 def reweight_factors(pairs, what: str = "--eq_params") -> None:
@@ -154,8 +158,6 @@ def _eq_params_shape(value, what: str) -> None:
 def edit_spec(spec) -> None:
     """Everything an ``EditSpec`` says that can be checked without a tokenizer (the words themselves are
     checked against the prompts by ``editing.build_controller``)."""
-    from .editing import EDIT_TYPES
-
     prompt(spec.source, "the source prompt")
     prompt(spec.target, "the target prompt (--target)")
     if spec.edit_type not in EDIT_TYPES:

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from .. import validate
+from ..defaults import EDIT_TYPES, GUIDANCE_SCALE, LEARNING_RATE, NUM_DDIM_STEPS, NUM_INNER_STEPS, VARIANT, VARIANTS
 from ..cli import count_at_least, finite_float, fraction_or_dict, guidance_float, literal, lr_float, seed_int, str2bool
 
 
@@ -33,11 +34,11 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--edit", default="p2p")
     g.add_argument("--method_name", default=None,
                    help="label of this configuration in the CSV and output folder (default <inversion>+<edit>)")
-    g.add_argument("--num_ddim_steps", type=count_at_least(1), default=30, help="T (30 in the StyleDiffusion paper; PIE-Bench's other methods use 50)")
-    g.add_argument("--num_inner_steps", type=count_at_least(1), default=100, help="K: StyleDiffusion inner iterations at the first step")
-    g.add_argument("--guidance_scale", type=guidance_float, default=7.5)
-    g.add_argument("--lr", type=lr_float, default=1e-2)
-    g.add_argument("--variant", choices=("modulate", "replace"), default="modulate")
+    g.add_argument("--num_ddim_steps", type=count_at_least(1), default=NUM_DDIM_STEPS, help="T (30 in the StyleDiffusion paper; PIE-Bench's other methods use 50)")
+    g.add_argument("--num_inner_steps", type=count_at_least(1), default=NUM_INNER_STEPS, help="K: StyleDiffusion inner iterations at the first step")
+    g.add_argument("--guidance_scale", type=guidance_float, default=GUIDANCE_SCALE)
+    g.add_argument("--lr", type=lr_float, default=LEARNING_RATE)
+    g.add_argument("--variant", choices=VARIANTS, default=VARIANT)
     g.add_argument("--attention_loss", type=str2bool, default=True, metavar="True|False")
     g.add_argument("--early_stop", type=str2bool, default=True, metavar="True|False")
     g.add_argument("--method_option", action="append", default=[], metavar="KEY=VALUE",
@@ -49,7 +50,7 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
 
 def add_edit_args(p: argparse.ArgumentParser, where: str) -> None:
     g = p.add_argument_group(f"editing: unset values come from {where}")
-    g.add_argument("--edit_type", choices=("Replacement", "Refinement", "Reweight"), default=None)
+    g.add_argument("--edit_type", choices=EDIT_TYPES, default=None)
     g.add_argument("--tau_v", type=float, default=None)
     g.add_argument("--tau_c", type=fraction_or_dict, default=None)
     g.add_argument("--tau_s", type=float, default=None)

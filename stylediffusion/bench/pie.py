@@ -186,7 +186,8 @@ def _entry(key: str, e, images: Path) -> PieEntry:
 def edit_spec(entry: PieEntry, args):
     """EditSpec of one entry: Replacement when the prompts have as many words, else Refinement; the
     blend words from ``blended_word``; README taus unless overridden by flags."""
-    from ..editing import TAU_C, TAU_S, TAU_U, TAU_V, EditSpec, default_edit_type
+    from ..defaults import TAU_C, TAU_S, TAU_U, TAU_V
+    from ..editing import EditSpec, default_edit_type
 
     def pick(name, default):
         value = getattr(args, name, None)

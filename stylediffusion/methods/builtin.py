@@ -9,11 +9,11 @@ from dataclasses import replace
 
 from ..attention_control import AttentionController
 
+from ..defaults import VARIANT, VARIANTS
 from ..editing import EditSpec, run_edit
 from ..encoders import encode_latent, encode_prompts
 from ..inversion import load_inversion, train_inversion
 from ..sampling import ddim_inversion, guided_sampling
-from ..mapping import VARIANTS
 from ..training import EMBEDDINGS, embedding_inputs
 from .common import learned_embedding
 from .registry import (EditMethod, Inversion, InversionMethod, MethodContext, MethodOption, MethodOutput,
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 def stylediffusion_inversion(ctx: MethodContext) -> Inversion:
     b = ctx.bundle
-    variant = ctx.options.get("variant", "modulate")
+    variant = ctx.options.get("variant", VARIANT)
     embedding = ctx.options.get("embedding")
     if embedding is not None:
         embedding_inputs(str(embedding), None)  # refuses an unknown name before any work
@@ -72,7 +72,7 @@ class StyleDiffusionInversion(InversionMethod):
     paper = "Li et al., StyleDiffusion: Prompt-Embedding Inversion (2023)"
     defaults = ("T=30, K=100, lr 1e-2, modulate mapping, attention loss on; options variant=modulate|replace, "
                 "embedding=value|key|key_value (the paper's key and key+value ablations, Fig. 14)")
-    options = (MethodOption("variant", "modulate", choices=VARIANTS), MethodOption("embedding", "value", choices=EMBEDDINGS))
+    options = (MethodOption("variant", VARIANT, choices=VARIANTS), MethodOption("embedding", "value", choices=EMBEDDINGS))
 
     def invert(self, ctx: MethodContext) -> Inversion:
         return stylediffusion_inversion(ctx)

@@ -18,6 +18,7 @@ import torch
 
 from .. import validate
 from ..ddim import DDIMSchedule
+from ..defaults import NUM_DDIM_STEPS
 from ..editing import EditHooks, EditSpec
 from ..errors import UserError
 from ..models import ModelBundle
@@ -30,7 +31,7 @@ class MethodContext:
     bundle: ModelBundle
     image: torch.Tensor  # (1, 3, S, S) in [-1, 1]
     source: str
-    num_steps: int = 30
+    num_steps: int = NUM_DDIM_STEPS
     train_cfg: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: Path | None = None  # where an optimising inversion stores/loads its result
     progress: bool = True

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..attention_control import BatchLayout, CrossAttentionRecorder, install_attention_control
 from ..ddim import guided
+from ..defaults import VARIANT
 from ..editing import EditHooks
 from ..encoders import clip_image_features, encode_latent, encode_prompts
 from ..errors import UserError
@@ -73,7 +74,7 @@ def train_with_offsets(ctx: MethodContext, budget: float, features: torch.Tensor
     cfg = replace(ctx.train_cfg, embedding="value")
     z0 = encode_latent(b, ctx.image)
     uncond = encode_prompts(b, [""])
-    mappers = MappingNetworks(mapping_config(b, features, cond, "modulate"), T)
+    mappers = MappingNetworks(mapping_config(b, features, cond, VARIANT), T)
     if init == "identity":
         identity_init(mappers)
     mappers.to(b.device).train()
@@ -118,7 +119,7 @@ def stylediffusion_plus_inversion(ctx: MethodContext) -> Inversion:
     b = ctx.bundle
     cond = encode_prompts(b, [ctx.source])
     features = clip_image_features(b, ctx.image)
-    mcfg = mapping_config(b, features, cond, "modulate")
+    mcfg = mapping_config(b, features, cond, VARIANT)
 
     def compute():
         t0 = time.perf_counter()

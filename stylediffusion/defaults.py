@@ -1,0 +1,24 @@
+"""Every default of the method, in one place: the command line, the Python API, the demo, the benchmark
+runners and the dataclasses (``TrainConfig``, ``EditSpec``, ``MethodContext``) read them from here.
+
+Plain values only, no torch: the flag builders and the input checks import this before any model loads.
+"""
+from __future__ import annotations
+
+# Classifier-free guidance w (the paper's and the authors' code's).
+GUIDANCE_SCALE = 7.5
+# T: DDIM steps of inversion and editing (30 in the StyleDiffusion paper; PIE-Bench's other methods use 50).
+NUM_DDIM_STEPS = 30
+# K: StyleDiffusion's training iterations at the first step, K_i = ceil(K e^-0.1i).
+NUM_INNER_STEPS = 100
+# Adam's learning rate at step 0 (decays as 1 - i/100).
+LEARNING_RATE = 1e-2
+# The mapping network: "modulate" (the authors' released code) or "replace" (the paper's text).
+VARIANTS = ("modulate", "replace")
+VARIANT = "modulate"
+# Prompt-to-Prompt's edits of the cross-attention maps.
+EDIT_TYPES = ("Replacement", "Refinement", "Reweight")
+# The README's edit defaults: the fractions of steps the target uses the learned values (tau_v) and
+# the source's cross-attention (tau_c), self-attention (tau_s) and, for P2Plus, unconditional
+# self-attention (tau_u).
+TAU_V, TAU_C, TAU_S, TAU_U = 0.5, 0.6, 0.6, 0.0
