@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-VARIANTS = ("modulate", "replace")
+from .defaults import VARIANT, VARIANTS
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class MappingConfig:
     image_width: int  # 768 for ViT-B/16
     text_tokens: int  # 77
     text_width: int  # 768 for SD1, 1024 for SD2
-    variant: str = "modulate"
+    variant: str = VARIANT
     hidden_layers: int = 1
 
     def to_dict(self) -> dict:
