@@ -83,6 +83,7 @@ from stylediffusion.training import TrainConfig, train_mapping_networks  # noqa:
 
 NOMINAL_SD15_FLOPS = 0.8e12  # one SD v1.5 UNet forward, one 512x512 sample (64x64 latent)
 PHASES = ("inversion", "training", "edit")
+MODE_NAMES = ("reference", "fast")
 SOURCE_PROMPT, TARGET_PROMPT = "a photo of a cat sitting on the grass", "a photo of a dog sitting on the grass"
 # Issue targets (SD v1.5 at 512x512, one H100, T=30, K=100).
 TARGETS = {"speedup_train_edit_min": 5.0, "fast_total_seconds_max": 10.0, "fast_edit_seconds_max": 1.5,
@@ -432,17 +433,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     if "--check_precision" in argv:
         p.error("--check_precision is its own program now: python benchmarks/precision_check.py with the same "
                 "flags, without --check_precision")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = set(args.modes) - set(MODE_NAMES)
+    if unknown:
+        p.error(f"unknown --modes {sorted(unknown)} (choose from {', '.join(MODE_NAMES)})")
+    return args
 
 
 def select_modes(args, device: torch.device) -> dict[str, Mode]:
     """The --modes to run, in the order given."""
     modes = {"reference": reference_mode(), "fast": fast_mode(device, args.fast_dtype, args.compile, args.channels_last)}
-    wanted = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = set(wanted) - set(modes)
-    if unknown:
-        raise SystemExit(f"unknown --modes {sorted(unknown)}")
-    return {name: modes[name] for name in wanted}
+    return {name: modes[name] for name in args.modes}
 
 
 def run_modes(modes: dict[str, Mode], args, device: torch.device, results: dict, log=print) -> None:

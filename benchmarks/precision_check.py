@@ -200,38 +200,31 @@ def precision_table(result: dict) -> str:
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, checked: a bad --precision_dtypes / --precision_image is one line and exit code 2."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(p)
-    p.add_argument("--precision_dtypes", default=None,
+    p.add_argument("--precision_dtypes", type=parse_dtypes, default=None,
                    help="comma list compared with float32, e.g. bfloat16,bfloat16-autocast "
                         "(default bfloat16 on CPU, bfloat16,float16 on CUDA)")
     p.add_argument("--precision_image", default=None, help="image under data/images to invert (default per --size)")
     p.add_argument("--precision_prompt", default=None, help="its source prompt (with --precision_image)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.precision_image is None) != (args.precision_prompt is None):
+        p.error("--precision_image and --precision_prompt go together")
+    if args.precision_image is not None and not (ROOT / "data" / "images" / args.precision_image).is_file():
+        p.error(f"--precision_image: no file data/images/{args.precision_image}")
+    return args
 
 
-def parse_dtypes(text: str | None) -> tuple[str, ...] | None:
-    """--precision_dtypes: a comma list of <dtype>, <dtype>-autocast or <dtype>-explicit (None: the default)."""
-    if not text:
-        return None
+def parse_dtypes(text: str) -> tuple[str, ...] | None:
+    """--precision_dtypes: a comma list of <dtype>, <dtype>-autocast or <dtype>-explicit (empty: the default)."""
     dtypes = tuple(d.strip() for d in text.split(",") if d.strip())
     for d in dtypes:
         name, _, how = d.partition("-")
         if name not in DTYPES or how not in VARIANT_SUFFIXES:
-            raise SystemExit(f"--precision_dtypes: {d!r} is not <dtype>, <dtype>-autocast or <dtype>-explicit")
-    return dtypes
-
-
-def parse_subject(image: str | None, prompt: str | None) -> tuple[str, str] | None:
-    """--precision_image / --precision_prompt: checked together, the image under data/images."""
-    if (image is None) != (prompt is None):
-        raise SystemExit("--precision_image and --precision_prompt go together")
-    if image is None:
-        return None
-    if not (ROOT / "data" / "images" / image).is_file():
-        raise SystemExit(f"--precision_image: no file data/images/{image}")
-    return image, prompt
+            raise argparse.ArgumentTypeError(f"{d!r} is not <dtype>, <dtype>-autocast or <dtype>-explicit")
+    return dtypes or None
 
 
 def report(result: dict, log=print) -> None:
@@ -249,8 +242,8 @@ def main(argv=None, log=print) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtypes = parse_dtypes(args.precision_dtypes)
-    subject = parse_subject(args.precision_image, args.precision_prompt)
+    dtypes = args.precision_dtypes
+    subject = (args.precision_image, args.precision_prompt) if args.precision_image else None
     device = resolve_device(args.device)
     size = args.size or default_size(device)
     resolution = resolve_resolution(size, args.resolution)

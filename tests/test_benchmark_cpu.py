@@ -118,6 +118,19 @@ def test_check_precision_flag_points_to_its_own_program(bench, capsys):
     assert "benchmarks/precision_check.py" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("program, argv, says", [
+    ("gpu_bench", ["--modes", "reference,slow"], "unknown --modes ['slow']"),
+    ("precision_check", ["--precision_dtypes", "bfloat16,int8"], "'int8' is not <dtype>"),
+    ("precision_check", ["--precision_image", "chelsea.jpg"], "--precision_image and --precision_prompt go together"),
+    ("precision_check", ["--precision_image", "nope.png", "--precision_prompt", "a cat"], "no file data/images/nope.png"),
+])
+def test_bad_flags_are_one_line_and_exit_code_2(program, argv, says, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _load_program(program).parse_args(argv)
+    assert exit_info.value.code == 2
+    assert says in capsys.readouterr().err
+
+
 def test_reference_recorder_is_passed_in_not_patched(bench, tiny):
     """The reference mode's explicit-everywhere recorder reaches inversion through its parameter; the
     core's default recorder stays the one it constructs (no module attribute is swapped)."""
