@@ -83,7 +83,7 @@ def check_syncs(device) -> dict:
 def sd15_pipe(device, resolution: int):
     from diffusers import StableDiffusionPipeline
 
-    from gpu_bench import sd15_components
+    from bench_models import sd15_components
 
     parts = sd15_components(torch.device("cpu"), 0, resolution)
     image_encoder = parts.pop("image_encoder")

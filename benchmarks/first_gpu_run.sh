@@ -18,7 +18,7 @@ step cuda_checks python benchmarks/cuda_checks.py --out "$OUT/cuda_checks.json"
 step device_tests python -m pytest -q -x tests/test_device_placement.py
 # 3. half precision on the test bed: training + reconstruction per dtype (float16-autocast trains
 #    with loss scaling), then the edit benchmark in the GPU's default dtype beside float32
-step precision python benchmarks/gpu_bench.py --device cuda --size testbed --check_precision \
+step precision python benchmarks/precision_check.py --device cuda --size testbed \
     --precision_dtypes bfloat16,float16,bfloat16-autocast,float16-autocast,float32-explicit --out "$OUT/precision.json"
 for dt in float32 auto; do
   step "testbed_edit_$dt" python benchmarks/testbed_edit.py --device cuda --dtype $dt --n 16 --num_ddim_steps 20 \

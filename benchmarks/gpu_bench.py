@@ -42,21 +42,11 @@ fast       the product path: ``load_models(dtype=...)`` -- frozen UNet/encoders 
 
 The model
 ---------
-``--size sd15``: SD v1.5's architecture from the JSON configs in ``stylediffusion/configs/sd15``
-(UNet 320/640/1280/1280, VAE 128/256/512/512, CLIP ViT-L/14 text tower, CLIP ViT-B/16 vision tower),
-seeded random weights -- timing does not depend on the weights, and real ones cannot reach the GPU
-machine. ``--size sdxl``: SDXL base 1.0's architecture from its hub configs in
-``stylediffusion/configs/sdxl`` (UNet 320/640/1280 with 70 transformer blocks, both text towers,
-the same ViT-B/16 vision tower), 1024 px by default, seeded random weights. ``--size tiny``: ``load_models('tiny')``, for CPU regression figures in seconds.
-``--size testbed``: the project's trained test-bed model (``load_models('testbed')``, 32 px): a trained
-model for ``--check_precision``, where a random one exaggerates rounding noise.
-
-``--check_precision`` instead trains the same inversion in float32 and in bfloat16 (float16 too on
-CUDA; any list with ``--precision_dtypes``, incl. ``<dtype>-autocast`` and the rounding-noise
-control ``float32-explicit``) and reports the reconstruction PSNR of each and its difference to
-float32 (tolerance 0.1 dB): against the input image (what papers report; includes the VAE's error),
-against decode(z0) (the inversion's own error, which at 50+ dB moves with any rounding change) and
-in latent space.
+``--size sd15`` / ``sdxl``: SD v1.5's / SDXL base 1.0's architecture with seeded random weights (timing
+does not depend on the weights, and real ones cannot reach the GPU machine; SDXL at 1024 px by default);
+``--size tiny``: ``load_models('tiny')``, for CPU regression figures in seconds; ``--size testbed``: the
+project's trained test-bed model. The builders: benchmarks/bench_models.py; the two cost structures:
+benchmarks/cost_modes.py. The half-precision check is its own program: benchmarks/precision_check.py.
 
 Run ``python benchmarks/gpu_bench.py --help``; see benchmarks/README.md and docs/performance.md.
 """
@@ -65,209 +55,39 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
-import math
-import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel  # noqa: E402
 
-from ptp_utils import (COND, UNCOND, AttentionController, BatchLayout, CrossAttentionRecorder,  # noqa: E402
-                       controlled, install_attention_control)
-from stylediffusion import sampling as sd_sampling  # noqa: E402
-from stylediffusion import training as sd_training  # noqa: E402
+from benchmarks.bench_models import (DTYPES, add_run_arguments, build_bundle, default_size,  # noqa: E402
+                                     resolve_device, resolve_resolution, resolve_schedule, run_metadata,
+                                     schedule_iterations, write_json)
+from benchmarks.cost_modes import (ExplicitEverywhere, Mode, add_per_layer_image_encoder, fast_mode,  # noqa: E402
+                                   recorder_for, reference_mode)
+from ptp_utils import COND, UNCOND, BatchLayout, controlled, install_attention_control  # noqa: E402
 from stylediffusion.ddim import DDIMSchedule, guided  # noqa: E402
 from stylediffusion.editing import EditSpec, build_controller, run_edit, value_steps_for  # noqa: E402
-from stylediffusion.encoders import clip_image_features, decode_latent, encode_latent, encode_prompts  # noqa: E402
+from stylediffusion.encoders import clip_image_features, encode_latent, encode_prompts  # noqa: E402
 from stylediffusion.inversion import mapping_config  # noqa: E402
 from stylediffusion.mapping import MappingNetworks  # noqa: E402
-from stylediffusion.models import ModelBundle, load_models, sd_tokenizer  # noqa: E402
+from stylediffusion.models import ModelBundle  # noqa: E402
 from stylediffusion.sampling import ddim_inversion, predict  # noqa: E402
-from stylediffusion.training import TrainConfig, inner_steps, train_mapping_networks  # noqa: E402
+from stylediffusion.training import TrainConfig, train_mapping_networks  # noqa: E402
 
-CONFIG_DIR = ROOT / "stylediffusion" / "configs" / "sd15"
-SDXL_CONFIG_DIR = ROOT / "stylediffusion" / "configs" / "sdxl"  # the hub files of SDXL base 1.0 (tests/fixtures)
 NOMINAL_SD15_FLOPS = 0.8e12  # one SD v1.5 UNet forward, one 512x512 sample (64x64 latent)
 PHASES = ("inversion", "training", "edit")
+MODE_NAMES = ("reference", "fast")
 SOURCE_PROMPT, TARGET_PROMPT = "a photo of a cat sitting on the grass", "a photo of a dog sitting on the grass"
-# what each --size inverts in --check_precision: (image under data/images, its source prompt)
-PRECISION_SUBJECTS = {
-    "tiny": ("chelsea.jpg", SOURCE_PROMPT),
-    "sd15": ("chelsea.jpg", SOURCE_PROMPT),
-    "sdxl": ("chelsea.jpg", SOURCE_PROMPT),
-    # the trained test-bed model only knows its synthetic world: invert one of its scenes with its caption
-    "testbed": ("testbed_red_triangle.png", "a large red triangle on a gray background"),
-}
 # Issue targets (SD v1.5 at 512x512, one H100, T=30, K=100).
 TARGETS = {"speedup_train_edit_min": 5.0, "fast_total_seconds_max": 10.0, "fast_edit_seconds_max": 1.5,
            "fast_training_peak_gb_max": 8.0}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# ----------------------------------------------------------------------------- models
-def _config(name: str, folder: Path = CONFIG_DIR) -> dict:
-    cfg = json.loads((folder / f"{name}.json").read_text())
-    return {k: v for k, v in cfg.items() if not k.startswith("_") and k != "architectures"}
-
-
-def sd15_components(device: torch.device, seed: int = 0, resolution: int = 512) -> dict:
-    """SD v1.5-shaped components with seeded random weights, built directly on ``device``."""
-    unet_cfg = _config("unet")
-    vae_cfg = _config("vae")
-    vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-    if resolution % (vae_factor * 8):
-        raise SystemExit(f"--resolution must be a multiple of {vae_factor * 8}")
-    unet_cfg["sample_size"] = resolution // vae_factor
-    vae_cfg["sample_size"] = resolution
-    torch.manual_seed(seed)
-    with torch.device(device):
-        unet = UNet2DConditionModel.from_config(unet_cfg)
-        vae = AutoencoderKL.from_config(vae_cfg)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**_config("text_encoder")))
-        image_encoder = CLIPVisionModel(CLIPVisionConfig(**_config("image_encoder")))
-    with torch.no_grad():  # as in models.tiny_components: keep a random UNet's DDIM inversion tame
-        unet.conv_out.weight.mul_(0.3)
-        unet.conv_out.bias.mul_(0.3)
-    return dict(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=sd_tokenizer(), image_encoder=image_encoder,
-                scheduler=DDIMScheduler.from_config(_config("scheduler")))
-
-
-def sdxl_components(device: torch.device, seed: int = 0, resolution: int = 1024) -> dict:
-    """SDXL base 1.0-shaped components (its hub configs, ``stylediffusion/configs/sdxl``) with seeded random
-    weights, built directly on ``device``; the image encoder is ViT-B/16 as for SD v1.5."""
-    from transformers import CLIPTextModelWithProjection
-
-    unet_cfg, vae_cfg = _config("unet", SDXL_CONFIG_DIR), _config("vae", SDXL_CONFIG_DIR)
-    if resolution % 64:
-        raise SystemExit("--resolution must be a multiple of 64")
-    unet_cfg["sample_size"], vae_cfg["sample_size"] = resolution // 8, resolution
-    torch.manual_seed(seed)
-    with torch.device(device):
-        unet = UNet2DConditionModel.from_config(unet_cfg)
-        vae = AutoencoderKL.from_config(vae_cfg)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**_config("text_encoder", SDXL_CONFIG_DIR)))
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**_config("text_encoder_2", SDXL_CONFIG_DIR)))
-        image_encoder = CLIPVisionModel(CLIPVisionConfig(**_config("image_encoder")))
-    with torch.no_grad():
-        unet.conv_out.weight.mul_(0.3)
-        unet.conv_out.bias.mul_(0.3)
-    tokenizer_2 = sd_tokenizer()
-    tokenizer_2.pad_token = "!"  # as SDXL's tokenizer_2
-    return dict(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=sd_tokenizer(), image_encoder=image_encoder,
-                scheduler=DDIMScheduler.from_config(_config("scheduler", SDXL_CONFIG_DIR)),
-                text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, zero_empty_prompt=True)
-
-
-def build_bundle(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0, resolution: int = 512) -> ModelBundle:
-    if size in ("tiny", "testbed"):
-        return load_models(size, device=device, dtype=dtype, seed=seed)
-    parts = sdxl_components(device, seed, resolution) if size == "sdxl" else sd15_components(device, seed, resolution)
-    for key in ("vae", "unet", "text_encoder", "image_encoder", "text_encoder_2"):  # freezing/casting as load_models
-        if key not in parts:
-            continue
-        module = parts[key]
-        module.requires_grad_(False)
-        module.eval()
-        module.to(device=device, dtype=torch.float32 if key == "vae" else dtype)
-    return ModelBundle(**parts, model_id=f"{size}-random(seed={seed})", image_encoder_id="vit-b16-random",
-                       device=device, dtype=dtype, untrained=True)
-
-
-# ----------------------------------------------------------------------------- mode settings
-@dataclass
-class Mode:
-    name: str
-    dtype: str
-    explicit_attention: bool  # softmax maps materialised in every attention layer
-    image_encoder_per_layer: bool  # CLIP image encoder re-run in every cross-attention call with learned values
-    unet_weight_grads: bool  # UNet parameters require grad (weight gradients computed in training)
-    split_branches: bool  # separate unconditional / conditional UNet calls in the edit
-    tf32: bool = False
-    compile: bool = False
-    channels_last: bool = False
-
-
-def reference_mode() -> Mode:
-    return Mode("reference", "float32", explicit_attention=True, image_encoder_per_layer=True, unet_weight_grads=True,
-                split_branches=True)
-
-
-def fast_mode(device: torch.device, dtype: str | None, compile_unet: bool, channels_last: bool) -> Mode:
-    if dtype is None:  # half precision pays on GPUs; on a CPU without AMX, bf16 kernels are slower than fp32
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    return Mode("fast", dtype, explicit_attention=False, image_encoder_per_layer=False, unet_weight_grads=False,
-                split_branches=False, tf32=device.type == "cuda", compile=compile_unet, channels_last=channels_last)
-
-
-class ExplicitEverywhere(AttentionController):
-    """Reference cost: explicit softmax maps in every layer; edits delegated to ``inner`` where it asks."""
-
-    def __init__(self, inner: AttentionController | None = None):
-        self.inner = inner
-
-    def needs_maps(self, place, state):
-        return True
-
-    def __call__(self, probs, place, state):
-        if self.inner is None or not self.inner.needs_maps(place, state):
-            return probs
-        if place.is_cross and state.layout is not None and not state.layout.rows(COND):
-            return probs  # an unconditional-only call (split branches): its cross-attention is never edited
-        return self.inner(probs, place, state)
-
-    def after_step(self, latents, state):
-        return latents if self.inner is None else self.inner.after_step(latents, state)
-
-
-class ExplicitRecorder(CrossAttentionRecorder):
-    """The mid-low cross-attention recorder, but with explicit attention in every layer (reference)."""
-
-    def needs_maps(self, place, state):
-        return True
-
-    def __call__(self, probs, place, state):
-        if place.is_cross and place.is_mid_low:
-            return super().__call__(probs, place, state)
-        return probs
-
-
-@contextlib.contextmanager
-def reference_recorders():
-    """Make the core's inversion and training use ExplicitRecorder (restored afterwards)."""
-    saved = sd_sampling.CrossAttentionRecorder, sd_training.CrossAttentionRecorder
-    sd_sampling.CrossAttentionRecorder = sd_training.CrossAttentionRecorder = ExplicitRecorder
-    try:
-        yield
-    finally:
-        sd_sampling.CrossAttentionRecorder, sd_training.CrossAttentionRecorder = saved
-
-
-def add_per_layer_image_encoder(bundle: ModelBundle, image: torch.Tensor) -> list:
-    """Run the CLIP image encoder again in every cross-attention call that receives learned values."""
-    handles = []
-
-    def hook(module, args, kwargs):
-        if kwargs.get("value_states") is not None:
-            clip_image_features(bundle, image)
-        return None
-
-    for name, module in bundle.unet.named_modules():
-        if getattr(module, "is_cross_attention", False) and hasattr(module, "processor"):
-            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-    return handles
 
 
 def compile_regions(unet) -> int:
@@ -321,19 +141,8 @@ class UnetCounter:
                     image_encoder_calls=self.image_encoder_calls)
 
 
+
 # ----------------------------------------------------------------------------- phases
-def schedule_iterations(num_steps: int, num_inner_steps: int) -> int:
-    return sum(inner_steps(num_inner_steps, i) for i in range(num_steps))
-
-
-def inner_steps_for(num_steps: int, iterations: int) -> int:
-    """The smallest K whose schedule sum_i ceil(K exp(-0.1 i)) reaches ``iterations``."""
-    k = 1
-    while schedule_iterations(num_steps, k) < iterations:
-        k += 1
-    return k
-
-
 def reference_edit(bundle: ModelBundle, schedule: DDIMSchedule, z_T, spec: EditSpec, mappers, features):
     """run_edit's math with the released code's structure: separate uncond / cond UNet calls per step."""
     T = schedule.num_steps
@@ -406,7 +215,6 @@ def run_phases(bundle: ModelBundle, mode: Mode, inputs: Inputs, num_steps: int, 
     mappers = MappingNetworks(mapping_config(bundle, inputs.features, inputs.cond, "modulate"), num_steps).to(device)
     state = install_attention_control(bundle.unet)
     explicit = ExplicitEverywhere() if mode.explicit_attention else None
-    recorders = reference_recorders() if mode.explicit_attention else contextlib.nullcontext()
 
     def timed(name):
         records[name] = {}
@@ -414,14 +222,16 @@ def run_phases(bundle: ModelBundle, mode: Mode, inputs: Inputs, num_steps: int, 
             counter.reset()
         return phase_timer(device, records[name])
 
-    with recorders, controlled(state, explicit):
+    with controlled(state, explicit):
         with timed("inversion"):
-            trajectory = ddim_inversion(bundle, schedule, inputs.z0, inputs.cond, progress=False)
+            trajectory = ddim_inversion(bundle, schedule, inputs.z0, inputs.cond, progress=False,
+                                        recorder=recorder_for(mode.explicit_attention))
         if counter is not None:
             records["inversion"].update(counter.snapshot())
         with timed("training"):
             reports = train_mapping_networks(bundle, schedule, trajectory, inputs.features, inputs.cond, inputs.uncond,
-                                             mappers, cfg, progress=False)
+                                             mappers, cfg, progress=False,
+                                             recorder=recorder_for(mode.explicit_attention, keep_grad=True))
         if counter is not None:
             records["training"].update(counter.snapshot())
         records["training"]["iterations"] = sum(r.iterations for r in reports)
@@ -470,8 +280,8 @@ def backend_flags(mode: Mode, device: torch.device):
          torch.backends.cudnn.benchmark) = saved
 
 
-def run_mode(mode: Mode, args, device: torch.device, num_steps: int, num_inner_steps: int, flops_override: float | None,
-             log=print) -> dict:
+def prepare_mode(mode: Mode, args, device: torch.device) -> tuple[ModelBundle, Inputs, dict, list]:
+    """The mode's model and inputs, its cost-structure hooks, and the untimed facts (load time, FLOPs per call)."""
     t_load = time.perf_counter()
     bundle = build_bundle(args.size, device, DTYPES[mode.dtype], args.seed, args.resolution)
     if mode.unet_weight_grads:
@@ -482,9 +292,35 @@ def run_mode(mode: Mode, args, device: torch.device, num_steps: int, num_inner_s
     measured = measure_unet_flops(bundle)
     compiled = compile_regions(bundle.unet) if mode.compile else 0
     handles = add_per_layer_image_encoder(bundle, inputs.image) if mode.image_encoder_per_layer else []
-    load_seconds = time.perf_counter() - t_load
-    out = {"settings": asdict(mode), "load_seconds": load_seconds, "measured_unet_flops_per_row": measured,
-           "compiled_modules": compiled, "phases": {}}
+    out = {"settings": asdict(mode), "load_seconds": time.perf_counter() - t_load,
+           "measured_unet_flops_per_row": measured, "compiled_modules": compiled, "phases": {}}
+    return bundle, inputs, out, handles
+
+
+def add_rates(out: dict, flops: float | None) -> dict:
+    """Per phase: ms per UNet call, nominal FLOPs and TFLOP/s; per mode: totals, peak memory, TFLOP/s.
+    Called again once the per-row FLOP count is known (measured in the first mode)."""
+    phases = out["phases"]
+    for rec in phases.values():
+        rec["ms_per_unet_call"] = 1e3 * rec["seconds"] / max(rec["calls"], 1)
+        work = rec["rows_forward"] + 3 * rec["rows_forward_backward"]
+        rec["nominal_flops"] = work * flops if flops else None
+        rec["tflops_per_s"] = rec["nominal_flops"] / rec["seconds"] / 1e12 if flops else None
+    out["total_seconds"] = sum(phases[p]["seconds"] for p in PHASES)
+    out["train_edit_seconds"] = phases["training"]["seconds"] + phases["edit"]["seconds"]
+    out["total_cpu_seconds"] = sum(phases[p]["cpu_seconds"] for p in PHASES)
+    out["train_edit_cpu_seconds"] = phases["training"]["cpu_seconds"] + phases["edit"]["cpu_seconds"]
+    peaks = [phases[p]["peak_memory_bytes"] for p in PHASES]
+    out["peak_memory_bytes"] = max(peaks) if all(p is not None for p in peaks) else None
+    total_flops = sum(phases[p]["nominal_flops"] or 0 for p in PHASES)
+    out["tflops_per_s"] = total_flops / out["total_seconds"] / 1e12 if flops else None
+    return out
+
+
+def run_mode(mode: Mode, args, device: torch.device, num_steps: int, num_inner_steps: int, flops_override: float | None,
+             log=print) -> dict:
+    """One mode: an untimed warm-up (unless --no_warmup), then the three timed and counted phases."""
+    bundle, inputs, out, handles = prepare_mode(mode, args, device)
     try:
         with backend_flags(mode, device):
             if not args.no_warmup:  # cuDNN autotuning, allocator growth, lazy inits, compilation
@@ -499,21 +335,8 @@ def run_mode(mode: Mode, args, device: torch.device, num_steps: int, num_inner_s
     finally:
         for h in handles:
             h.remove()
-    flops = flops_override if flops_override is not None else measured
-    for name, rec in out["phases"].items():
-        rec["ms_per_unet_call"] = 1e3 * rec["seconds"] / max(rec["calls"], 1)
-        work = rec["rows_forward"] + 3 * rec["rows_forward_backward"]
-        rec["nominal_flops"] = work * flops if flops else None
-        rec["tflops_per_s"] = rec["nominal_flops"] / rec["seconds"] / 1e12 if flops else None
+    add_rates(out, flops_override if flops_override is not None else out["measured_unet_flops_per_row"])
     phases = out["phases"]
-    out["total_seconds"] = sum(phases[p]["seconds"] for p in PHASES)
-    out["train_edit_seconds"] = phases["training"]["seconds"] + phases["edit"]["seconds"]
-    out["total_cpu_seconds"] = sum(phases[p]["cpu_seconds"] for p in PHASES)
-    out["train_edit_cpu_seconds"] = phases["training"]["cpu_seconds"] + phases["edit"]["cpu_seconds"]
-    peaks = [phases[p]["peak_memory_bytes"] for p in PHASES]
-    out["peak_memory_bytes"] = max(peaks) if all(p is not None for p in peaks) else None
-    total_flops = sum(phases[p]["nominal_flops"] or 0 for p in PHASES)
-    out["tflops_per_s"] = total_flops / out["total_seconds"] / 1e12 if flops else None
     log(f"[{mode.name}] " + ", ".join(f"{p} {phases[p]['seconds']:.2f}s" for p in PHASES)
         + f", total {out['total_seconds']:.2f}s")
     del bundle, inputs
@@ -590,166 +413,14 @@ def check_targets(results: dict) -> dict:
             "checks": {k: {"value": v, "met": ok} for k, (v, ok) in checks.items()}}
 
 
-# ----------------------------------------------------------------------------- precision check
-def psnr(a: torch.Tensor, b: torch.Tensor, peak: float) -> float:
-    mse = torch.mean((a.double() - b.double()) ** 2).item()
-    return float("inf") if mse == 0 else 10 * math.log10(peak ** 2 / mse)
-
-
-@torch.no_grad()
-def reconstruct(bundle, schedule, z_T, mappers, features, cond, uncond, guidance_scale: float) -> torch.Tensor:
-    """Guided sampling from z*_T with the learned values in the conditional branch (the edit's source row)."""
-    z = z_T
-    mappers.eval()
-    text = torch.cat([uncond, cond])
-    for i in range(schedule.num_steps):
-        values = torch.cat([uncond, mappers[i](features, cond)])
-        eps_u, eps_c = predict(bundle, schedule, torch.cat([z, z]), i, text, BatchLayout.guided(1), values=values).chunk(2)
-        z = schedule.sample_step(guided(eps_u, eps_c, guidance_scale), z, i)
-    return z
-
-
-def load_test_image(size: int, seed: int, name: str = "chelsea.jpg") -> torch.Tensor:
-    path = ROOT / "data" / "images" / name
-    if path.is_file():
-        from stylediffusion.image_io import load_image
-        return load_image(path, size)[0]
-    g = torch.Generator().manual_seed(seed)
-    return torch.nn.functional.interpolate(torch.rand(1, 3, size // 8, size // 8, generator=g) * 2 - 1, size=(size, size),
-                                           mode="bilinear", align_corners=False)
-
-
-def autocast_unet(bundle: ModelBundle, dtype: torch.dtype) -> None:
-    """fp32 weights, UNet forward under torch.autocast (matmuls/convs in ``dtype``, norms/softmax in fp32).
-
-    ``sampling.predict`` enters the autocast; training decides loss scaling on the compute dtype, so
-    float16-autocast trains with a GradScaler as float16 weights do."""
-    bundle.autocast_dtype = dtype
-
-
-def precision_run(size: str, device: torch.device, variant: str, num_steps: int, num_inner_steps: int,
-                  seed: int = 0, resolution: int = 512, subject: tuple[str, str] | None = None) -> dict:
-    """One trained inversion; ``variant`` is a dtype name ("bfloat16": half-precision frozen models, as
-    ``load_models(dtype=...)``), "<dtype>-autocast" (fp32 weights, UNet under autocast) or
-    "<dtype>-explicit" (explicit attention everywhere: a rounding-noise control)."""
-    dtype_name, _, how = variant.partition("-")
-    dtype = DTYPES[dtype_name]
-    bundle = build_bundle(size, device, torch.float32 if how == "autocast" else dtype, seed, resolution)
-    if how == "autocast":
-        autocast_unet(bundle, dtype)
-    image_name, prompt = subject or PRECISION_SUBJECTS[size]
-    image = load_test_image(bundle.image_size, seed, image_name).to(device)
-    schedule = DDIMSchedule(bundle.scheduler, num_steps)
-    z0 = encode_latent(bundle, image)
-    cond, uncond = encode_prompts(bundle, [prompt]), encode_prompts(bundle, [""])
-    features = clip_image_features(bundle, image)
-    torch.manual_seed(seed)
-    mappers = MappingNetworks(mapping_config(bundle, features, cond, "modulate"), num_steps).to(device)
-    cfg = TrainConfig(num_inner_steps=num_inner_steps, early_stop=False)
-    t0 = time.perf_counter()
-    # "-explicit": the same fp32 math with explicit instead of fused attention: a control that shows how
-    # much training moves from float rounding alone (Adam amplifies rounding noise, e.g. in the
-    # mathematically zero gradients of the biases in front of BatchNorm).
-    explicit = how == "explicit"
-    with (reference_recorders() if explicit else contextlib.nullcontext()), \
-            controlled(install_attention_control(bundle.unet), ExplicitEverywhere() if explicit else None):
-        trajectory = ddim_inversion(bundle, schedule, z0, cond, progress=False)
-        reports = train_mapping_networks(bundle, schedule, trajectory, features, cond, uncond, mappers, cfg,
-                                         progress=False)
-    seconds = time.perf_counter() - t0
-    z_rec = reconstruct(bundle, schedule, trajectory.z_T, mappers, features, cond, uncond, cfg.guidance_scale)
-    z_plain = reconstruct_plain(bundle, schedule, trajectory.z_T, cond, uncond, cfg.guidance_scale)
-    x0, x_rec, x_plain = (decode_latent(bundle, z).clamp(-1, 1) for z in (z0, z_rec, z_plain))
-    peak = float(z0.max() - z0.min())
-    fp32_eval = None
-    if dtype != torch.float32 or how == "autocast":
-        # diagnostic: the same learned M_i and z*_T, sampled with the UNet in fp32
-        # (separates what the half-precision training learned from half-precision sampling noise)
-        bundle.autocast_dtype = None
-        bundle.unet.float()
-        bundle.dtype = torch.float32
-        z32 = reconstruct(bundle, schedule, trajectory.z_T, mappers, features, cond, uncond, cfg.guidance_scale)
-        fp32_eval = psnr((decode_latent(bundle, z32).clamp(-1, 1) + 1) / 2, (x0 + 1) / 2, 1.0)
-    return {"dtype": variant, "seconds": seconds, "iterations": sum(r.iterations for r in reports),
-            "psnr_image_fp32_sampling_db": fp32_eval,
-            "final_loss_mean": sum(r.loss for r in reports) / len(reports),
-            "psnr_image_db": psnr((x_rec + 1) / 2, (x0 + 1) / 2, 1.0),
-            # what users and papers call reconstruction PSNR: against the input image (VAE error included)
-            "psnr_input_image_db": psnr((x_rec + 1) / 2, (image.clamp(-1, 1) + 1) / 2, 1.0),
-            "psnr_latent_db": psnr(z_rec, z0, peak),
-            "psnr_image_plain_ddim_db": psnr((x_plain + 1) / 2, (x0 + 1) / 2, 1.0),
-            "z_rec": z_rec.float().cpu()}
-
-
-@torch.no_grad()
-def reconstruct_plain(bundle, schedule, z_T, cond, uncond, guidance_scale: float) -> torch.Tensor:
-    return sd_sampling.guided_sampling(bundle, schedule, z_T, cond, uncond, guidance_scale)
-
-
-def check_precision(size: str, device: torch.device, num_steps: int, num_inner_steps: int, seed: int = 0,
-                    resolution: int = 512, dtypes: tuple[str, ...] | None = None, tolerance_db: float = 0.1,
-                    subject: tuple[str, str] | None = None) -> dict:
-    """Train the same inversion in fp32 and in half precision; compare reconstruction PSNRs."""
-    if dtypes is None:
-        dtypes = ("bfloat16", "float16") if device.type == "cuda" else ("bfloat16",)
-    subject = subject or PRECISION_SUBJECTS[size]
-    base = precision_run(size, device, "float32", num_steps, num_inner_steps, seed, resolution, subject)
-    runs = {"float32": base}
-    failed = {}
-    for name in dtypes:
-        try:
-            runs[name] = precision_run(size, device, name, num_steps, num_inner_steps, seed, resolution, subject)
-        except Exception as err:  # e.g. fp16 overflow in a random model: report it, keep the other variants
-            failed[name] = f"{type(err).__name__}: {err}"
-    dtypes = tuple(d for d in dtypes if d not in failed)
-    out = {"size": size, "image": subject[0], "prompt": subject[1], "device": str(device), "num_ddim_steps": num_steps, "num_inner_steps": num_inner_steps,
-           "tolerance_db": tolerance_db, "runs": {}, "deltas": {}, "failed": failed}
-    z_recs = {name: run.pop("z_rec") for name, run in runs.items()}
-    ref = z_recs["float32"]
-    for name, run in runs.items():
-        # how far the half-precision reconstruction is from the fp32 one (not from z0)
-        run["latent_psnr_vs_float32_reconstruction_db"] = (
-            None if name == "float32" else psnr(z_recs[name], ref, float(ref.max() - ref.min())))
-        out["runs"][name] = run
-    for name in dtypes:
-        d_img = out["runs"][name]["psnr_image_db"] - out["runs"]["float32"]["psnr_image_db"]
-        d_lat = out["runs"][name]["psnr_latent_db"] - out["runs"]["float32"]["psnr_latent_db"]
-        d_in = out["runs"][name]["psnr_input_image_db"] - out["runs"]["float32"]["psnr_input_image_db"]
-        out["deltas"][name] = {"image_db": d_img, "latent_db": d_lat, "input_image_db": d_in,
-                               "within_tolerance": abs(d_img) < tolerance_db,
-                               "within_tolerance_input_image": abs(d_in) < tolerance_db}
-    return out
-
-
-def precision_table(result: dict) -> str:
-    lines = ["| dtype | iterations | PSNR vs input image (dB) | delta (dB) | PSNR vs decoded z0 (dB) | delta (dB) | "
-             "PSNR latent (dB) | same M_i, fp32 sampling: PSNR vs decoded z0 (dB) | plain DDIM PSNR vs decoded z0 (dB) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, run in result["runs"].items():
-        delta = result["deltas"].get(name, {})
-        lines.append(f"| {name} | {run['iterations']} | {run['psnr_input_image_db']:.3f} | "
-                     f"{_num(delta.get('input_image_db'), '{:+.3f}')} | {run['psnr_image_db']:.3f} | "
-                     f"{_num(delta.get('image_db'), '{:+.3f}')} | {run['psnr_latent_db']:.3f} | "
-                     f"{_num(run['psnr_image_fp32_sampling_db'], '{:.3f}')} | {run['psnr_image_plain_ddim_db']:.3f} |")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- CLI
-def parse_args(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
-    p.add_argument("--size", choices=("sd15", "sdxl", "tiny", "testbed"), default=None,
-                   help="sd15: SD v1.5 architecture, random weights (default on CUDA); sdxl: SDXL base 1.0's "
-                        "architecture, random weights; tiny: load_models('tiny') (default on CPU); testbed: the "
-                        "project's trained test-bed model (load_models('testbed'))")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="image size for --size sd15 (default 512) and sdxl (default 1024)")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps T (default 30; 10 with --quick)")
-    p.add_argument("--inner_steps", type=int, default=None, help="K (default 100, i.e. 1015 iterations at T=30)")
-    p.add_argument("--iters", type=int, default=None,
-                   help="total training iterations: picks the smallest K whose schedule reaches it (overrides --inner_steps)")
-    p.add_argument("--quick", action="store_true", help="T=10, K=10 (72 training iterations) unless given")
+    add_run_arguments(p)
     p.add_argument("--modes", default="reference,fast", help="comma-separated subset of reference,fast")
     p.add_argument("--fast_dtype", choices=tuple(DTYPES), default=None,
                    help="dtype of the frozen models in fast mode (default bfloat16 on CUDA, float32 on CPU)")
@@ -759,88 +430,30 @@ def parse_args(argv=None):
                    help="FLOPs per UNet forward per sample (default 0.8e12 for sd15 at 512, else measured)")
     p.add_argument("--no_warmup", action="store_true", help="skip the short untimed warm-up run of each mode")
     p.add_argument("--fail_fast", action="store_true", help="stop at the first failing mode instead of reporting it")
-    p.add_argument("--check_precision", action="store_true",
-                   help="instead of timing: train in float32 and bfloat16 (+float16 on CUDA) and compare reconstruction PSNR")
-    p.add_argument("--precision_dtypes", default=None,
-                   help="with --check_precision: comma list compared with float32, e.g. bfloat16,bfloat16-autocast "
-                        "(default bfloat16 on CPU, bfloat16,float16 on CUDA)")
-    p.add_argument("--precision_image", default=None,
-                   help="with --check_precision: image under data/images to invert (default per --size)")
-    p.add_argument("--precision_prompt", default=None, help="with --check_precision: its source prompt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: leave as is)")
-    p.add_argument("--out", type=Path, default=None, help="write the JSON results here")
-    return p.parse_args(argv)
-
-
-def main(argv=None, log=print) -> dict:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but CUDA is not available")
-    args.size = args.size or ("sd15" if device.type == "cuda" else "tiny")
-    num_steps = args.steps or (10 if args.quick else 30)
-    num_inner_steps = args.inner_steps or (10 if args.quick else 100)
-    if args.iters is not None:
-        num_inner_steps = inner_steps_for(num_steps, args.iters)
-    if args.size in ("sd15", "sdxl"):
-        resolution = args.resolution or (1024 if args.size == "sdxl" else 512)
-    else:
-        resolution = build_bundle(args.size, torch.device("cpu"), torch.float32).image_size
-    args.resolution = resolution
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "size": args.size, "resolution": resolution,
-            "num_ddim_steps": num_steps, "num_inner_steps": num_inner_steps,
-            "train_iterations": schedule_iterations(num_steps, num_inner_steps)}
-    try:
-        import diffusers
-        import transformers
-        meta.update(diffusers=diffusers.__version__, transformers=transformers.__version__)
-    except Exception:  # pragma: no cover
-        pass
-
-    if args.check_precision:
-        dtypes = tuple(d.strip() for d in args.precision_dtypes.split(",") if d.strip()) if args.precision_dtypes else None
-        for d in dtypes or ():
-            if d.partition("-")[0] not in DTYPES or d.partition("-")[2] not in ("", "autocast", "explicit"):
-                raise SystemExit(f"--precision_dtypes: {d!r} is not <dtype>, <dtype>-autocast or <dtype>-explicit")
-        if (args.precision_image is None) != (args.precision_prompt is None):
-            raise SystemExit("--precision_image and --precision_prompt go together")
-        if args.precision_image is not None and not (ROOT / "data" / "images" / args.precision_image).is_file():
-            raise SystemExit(f"--precision_image: no file data/images/{args.precision_image}")
-        subject = (args.precision_image, args.precision_prompt) if args.precision_image else None
-        result = {**meta, "precision": check_precision(args.size, device, num_steps, num_inner_steps, args.seed,
-                                                       resolution, dtypes, subject=subject)}
-        log(precision_table(result["precision"]))
-        for name, why in result["precision"]["failed"].items():
-            log(f"{name}: FAILED ({why})")
-        tol = result["precision"]["tolerance_db"]
-        for name, d in result["precision"]["deltas"].items():
-            log(f"{name}: reconstruction PSNR vs the input image moves {d['input_image_db']:+.3f} dB vs float32 "
-                f"({'within' if d['within_tolerance_input_image'] else 'OUTSIDE'} +-{tol} dB); vs the decoded z0 "
-                f"{d['image_db']:+.3f} dB ({'within' if d['within_tolerance'] else 'OUTSIDE'} +-{tol} dB)")
-        _write(args.out, result)
-        return result
-
-    flops = args.flops_per_unet
-    if flops is None and args.size == "sd15" and resolution == 512:
-        flops = NOMINAL_SD15_FLOPS
-    meta["flops_per_unet_row_used"] = flops
-    modes = {"reference": reference_mode(), "fast": fast_mode(device, args.fast_dtype, args.compile, args.channels_last)}
-    wanted = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = set(wanted) - set(modes)
+    if "--check_precision" in argv:
+        p.error("--check_precision is its own program now: python benchmarks/precision_check.py with the same "
+                "flags, without --check_precision")
+    args = p.parse_args(argv)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = set(args.modes) - set(MODE_NAMES)
     if unknown:
-        raise SystemExit(f"unknown --modes {sorted(unknown)}")
-    log(f"StyleDiffusion benchmark: {args.size} at {resolution}px on {meta['device_name']} ({device}), T={num_steps}, "
-        f"K={num_inner_steps} ({meta['train_iterations']} training iterations)")
-    results = {**meta, "modes": {}, "failed_modes": {}}
-    for name in wanted:
+        p.error(f"unknown --modes {sorted(unknown)} (choose from {', '.join(MODE_NAMES)})")
+    return args
+
+
+def select_modes(args, device: torch.device) -> dict[str, Mode]:
+    """The --modes to run, in the order given."""
+    modes = {"reference": reference_mode(), "fast": fast_mode(device, args.fast_dtype, args.compile, args.channels_last)}
+    return {name: modes[name] for name in args.modes}
+
+
+def run_modes(modes: dict[str, Mode], args, device: torch.device, results: dict, log=print) -> None:
+    """Each mode in turn into ``results``; a failing one is reported under ``failed_modes`` (--fail_fast: raised)."""
+    flops = results["flops_per_unet_row_used"]
+    for name, mode in modes.items():
         try:
-            results["modes"][name] = run_mode(modes[name], args, device, num_steps, num_inner_steps, flops, log=log)
+            results["modes"][name] = run_mode(mode, args, device, results["num_ddim_steps"],
+                                              results["num_inner_steps"], flops, log=log)
         except Exception as err:  # keep the other mode's figures (one GPU session may be all there is)
             if isinstance(err, RuntimeError) and "out of memory" in str(err) and device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -851,49 +464,56 @@ def main(argv=None, log=print) -> dict:
             continue
         if flops is None:
             results["flops_per_unet_row_used"] = flops = results["modes"][name]["measured_unet_flops_per_row"]
-            results["modes"][name] = _recount(results["modes"][name], flops)
+            add_rates(results["modes"][name], flops)
+
+
+def compare_modes(results: dict, device: torch.device, log=print) -> None:
+    """Ratios (wall clock; CPU time on a CPU), the two edits' agreement and the issue's targets."""
+    results["ratios"] = ratios(results)
+    if device.type == "cpu":
+        results["ratios_cpu_time"] = ratios(results, "cpu_seconds")
+    # Both modes compute the same edit (same weights, same math): their results must agree up to
+    # precision (explicit vs fused attention, and bf16/fp16 in fast mode on CUDA).
+    a, b = (results["modes"][m]["edit_latents"] for m in ("reference", "fast"))
+    results["edit_max_abs_diff_reference_vs_fast"] = float((a - b).abs().max())
+    results["edit_latent_std"] = float(a.std())
+    results["targets"] = check_targets(results)
+    if results["targets"]["applicable"]:
+        for k, c in results["targets"]["checks"].items():
+            log(f"target {k}: {_num(c['value'], '{:.3f}')} -> {'met' if c['met'] else 'NOT met'}")
+    log("")
+    log(ratio_table(results))
+
+
+def main(argv=None, log=print) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    args.size = args.size or default_size(device)
+    args.resolution = resolve_resolution(args.size, args.resolution)
+    num_steps, num_inner_steps = resolve_schedule(args)
+    modes = select_modes(args, device)
+    flops = args.flops_per_unet
+    if flops is None and args.size == "sd15" and args.resolution == 512:
+        flops = NOMINAL_SD15_FLOPS
+    results = {**run_metadata(device, args.size, args.resolution), "num_ddim_steps": num_steps,
+               "num_inner_steps": num_inner_steps, "train_iterations": schedule_iterations(num_steps, num_inner_steps),
+               "flops_per_unet_row_used": flops, "modes": {}, "failed_modes": {}}
+    log(f"StyleDiffusion benchmark: {args.size} at {args.resolution}px on {results['device_name']} ({device}), "
+        f"T={num_steps}, K={num_inner_steps} ({results['train_iterations']} training iterations)")
+    run_modes(modes, args, device, results, log)
     if not results["modes"]:
-        _write(args.out, results)
+        write_json(args.out, results)
         raise SystemExit("every mode failed: " + "; ".join(f"{k}: {v}" for k, v in results["failed_modes"].items()))
     log("")
     log(detail_table(results))
     if {"reference", "fast"} <= set(results["modes"]):
-        results["ratios"] = ratios(results)
-        if device.type == "cpu":
-            results["ratios_cpu_time"] = ratios(results, "cpu_seconds")
-        # Both modes compute the same edit (same weights, same math): their results must agree up to
-        # precision (explicit vs fused attention, and bf16/fp16 in fast mode on CUDA).
-        a, b = (results["modes"][m]["edit_latents"] for m in ("reference", "fast"))
-        results["edit_max_abs_diff_reference_vs_fast"] = float((a - b).abs().max())
-        results["edit_latent_std"] = float(a.std())
-        results["targets"] = check_targets(results)
-        if results["targets"]["applicable"]:
-            for k, c in results["targets"]["checks"].items():
-                log(f"target {k}: {_num(c['value'], '{:.3f}')} -> {'met' if c['met'] else 'NOT met'}")
-        log("")
-        log(ratio_table(results))
+        compare_modes(results, device, log)
     for m in results["modes"].values():
         m.pop("edit_latents", None)
-    _write(args.out, results)
+    write_json(args.out, results)
     return results
-
-
-def _recount(mode_result: dict, flops: float) -> dict:
-    """Fill in TFLOP/s once the per-row FLOP count is known (measured in the first mode)."""
-    total = 0.0
-    for rec in mode_result["phases"].values():
-        rec["nominal_flops"] = (rec["rows_forward"] + 3 * rec["rows_forward_backward"]) * flops
-        rec["tflops_per_s"] = rec["nominal_flops"] / rec["seconds"] / 1e12
-        total += rec["nominal_flops"]
-    mode_result["tflops_per_s"] = total / mode_result["total_seconds"] / 1e12
-    return mode_result
-
-
-def _write(path: Path | None, results: dict):
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2, default=str))
 
 
 if __name__ == "__main__":

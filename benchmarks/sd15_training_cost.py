@@ -49,7 +49,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from benchmarks import gpu_bench  # noqa: E402
+from benchmarks import bench_models, cost_modes  # noqa: E402
 from ptp_utils import BatchLayout, controlled, install_attention_control  # noqa: E402
 from stylediffusion import training  # noqa: E402
 from stylediffusion.ddim import DDIMSchedule  # noqa: E402
@@ -115,10 +115,10 @@ class SavedTensors:
         return sorted(by_label.items(), key=lambda kv: -kv[1])[:k]
 
 
-def estimate(mode: gpu_bench.Mode, resolution: int = 512, num_steps: int = 30, num_inner_steps: int = 100,
+def estimate(mode: cost_modes.Mode, resolution: int = 512, num_steps: int = 30, num_inner_steps: int = 100,
              size: str = "sd15") -> dict:
-    dtype = gpu_bench.DTYPES[mode.dtype]
-    parts = (gpu_bench.sdxl_components if size == "sdxl" else gpu_bench.sd15_components)(META, 0, resolution)
+    dtype = bench_models.DTYPES[mode.dtype]
+    parts = (bench_models.sdxl_components if size == "sdxl" else bench_models.sd15_components)(META, 0, resolution)
     encoders = [k for k in ("text_encoder", "image_encoder", "text_encoder_2") if k in parts]
     for key in ("vae", "unet", *encoders):
         parts[key].requires_grad_(False).eval().to(dtype=torch.float32 if key == "vae" else dtype)
@@ -144,7 +144,7 @@ def estimate(mode: gpu_bench.Mode, resolution: int = 512, num_steps: int = 30, n
 
     # the reference maps the attention loss compares with: record them once (no grad)
     state = install_attention_control(bundle.unet)
-    recorder = (gpu_bench.ExplicitRecorder if mode.explicit_attention else training.CrossAttentionRecorder)(keep_grad=True)
+    recorder = (cost_modes.ExplicitRecorder if mode.explicit_attention else training.CrossAttentionRecorder)(keep_grad=True)
     with torch.no_grad(), controlled(state, recorder):
         predict(bundle, schedule, z, step, cond, BatchLayout.single())
     reference = [m.detach() for m in recorder.maps.get(step, [])]
@@ -156,7 +156,7 @@ def estimate(mode: gpu_bench.Mode, resolution: int = 512, num_steps: int = 30, n
     cfg = training.TrainConfig()
     mapper = mappers[step].requires_grad_(True)
     eps_u = torch.empty_like(z)
-    explicit = gpu_bench.ExplicitEverywhere() if mode.explicit_attention else None
+    explicit = cost_modes.ExplicitEverywhere() if mode.explicit_attention else None
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack), \
             (fused if fused is not None else contextlib.nullcontext()), controlled(state, explicit):
         # one inner iteration of the training loop, on shapes (its loss, then its backward pass)
@@ -164,7 +164,7 @@ def estimate(mode: gpu_bench.Mode, resolution: int = 512, num_steps: int = 30, n
                                        reference, state, recorder, cfg)
         loss.backward()
     flops = count_flops(bundle, mode, schedule, z, step, eps_u, mapper, features, cond, reference, state, recorder, cfg)
-    iterations = gpu_bench.schedule_iterations(num_steps, num_inner_steps)
+    iterations = bench_models.schedule_iterations(num_steps, num_inner_steps)
     phases = {"inversion": num_steps * flops["call_plain"],
               "training": iterations * flops["train_iteration"]
               + num_steps * (flops["call_plain"] + flops["call_learned"]),
@@ -181,9 +181,9 @@ def estimate(mode: gpu_bench.Mode, resolution: int = 512, num_steps: int = 30, n
 
 def count_flops(bundle, mode, schedule, z, step, eps_u, mapper, features, cond, reference, state, recorder, cfg) -> dict:
     """FLOPs of one training iteration and of one UNet call with / without learned values (one row)."""
-    explicit = gpu_bench.ExplicitEverywhere() if mode.explicit_attention else None
+    explicit = cost_modes.ExplicitEverywhere() if mode.explicit_attention else None
     image = torch.empty(1, 3, bundle.image_size, bundle.image_size, device=META)
-    hooks = gpu_bench.add_per_layer_image_encoder(bundle, image) if mode.image_encoder_per_layer else []
+    hooks = cost_modes.add_per_layer_image_encoder(bundle, image) if mode.image_encoder_per_layer else []
 
     def counted(fn) -> float:
         counter = FlopCounterMode(display=False)
@@ -213,12 +213,12 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--size", choices=("sd15", "sdxl"), default="sd15",
                    help="sd15: SD v1.5 (stylediffusion/configs/sd15); sdxl: SDXL base 1.0 (stylediffusion/configs/sdxl)")
     p.add_argument("--resolution", type=int, default=None, help="default 512 (sd15), 1024 (sdxl)")
-    p.add_argument("--fast_dtype", choices=tuple(gpu_bench.DTYPES), default="bfloat16")
+    p.add_argument("--fast_dtype", choices=tuple(bench_models.DTYPES), default="bfloat16")
     p.add_argument("--tflops", type=float, default=800.0,
                    help="rate for the time floor of the fast mode's FLOPs (default 800: the H100's bf16 matmul rate "
                         "quoted in the issue)")
     args = p.parse_args(argv)
-    modes = [gpu_bench.reference_mode(), gpu_bench.fast_mode(torch.device("cuda"), args.fast_dtype, False, False)]
+    modes = [cost_modes.reference_mode(), cost_modes.fast_mode(torch.device("cuda"), args.fast_dtype, False, False)]
     resolution = args.resolution or (1024 if args.size == "sdxl" else 512)
     rows = [estimate(m, resolution, size=args.size) for m in modes]
     name = "SDXL base 1.0" if args.size == "sdxl" else "SD v1.5"

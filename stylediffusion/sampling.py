@@ -56,10 +56,17 @@ class InversionTrajectory:
 
 @torch.no_grad()
 def ddim_inversion(bundle: ModelBundle, schedule: DDIMSchedule, z0: torch.Tensor, cond: torch.Tensor,
-                   record_maps: bool = True, progress: bool = True) -> InversionTrajectory:
-    """Invert z0 with the source prompt at guidance 1 (conditional branch only, no learned values)."""
+                   record_maps: bool = True, progress: bool = True,
+                   recorder: CrossAttentionRecorder | None = None) -> InversionTrajectory:
+    """Invert z0 with the source prompt at guidance 1 (conditional branch only, no learned values).
+
+    ``recorder``: a fresh recorder of the reference maps A* to use instead of ``CrossAttentionRecorder()``
+    (benchmarks pass one that also asks for explicit attention in every layer)."""
     state = install_attention_control(bundle.unet)
-    recorder = CrossAttentionRecorder() if record_maps else None
+    if not record_maps:
+        recorder = None
+    elif recorder is None:
+        recorder = CrossAttentionRecorder()
     z0 = z0.to(bundle.device)
     latents, z = [z0], z0
     T = schedule.num_steps

@@ -154,10 +154,15 @@ def train_mapping_networks(
     cond: torch.Tensor, uncond: torch.Tensor, mappers: MappingNetworks, cfg: TrainConfig, *,
     start_step: int = 0, z_start: torch.Tensor | None = None,
     on_step_done: Callable[[int, torch.Tensor], None] | None = None, progress: bool = True,
+    recorder: CrossAttentionRecorder | None = None,
 ) -> list[StepReport]:
-    """Fit ``mappers[start_step:]`` in order; ``z_start`` is the pivot latent when resuming."""
+    """Fit ``mappers[start_step:]`` in order; ``z_start`` is the pivot latent when resuming.
+
+    ``recorder``: the attention loss's recorder (``keep_grad=True``) to use instead of the default one
+    (benchmarks pass one that also asks for explicit attention in every layer)."""
     state = install_attention_control(bundle.unet)
-    recorder = CrossAttentionRecorder(keep_grad=True)
+    if recorder is None:
+        recorder = CrossAttentionRecorder(keep_grad=True)
     layout = BatchLayout.single()
     T = schedule.num_steps
     mappers.to(bundle.device).train()
