@@ -25,7 +25,7 @@ import numpy as np
 from stylediffusion import StyleDiffusionEditor
 from stylediffusion.defaults import GUIDANCE_SCALE, NUM_DDIM_STEPS, TAU_C, TAU_S, TAU_V
 from stylediffusion.editing import EditSpec, default_edit_type
-from stylediffusion.files import atomic_write_text
+from stylediffusion.files import append_csv_rows, atomic_write_text
 from stylediffusion.image_io import image_grid, save_atomic
 from stylediffusion.methods import get_edit, get_inversion
 from stylediffusion.testbed import analyser, world
@@ -139,7 +139,7 @@ def main(argv=None) -> None:
                              "seconds": round(inv_seconds + out.seconds, 3)})
                 if s_idx < 4:
                     samples[(f"{inv}+{ed_name}", ed.kind)].append((scene.pil(), out.images[0], ed.target.pil()))
-        append_rows(log_path, scene_rows)
+        append_csv_rows(log_path, COLUMNS, scene_rows)
         rows += scene_rows
         print(f"scene {s_idx + 1}/{len(scenes)} done", flush=True)
     write_samples(args, samples)
@@ -162,17 +162,6 @@ def read_rows(path: Path) -> list[dict]:
         for key in ("background_psnr", "reconstruction_psnr", "seconds"):
             r[key] = float(r[key])
     return rows
-
-
-def append_rows(path: Path, rows: list[dict]) -> None:
-    """One scene's rows at a time, flushed: an interrupted run loses at most the scene in progress."""
-    new = not path.is_file()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-        f.flush()
 
 
 def write_outputs(args, rows) -> None:

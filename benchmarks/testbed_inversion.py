@@ -25,7 +25,7 @@ import torch
 
 from stylediffusion import StyleDiffusionEditor
 from stylediffusion.encoders import encode_latent, encode_prompts
-from stylediffusion.files import atomic_write_text
+from stylediffusion.files import append_csv_rows, atomic_write_text
 from stylediffusion.metrics import psnr, ssim
 from stylediffusion.methods import get_inversion
 from stylediffusion.sampling import ddim_inversion
@@ -145,12 +145,7 @@ def main(argv=None) -> None:
                    "psnr": round(psnr(recon, scene.image), 3), "ssim": round(ssim(recon, scene.image), 4),
                    "wall_seconds": round(wall, 3), "cpu_seconds": round(cpu, 3), "unet_forward_no_grad": calls[0],
                    "unet_forward_grad": calls[1], "unet_backward": calls[2]}
-            new = not csv_path.is_file()
-            with csv_path.open("a", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=COLUMNS)
-                if new:
-                    writer.writeheader()
-                writer.writerow(row)
+            append_csv_rows(csv_path, COLUMNS, [row])
             rows.append({k: str(v) for k, v in row.items()})
             steps[f"{s}:{method}"] = {"objects": objects, "sizes": sizes, "caption": scene.caption, "drift": drift,
                                       "final_losses": inv.metadata.get("final_losses"),

@@ -40,7 +40,7 @@ import torch
 
 from stylediffusion import StyleDiffusionEditor
 from stylediffusion.defaults import GUIDANCE_SCALE
-from stylediffusion.files import atomic_write_text
+from stylediffusion.files import append_csv_rows, atomic_write_text
 from stylediffusion.image_io import image_grid, save_atomic
 from stylediffusion.testbed import analyser, world
 
@@ -142,7 +142,7 @@ def main(argv=None) -> None:
             pair_rows.append({"pair": k, "heldout": int(k % 2 == 0), "method": method, "content": content.caption,
                               "style": style.caption, "truth": truth.caption, **verdict, "style_prompt": prompt,
                               "seconds": round(train_s + out.seconds, 2)})
-        append_rows(log, pair_rows)
+        append_csv_rows(log, COLUMNS, pair_rows)
         rows += pair_rows
         if k < 8:
             strips.append([content.pil(), style.pil(), *images.values(), truth.pil()])
@@ -174,15 +174,6 @@ def read_rows(path: Path) -> list[dict]:
     with path.open(newline="") as f:
         rows = {(r["pair"], r["method"]): r for r in csv.DictReader(f)}  # a pair written twice counts once
     return list(rows.values())
-
-
-def append_rows(path: Path, rows: list[dict]) -> None:
-    new = not path.is_file()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
 
 
 def write_summary(args, rows, options) -> None:

@@ -8,6 +8,7 @@ e.g. the last good partial inversion, stays as it was.
 """
 from __future__ import annotations
 
+import csv
 import errno
 import os
 import tempfile
@@ -92,3 +93,16 @@ def writable_file(path: str | Path, what: str) -> Path:
         raise UserError(f"{what} '{path}' is a folder: pass a file name (e.g. '{path / 'inversion.safetensors'}').")
     writable_folder(path.parent if str(path.parent) else Path("."), f"the folder of {what}")
     return path
+
+
+def append_csv_rows(path: str | Path, columns: list[str], rows: list[dict]) -> None:
+    """Append result rows to a resumable log (the header when the file is new), flushed: an interrupted
+    run loses at most the rows not yet appended."""
+    path = Path(path)
+    new = not path.is_file()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+        f.flush()
