@@ -718,7 +718,7 @@ def build_ui(app: DemoApp, inversion_methods: list[str], edit_methods: list[str]
         step1 = [image, prompt, method, steps, inner]
         from .app_style_transfer import style_transfer_section
 
-        style_transfer_section(app, step1)
+        transferring = style_transfer_section(app, step1, with_request)
         # One model: inversions and edits share one queue slot ("model"), so requests take turns.
         inverting = invert_button.click(on_invert, step1, [last_key, reconstruction, invert_status],
                                         concurrency_id="model", concurrency_limit=1, preprocess=False,
@@ -729,8 +729,8 @@ def build_ui(app: DemoApp, inversion_methods: list[str], edit_methods: list[str]
                                     concurrency_limit=1, preprocess=False, api_name="edit")
         # Gradio's cancels drops the visitor's queued request; the running one is stopped by DemoApp.cancel
         # (at its next model call), which frees the model for the next in the queue.
-        cancel_button.click(on_cancel, None, [cancel_status], cancels=[inverting, editing], queue=False,
-                            api_name="cancel")
+        cancel_button.click(on_cancel, None, [cancel_status], cancels=[inverting, editing, transferring],
+                            queue=False, api_name="cancel")
         page.load(on_load, [last_key], step1 + [reconstruction, invert_status])
     return page
 

@@ -29,47 +29,69 @@ class TransferResult:
 
 
 def transfer(app, image, prompt, method, steps, inner, content_image, content_prompt=None,
-             feature_fraction=None, attention_fraction=None) -> TransferResult:
-    """Transfer the style of step 1's (cached) inversion onto ``content_image``."""
-    from .app import _save_png_atomic, _whole, _write_json_atomic
+             feature_fraction=None, attention_fraction=None, session=None) -> TransferResult:
+    """Transfer the style of step 1's (cached) inversion onto ``content_image``: the same checks, limits,
+    time budget, cancel and bounded cache as ``DemoApp.edit`` (the result is an entry under ``edits/``)."""
+    from . import validate
+    from .app import (EDITS, MAX_FIELD_CHARS, _choice, _field_text, _save_png_atomic, _write_json_atomic,
+                      page_image)
 
+    image = page_image(image, app.limits)
     if image is None:
         raise UserError("no style image: upload it in step 1 and press Invert (its inversion is the style).")
+    content_image = page_image(content_image, app.limits)
     if content_image is None:
         raise UserError("no content image: upload the picture whose structure the transfer keeps.")
-    key = app.cache_key(image, (prompt or "").strip(), method, _whole(steps), _whole(inner))
-    entry = app.cached(key)
-    if entry is None:
-        raise UserError("the style image has not been inverted with this prompt and these settings: press Invert first.")
-    options = {"transfer_feature_fraction": feature_fraction, "transfer_attention_fraction": attention_fraction}
-    content_prompt = (content_prompt or "").strip() or None
-    t0 = time.perf_counter()
-    with app._lock:
-        out = app.editor.transfer_style(app._inversion(key), content_image, content_prompt, progress=False,
-                                        **{k: v for k, v in options.items() if v is not None})
-    outdir = app.cache_dir / "transfers" / uuid.uuid4().hex[:12]
-    _save_png_atomic(out.images[0], outdir / "transfer.png")
-    _write_json_atomic(outdir / "edit.json", {
-        "inversion": method, "edit": "style_transfer", "style_prompt": entry.prompt,
-        "content_prompt": content_prompt or "", **out.options, "num_ddim_steps": entry.num_inference_steps,
-        "num_inner_steps": entry.num_inner_steps, "model": app.model_label, "edit_seconds": round(out.seconds, 3)})
+    prompt = app._source_prompt(prompt)
+    steps, inner = app._steps(steps, inner)
+    method = _choice(method, "inversion method")
+    content_prompt = _field_text(content_prompt, "the content prompt", MAX_FIELD_CHARS).strip()
+    app.limits.check_text(content_prompt, "the content prompt")
+    content_prompt = validate.prompt(content_prompt, "the content prompt") if content_prompt else None
+    options = {name: validate.fraction(value, name) for name, value in
+               (("transfer_feature_fraction", feature_fraction), ("transfer_attention_fraction", attention_fraction))
+               if value is not None}
+    key = app.cache_key(image, prompt, method, steps, inner)
+    outdir = app.cache_dir / EDITS / uuid.uuid4().hex[:12]
+    with app._request(session, key, f"{EDITS}/{outdir.name}") as guard:
+        entry = app.cached(key)
+        if entry is None:
+            raise UserError("the style image has not been inverted with this prompt and these settings: press "
+                            "Invert first.")
+        app.store.touch(key)
+        t0 = time.perf_counter()
+        with app._lock, guard.watching(app.editor.bundle.unet):
+            out = app.editor.transfer_style(app._inversion(key), content_image, content_prompt, progress=False,
+                                            **options)
+
+        def write():
+            _save_png_atomic(out.images[0], outdir / "transfer.png")
+            _write_json_atomic(outdir / "edit.json", {
+                "inversion": method, "edit": "style_transfer", "style_prompt": entry.prompt,
+                "content_prompt": content_prompt or "", **out.options, "num_ddim_steps": entry.num_inference_steps,
+                "num_inner_steps": entry.num_inner_steps, "model": app.model_label,
+                "edit_seconds": round(out.seconds, 3)})
+
+        app._keep(f"{EDITS}/{outdir.name}", write)
     return TransferResult(out.grid(), out.images[0], [outdir / "transfer.png", outdir / "edit.json"],
                           time.perf_counter() - t0)
 
 
-def style_transfer_section(app, step1: list) -> None:
+def style_transfer_section(app, step1: list, with_request):
     """The section's components and wiring; call inside the page's ``gr.Blocks`` (``step1`` = [image, prompt,
-    method, steps, inner], the style's inversion inputs)."""
+    method, steps, inner], the style's inversion inputs). Returns the click event (for the page's cancel)."""
     import gradio as gr
 
-    from .app import for_display, page_errors
+    from .app import _session, for_display, own_copy, page_errors
 
     @page_errors
+    @with_request
     def on_transfer(image, prompt, method, steps, inner, content, content_prompt, feature_fraction,
-                    attention_fraction):
+                    attention_fraction, request=None):
         result = transfer(app, image, prompt, method, steps, inner, content, content_prompt, feature_fraction,
-                          attention_fraction)
-        return result.grid, for_display(result.transfer), [str(p) for p in result.files], result.summary()
+                          attention_fraction, session=_session(request))
+        return (own_copy(result.grid), own_copy(for_display(result.transfer)), [str(p) for p in result.files],
+                result.summary())
 
     gr.Markdown("### Style transfer (the paper's §5.2.7)\nThe image inverted in step 1 (StyleDiffusion) is the "
                 "**style**; the content image keeps its structure (Plug-and-Play's feature injection).")
@@ -93,5 +115,6 @@ def style_transfer_section(app, step1: list) -> None:
             files = gr.File(label="downloads: the transfer and its edit.json", file_count="multiple",
                             elem_id="transfer-downloads")
             status = gr.Markdown(elem_id="transfer-status")
-    button.click(on_transfer, step1 + [content, content_prompt, feature, attention], [grid, picture, files, status],
-                 concurrency_id="model", concurrency_limit=1)
+    return button.click(on_transfer, step1 + [content, content_prompt, feature, attention],
+                        [grid, picture, files, status], concurrency_id="model", concurrency_limit=1,
+                        preprocess=False)

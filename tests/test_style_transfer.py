@@ -154,6 +154,20 @@ def test_demo_section_transfers_the_inverted_style_and_refuses_bad_input(editor,
     report = json.loads(result.files[1].read_text())
     assert report["transfer_feature_fraction"] == 0.5 and report["transfer_attention_fraction"] == 0.25
     assert result.files[0].is_file() and result.grid.width > 3 * editor.bundle.image_size
+    assert result.files[0].parent.parent == tmp_path / "cache" / "edits"  # under the cache's size bound
+    from stylediffusion.demo_limits import ServiceLimits
+
+    small = DemoApp(editor, tmp_path / "cache", limits=ServiceLimits(max_image_pixels=32 * 32, max_prompt_chars=40))
+    for bad, needle in (({"content_image": Image.new("RGB", (64, 64))}, "--max_image_pixels"),
+                        ({"content_prompt": "x" * 41}, "--max_prompt_chars"),
+                        ({"feature_fraction": 1.5}, "transfer_feature_fraction"),
+                        ({"attention_fraction": "nan"}, "transfer_attention_fraction")):
+        args = {"content_image": content, "content_prompt": "", "feature_fraction": 0.5, "attention_fraction": 0.5,
+                **bad}
+        target = small if "content_image" in bad or "content_prompt" in bad else app
+        with pytest.raises(UserError, match=needle) as err:
+            transfer(target, *step1, **args)
+        assert "\n" not in str(err.value)
     app.invert(style, prompt, "ddim", 2, 1)
     with pytest.raises(UserError, match="method='stylediffusion'"):
         transfer(app, style, prompt, "ddim", 2, 1, content)
