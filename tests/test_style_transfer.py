@@ -182,6 +182,10 @@ def test_bench_reproduce_writes_content_style_transfer_grids(tmp_path):
     grid = Image.open(tmp_path / reproduce.TRANSFER_LABEL / "case10_transfer.png")
     assert grid.width > 3 * reproduce.MIN_CELL
     assert reproduce.main(args, log=lambda *_: None)["processed"] == 0  # resumed: nothing left
+    trained = sorted((tmp_path / "checkpoints").glob("*.safetensors"))
+    other = ["--outdir", str(tmp_path / "other"), "--method_option", "transfer_feature_fraction=0.5"]
+    assert reproduce.main([*args[:2], *other, *args[4:]], log=lambda *_: None)["processed"] == 1
+    assert sorted((tmp_path / "other" / "checkpoints").glob("*.safetensors"))[0].name == trained[0].name  # same style
     with pytest.raises(UserError, match="missing.png"):
         reproduce.main([*args[:-1], str(tmp_path / "missing.png")], log=lambda *_: None)
     with pytest.raises(UserError, match="needs --inversion stylediffusion"):

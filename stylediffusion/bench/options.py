@@ -107,11 +107,13 @@ def load_bundle(args, device: str, log=print):
     return bundle
 
 
-def checkpoint_file(folder: Path, name: str, args, bundle) -> Path:
+def checkpoint_file(folder: Path, name: str, args, bundle, options: dict | None = None) -> Path:
+    """Where the inversion of ``name`` lives; ``options``: the inversion's own options when the run's
+    --method_option pairs hold others too (a style transfer's ``transfer_*``), default all of them."""
     from ..identity import checkpoint_name
 
     return Path(folder) / checkpoint_name(name, bundle.label, args.num_ddim_steps, args.num_inner_steps,
-                                          args.inversion, method_options(args))
+                                          args.inversion, method_options(args) if options is None else options)
 
 
 def method_options(args) -> dict:

@@ -251,14 +251,16 @@ def _process_transfer(args, mine, method: str, shard, part: Path, log) -> None:
     writer = RowLog(part, COLUMNS)
     folder = options.safe_dirname(method)
     for case, _, row in mine:
-        ckpt = options.checkpoint_file(Path(args.outdir) / "checkpoints", f"case{case}", args, bundle)
+        # named by the inversion's options only: another transfer setting reuses the trained style
+        ckpt = options.checkpoint_file(Path(args.outdir) / "checkpoints", f"case{case}", args, bundle,
+                                       {"variant": args.variant, **inversion_options})
         t0 = time.perf_counter()
         inverted = editor.invert(row.image_path, row.prompt, method=args.inversion, num_inference_steps=args.num_ddim_steps,
                                  num_inner_steps=args.num_inner_steps, guidance_scale=args.guidance_scale,
                                  lr=args.lr, attention_loss=args.attention_loss, early_stop=args.early_stop,
                                  checkpoint=ckpt, seed=args.seed, **inversion_options)
         out = editor.transfer_style(inverted, args.content_image, args.content_prompt,
-                                    guidance_scale=args.guidance_scale, **transfer)
+                                    guidance_scale=args.guidance_scale, style_reconstruction=False, **transfer)
         title = (f"case {case} [{method}]: style '{row.prompt}', content {args.content_image.name}"
                  + (f" ('{args.content_prompt}')" if args.content_prompt else ""))
         rel = Path(folder) / f"case{case}_transfer.png"
