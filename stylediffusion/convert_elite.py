@@ -96,6 +96,10 @@ def read_pickled_state_dict(source: Path) -> dict:
         raise UserError(f"'{source}' is not a flat dict of tensors: the entry {bad[0]!r} is a {what}.")
     if any(not v.is_floating_point() for v in state.values()):
         raise UserError(f"'{source}' holds non-float tensors: not an ELITE mapper.")
+    broken = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if broken:
+        raise UserError(f"'{source}' holds NaN or infinite weights ({broken[0]!r}): the download is damaged; fetch "
+                        "it again.")
     return state
 
 

@@ -132,7 +132,7 @@ def test_pickle_payload_never_runs(setup, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["list", "nested", "not_a_tensor", "garbage", "missing", "extra", "shape",
-                                  "layers", "ints", "no_kind"])
+                                  "layers", "ints", "no_kind", "nan"])
 def test_conversion_refuses(setup, tmp_path, capsys, case):
     state = torch.load(setup["folder"] / "global_mapper.pt", weights_only=True)
     key = "mapping_3.4.weight"
@@ -144,6 +144,7 @@ def test_conversion_refuses(setup, tmp_path, capsys, case):
         "extra": {**state, "mapping_5.0.weight": state["mapping_0.0.weight"]},
         "shape": {**state, key: state[key][:-1]},
         "ints": {**state, key: state[key].long()},
+        "nan": {**state, key: torch.full_like(state[key], float("nan"))},
     }.get(case, state)
     name = "mapper.pt" if case == "no_kind" else "global_mapper.pt"
     src = tmp_path / name
@@ -158,6 +159,8 @@ def test_conversion_refuses(setup, tmp_path, capsys, case):
     assert not (tmp_path / "out.safetensors").exists()
     if case == "layers":  # the tiny UNet's layers are not SD v1's
         assert "Stable Diffusion v1.x" in err
+    if case == "nan":  # refused at conversion, not later at run time with "convert it again"
+        assert "NaN or infinite" in err
 
 
 def test_runtime_reads_only_converted_safetensors(setup, tiny, tmp_path):

@@ -139,7 +139,7 @@ def _reference(ctx: MethodContext, inv: Inversion) -> torch.Tensor:
 
 @torch.no_grad()
 def elite_edit(ctx: MethodContext, inv: Inversion, spec: EditSpec) -> MethodOutput:
-    check_elite_inputs(spec, ctx.options)
+    """(``run_method`` has checked the inputs through ``EliteEdit.check`` before any work.)"""
     b, T = ctx.bundle, ctx.num_steps
     parts = load_components(ctx)
     encoder, global_mapper = parts["encoder"], parts["global"]
