@@ -109,15 +109,12 @@ def model_identity(components: dict, digests: dict | None = None) -> dict:
     dtype cast (missing ones are taken from the modules as they are now)."""
     digests = dict(digests or {})
     record = {}
-    for name in ("unet", "vae", "text_encoder", "image_encoder"):
+    sdxl = components.get("text_encoder_2") is not None  # SDXL: its second text tower, and how "" encodes
+    for name in ("unet", "vae", "text_encoder", "image_encoder") + (("text_encoder_2",) if sdxl else ()):
         module = components[name]
-        config = module.config
-        record[name] = {"class": type(module).__name__, "config": public_config(config, module)}
-        record[name]["weights"] = digests.get(name) or weights_digest(name, module)
-    if components.get("text_encoder_2") is not None:  # SDXL: its second text tower, and how "" encodes
-        module = components["text_encoder_2"]
-        record["text_encoder_2"] = {"class": type(module).__name__, "config": public_config(module.config, module),
-                                    "weights": digests.get("text_encoder_2") or weights_digest("text_encoder_2", module)}
+        record[name] = {"class": type(module).__name__, "config": public_config(module.config, module),
+                        "weights": digests.get(name) or weights_digest(name, module)}
+    if sdxl:
         record["zero_empty_prompt"] = bool(components.get("zero_empty_prompt"))
     record["scheduler"] = schedule_config(components["scheduler"])
     return record
