@@ -195,8 +195,8 @@ class StyleDiffusionEditor:
         is T, ``num_inner_steps`` StyleDiffusion's K. Other keywords: training settings (``lr``,
         ``attention_loss``, ``early_stop``) and method options (``variant="replace"``,
         ``embedding="key"``, ``nulltext_iterations=10``...; docs/methods.md). ``checkpoint``: a file
-        where an optimising inversion is saved and resumed from, as the command line does (None = in
-        memory only). The global random state is left alone; ``seed`` seeds what the method draws.
+        where an optimising inversion is saved and resumed from, the command line's and
+        ``Inversion.save``'s one format (None = in memory only). The global random state is left alone; ``seed`` seeds what the method draws.
         """
         inversion_method = get_inversion(method)
         if not isinstance(num_inference_steps, int) or not isinstance(num_inner_steps, int) \
@@ -224,10 +224,7 @@ class StyleDiffusionEditor:
         with self._lent(), torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             inv = inversion_method.invert(ctx)
-        inv.source, inv.num_steps, inv.image = prompt, num_inference_steps, pixels
-        inv.model = {"model_id": self.bundle.model_id, "model_fingerprint": self.bundle.fingerprint}
-        inv.options = {k: v for k, v in options.items() if not callable(v)}
-        return inv
+        return inv.record_origin(self.bundle, pixels, prompt, num_inference_steps, options)
 
     def edit(self, inversion: Inversion, target: str | EditSpec | list, tau_v: float = TAU_V, tau_c: float | dict = TAU_C,
              tau_s: float = TAU_S, tau_u: float = TAU_U, blend_words=None, edit_type: str | None = None,

@@ -397,6 +397,12 @@ class DemoApp:
         paths = self._paths(key)
         if not (paths["record"].is_file() and paths["inversion"].is_file()):
             return None
+        from .results import refuse_old_format
+
+        try:
+            refuse_old_format(paths["inversion"])
+        except UserError:  # written by an earlier version: inverted again (and replaced) on request
+            return None
 
         def picture(name):
             with Image.open(paths[name]) as img:

@@ -1,7 +1,9 @@
-"""Trained inversions on disk: tensors in safetensors, metadata as JSON, written atomically.
+"""The container of inversion files: tensors in safetensors, metadata as JSON, written atomically; and
+the checks of what a stored inversion was made for.
 
 Nothing here pickles or unpickles: a checkpoint is data only. The JSON metadata is stored both in
-the safetensors header (so the file is self-describing) and in a sidecar ``.json`` for people.
+the safetensors header (so the file is self-describing) and in a sidecar ``.json`` for people. The
+one layout of inversions inside this container is ``results.Inversion.save`` / ``load``.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ FORMAT_VERSION = 1
 # what the model fingerprint covers). The model's name (model_id) is recorded, not compared: the same
 # files loaded from another folder or by hub id are the same model.
 IDENTITY_KEYS = {
+    "method": "inversion method",
     "model_identity_version": "model identity scheme",
     "image_sha256": "image",
     "prompt": "source prompt",
@@ -96,7 +99,7 @@ _MAPPING_INT_FIELDS = ("image_tokens", "image_width", "text_tokens", "text_width
 def validate_inversion(tensors: dict[str, torch.Tensor], meta: dict, path: str | Path, num_steps: int,
                        latent_shape: tuple[int, ...], partial: bool = False) -> None:
     """Refuse a StyleDiffusion checkpoint whose content does not fit this run: metadata of the wrong
-    type, an unknown variant, a step count out of range, or a ``z_T`` (and a partial's ``pivot``)
+    type, an unknown variant, a step count out of range, or a ``z_T`` (and a partial's ``extras.pivot``)
     whose shape or dtype is not the model's latent."""
     def bad(what: str) -> UserError:
         return UserError(f"checkpoint '{path}' is damaged or foreign: {what}; delete it and train again.")
@@ -120,7 +123,7 @@ def validate_inversion(tensors: dict[str, torch.Tensor], meta: dict, path: str |
     steps = meta["trained_steps"]
     if not 1 <= steps <= num_steps or (partial and steps == num_steps):
         raise bad(f"trained_steps is {steps} for T = {num_steps}")
-    for key in ("z_T", "pivot") if partial else ("z_T",):
+    for key in ("z_T", "extras.pivot") if partial else ("z_T",):
         tensor = tensors.get(key)
         if tensor is None:
             raise bad(f"it has no '{key}' tensor")

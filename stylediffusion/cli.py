@@ -372,6 +372,7 @@ def run(args, log=print) -> list[Path]:
     from .api import StyleDiffusionEditor
     from .methods import default_inversion, get_edit, get_inversion
     from .methods.registry import check_method_options, split_method_options
+    from .results import refuse_old_format
 
     # Everything the flags, the index and the files say is checked here, before any model loads and
     # before anything is written or deleted.
@@ -416,6 +417,7 @@ def run(args, log=print) -> list[Path]:
         if args.retrain and ckpt.is_file():  # only now: every input above has been checked
             ckpt.unlink()
         if args.is_train and ckpt.is_file():
+            refuse_old_format(ckpt)  # an old file is not "already trained": it cannot be read
             log(f"{ckpt} is already trained (use --retrain to train again)")
             continue
         if not ckpt.is_file() and args.inversion == "stylediffusion":

@@ -1,4 +1,6 @@
-"""A StyleDiffusion inversion of one image: train it (resumably), save it, load it back safely."""
+"""A StyleDiffusion inversion of one image: train it (resumably), save it, load it back safely.
+
+Its files, finished and partial, are ``results.Inversion.save`` files like every other inversion's."""
 from __future__ import annotations
 
 import logging
@@ -7,8 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (MODEL_IDENTITY_VERSION, check_identity, identity_mismatch, read_checkpoint, save_checkpoint,
-                         validate_inversion)
+from .checkpoint import MODEL_IDENTITY_VERSION, check_identity, identity_mismatch, validate_inversion
 from .ddim import DDIMSchedule
 from .defaults import VARIANT
 from .encoders import clip_image_features, encode_latent, encode_prompts
@@ -16,7 +17,7 @@ from .errors import UserError
 from .image_io import image_sha256
 from .mapping import MappingConfig, MappingNetworks
 from .models import ModelBundle
-from .results import Inversion
+from .results import Inversion, method_record, read_inversion
 from .sampling import ddim_inversion
 from .training import TrainConfig, train_mapping_networks
 
@@ -37,24 +38,16 @@ def mapping_config(bundle: ModelBundle, features: torch.Tensor, text: torch.Tens
                          text_width=text.shape[2], variant=variant)
 
 
-def _tensors(mappers: MappingNetworks, z_T: torch.Tensor, pivot: torch.Tensor | None, trained: int) -> dict:
-    tensors = {f"mappers.{k}": v for k, v in mappers.state_dict().items()
-               if int(k.split(".")[1]) < trained}
-    tensors["z_T"] = z_T
-    if pivot is not None:
-        tensors["pivot"] = pivot
-    return tensors
-
-
 def train_inversion(bundle: ModelBundle, image: torch.Tensor, prompt: str, num_steps: int, cfg: TrainConfig,
                     checkpoint: Path | None = None, variant: str = VARIANT, resume: bool = True,
-                    progress: bool = True, log=None) -> Inversion:
+                    progress: bool = True, log=None, options: dict | None = None) -> Inversion:
     """Invert and train M_0..M_{T-1}; the result is returned in memory.
 
-    With a ``checkpoint`` path the result is also saved there, and training is resumable: after each
-    DDIM step the progress so far (trained M_i and the pivot latent) is written to
+    With a ``checkpoint`` path the result is also saved there (``Inversion.save``), and training is
+    resumable: after each DDIM step the progress so far (trained M_i and the pivot latent) is written to
     ``<checkpoint>.partial.safetensors`` and picked up by the next run; the final file appears only when
-    training is complete. Without one nothing is written.
+    training is complete. Without one nothing is written. ``options``: the method options the
+    inversion records (``Inversion.options``).
     """
     log = log or logger.info  # a library reports through logging; the command line passes its own
     schedule = DDIMSchedule(bundle.scheduler, num_steps)
@@ -69,14 +62,14 @@ def train_inversion(bundle: ModelBundle, image: torch.Tensor, prompt: str, num_s
     start, pivot = 0, None
     if resume and partial is not None and partial.is_file():
         try:
-            tensors, meta = read_checkpoint(partial)
-            same = identity_mismatch(meta, {**ident, "train_config": cfg.to_dict(), "variant": variant}) is None \
-                and meta.get("mapping_config") == mappers.cfg.to_dict()
+            tensors, meta = read_inversion(partial, partial=True)
+            expected = {**ident, "method": "stylediffusion", "train_config": cfg.to_dict(), "variant": variant}
+            same = identity_mismatch(meta, expected) is None and meta.get("mapping_config") == mappers.cfg.to_dict()
             if same:
                 validate_inversion(tensors, meta, partial, num_steps, latent_shape(bundle), partial=True)
                 start = meta["trained_steps"]
                 _load_trained_mappers(mappers, tensors, start, partial)
-                pivot = tensors["pivot"]
+                pivot = tensors["extras.pivot"]
                 log(f"resuming training from {partial} at DDIM step {start}/{num_steps}")
             else:
                 log(f"ignoring {partial}: it was made for another image, prompt, model or setting")
@@ -90,9 +83,13 @@ def train_inversion(bundle: ModelBundle, image: torch.Tensor, prompt: str, num_s
     meta = {**ident, "image_encoder_id": bundle.image_encoder_id, "variant": variant,
             "mapping_config": mappers.cfg.to_dict(), "train_config": cfg.to_dict(), "untrained_model": bundle.untrained}
 
+    def inversion(metadata: dict, **fields) -> Inversion:
+        return Inversion("stylediffusion", z0, trajectory.z_T, mappers=mappers, image_features=features,
+                         metadata=metadata, **fields).record_origin(bundle, image, prompt, num_steps, options)
+
     def save_progress(i: int, z: torch.Tensor) -> None:
         if partial is not None and i + 1 < num_steps:
-            save_checkpoint(partial, _tensors(mappers, trajectory.z_T, z, i + 1), {**meta, "trained_steps": i + 1})
+            inversion({**meta, "trained_steps": i + 1}, extras={"pivot": z}).save(partial, trained_steps=i + 1)
 
     reports = train_mapping_networks(bundle, schedule, trajectory, features, cond, uncond, mappers, cfg,
                                      start_step=start, z_start=pivot, on_step_done=save_progress, progress=progress)
@@ -100,15 +97,15 @@ def train_inversion(bundle: ModelBundle, image: torch.Tensor, prompt: str, num_s
     meta.update(trained_steps=num_steps, train_seconds=round(seconds, 3),
                 inner_iterations=sum(r.iterations for r in reports),
                 final_losses=[float(f"{r.loss:.4g}") for r in reports])
+    mappers.eval()
+    result = inversion(meta)
     if checkpoint is None:
-        return Inversion("stylediffusion", z0, trajectory.z_T, mappers=mappers.eval(), image_features=features,
-                         metadata=meta)
-    save_checkpoint(checkpoint, _tensors(mappers, trajectory.z_T, None, num_steps), meta)
+        return result
+    result.save(checkpoint)
     if partial.exists():
         partial.unlink()
         partial.with_suffix(".json").unlink(missing_ok=True)
-    return Inversion("stylediffusion", z0, trajectory.z_T, mappers=mappers.eval(), image_features=features,
-                     metadata=meta)
+    return result
 
 
 def latent_shape(bundle: ModelBundle) -> tuple[int, int, int, int]:
@@ -132,11 +129,13 @@ def _load_trained_mappers(mappers: MappingNetworks, tensors: dict, trained: int,
 
 
 def load_inversion(bundle: ModelBundle, checkpoint: Path, image: torch.Tensor, prompt: str, num_steps: int,
-                   settings: dict | None = None) -> Inversion:
-    """Load a finished inversion, refusing one made for another image, prompt, model or T, or (given
-    ``settings``: ``{"variant": ..., "train_config": TrainConfig.to_dict()}``) other training settings."""
-    tensors, meta = read_checkpoint(checkpoint)
-    check_identity(meta, {**identity(bundle, image, prompt, num_steps), **(settings or {})}, checkpoint)
+                   settings: dict | None = None, options: dict | None = None) -> Inversion:
+    """Load a finished StyleDiffusion inversion file, refusing one made by another method or for another
+    image, prompt, model or T, or (given ``settings``: ``{"variant": ..., "train_config":
+    TrainConfig.to_dict()}``) other training settings."""
+    tensors, meta = read_inversion(checkpoint)
+    expected = {**identity(bundle, image, prompt, num_steps), "method": "stylediffusion", **(settings or {})}
+    check_identity(meta, expected, checkpoint)
     validate_inversion(tensors, meta, checkpoint, num_steps, latent_shape(bundle))
     if meta["trained_steps"] != num_steps:
         raise UserError(f"checkpoint '{checkpoint}' is incomplete ({meta.get('trained_steps')}/{num_steps} steps); "
@@ -144,6 +143,7 @@ def load_inversion(bundle: ModelBundle, checkpoint: Path, image: torch.Tensor, p
     mappers = MappingNetworks(MappingConfig(**meta["mapping_config"]), num_steps)
     _load_trained_mappers(mappers, tensors, num_steps, checkpoint)
     z_T = tensors["z_T"]
+    # z0 and E(x) from the image, as in the run that trained it (the file's copies are for Inversion.load)
     return Inversion("stylediffusion", encode_latent(bundle, image), z_T.to(bundle.device),
                      mappers=mappers.to(bundle.device).eval(), image_features=clip_image_features(bundle, image),
-                     metadata=meta)
+                     metadata=method_record(meta)).record_origin(bundle, image, prompt, num_steps, options)

@@ -105,13 +105,13 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny, image, trained, tmp_path):
 
 
 def test_interrupted_training_resumes_to_the_same_result(tiny, image, tmp_path, monkeypatch):
-    import stylediffusion.inversion as inversion_module
+    import stylediffusion.results as results_module  # Inversion.save writes every inversion file
 
     cfg = TrainConfig(num_inner_steps=3)
     torch.manual_seed(0)
     full = train_inversion(tiny, image, PROMPT, 6, cfg, tmp_path / "full.safetensors", progress=False)
 
-    real_save = inversion_module.save_checkpoint
+    real_save = results_module.save_checkpoint
     calls = {"n": 0}
 
     def crash_after_three(path, tensors, meta):
@@ -121,12 +121,12 @@ def test_interrupted_training_resumes_to_the_same_result(tiny, image, tmp_path, 
             raise KeyboardInterrupt
 
     target = tmp_path / "resumed.safetensors"
-    monkeypatch.setattr(inversion_module, "save_checkpoint", crash_after_three)
+    monkeypatch.setattr(results_module, "save_checkpoint", crash_after_three)
     torch.manual_seed(0)
     with pytest.raises(KeyboardInterrupt):
         train_inversion(tiny, image, PROMPT, 6, cfg, target, progress=False)
     assert not target.exists()  # no final file from an interrupted run
-    monkeypatch.setattr(inversion_module, "save_checkpoint", real_save)
+    monkeypatch.setattr(results_module, "save_checkpoint", real_save)
     logs = []
     torch.manual_seed(123)  # a different RNG state must not matter: M_3 warm-starts from M_2
     resumed = train_inversion(tiny, image, PROMPT, 6, cfg, target, progress=False, log=logs.append)

@@ -32,10 +32,10 @@ def stylediffusion_inversion(ctx: MethodContext) -> Inversion:
     if ctx.checkpoint is not None and ctx.checkpoint.is_file():
         # a checkpoint trained with another variant, K, lr, embedding... is refused, never reused
         inv = load_inversion(b, ctx.checkpoint, ctx.image, ctx.source, ctx.num_steps,
-                             settings={"variant": variant, "train_config": cfg.to_dict()})
+                             settings={"variant": variant, "train_config": cfg.to_dict()}, options=ctx.options)
     else:  # without a checkpoint path the trained networks live only in memory
         inv = train_inversion(b, ctx.image, ctx.source, ctx.num_steps, cfg, ctx.checkpoint, variant=variant,
-                              progress=ctx.progress, log=logger.info)
+                              progress=ctx.progress, log=logger.info, options=ctx.options)
     return inv
 
 

@@ -1,5 +1,5 @@
 """Shared pieces of the inversion and edit methods: declared options, the checkpoint round trip of the
-optimising inversions, and where StyleDiffusion's learned embedding goes.
+optimising inversions (``Inversion.save`` files), and where StyleDiffusion's learned embedding goes.
 
 What each inversion changes in the edit loop is its own business (``InversionMethod.edit_hooks`` in
 its module: Null-text's embeddings, NPI's negative prompt, ProxNPI's proximal guidance,
@@ -11,9 +11,10 @@ from typing import Callable
 
 import torch
 
-from ..checkpoint import check_identity, read_checkpoint, save_checkpoint
+from ..checkpoint import check_identity
 from ..errors import UserError
 from ..inversion import identity
+from ..results import read_inversion
 from .registry import OPTIONS, Inversion, MethodContext
 
 
@@ -30,27 +31,27 @@ def learned_embedding(inv: Inversion) -> str:
     return (inv.metadata.get("train_config") or {}).get("embedding", "value")
 
 
-def checkpointed(ctx: MethodContext, method: str, settings: dict,
-                 compute: Callable[[], tuple[dict[str, torch.Tensor], dict]]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Load ``method``'s tensors from ``ctx.checkpoint`` when it matches this image, prompt, model, T and
-    settings; otherwise compute them and (when a checkpoint path is given) save them atomically."""
-    ident = identity(ctx.bundle, ctx.image, ctx.source, ctx.num_steps)
+def checkpointed(ctx: MethodContext, method: str, settings: dict, compute: Callable[[], Inversion]) -> Inversion:
+    """Load ``method``'s inversion from ``ctx.checkpoint`` (an ``Inversion.save`` file, tensors on the
+    CPU) when it was made by this method for this image, prompt, model, T and settings; otherwise
+    compute it and (when a checkpoint path is given) save it atomically. Either way the inversion's
+    metadata holds the identity and settings, and it records what it was made from."""
+    ident = {**identity(ctx.bundle, ctx.image, ctx.source, ctx.num_steps), "method": method}
     path = ctx.checkpoint
     if path is not None and path.is_file():
-        tensors, meta = read_checkpoint(path)
+        tensors, meta = read_inversion(path)
         check_identity(meta, ident, path)
-        if meta.get("method") != method:
-            raise UserError(f"checkpoint '{path}' holds a {meta.get('method', 'stylediffusion')!r} inversion, not "
-                            f"{method!r}: pass another --checkpoint or delete it.")
         if meta.get("settings") != settings:
             raise UserError(f"checkpoint '{path}' was made with other {method} settings ({meta.get('settings')}, "
                             f"this run: {settings}); delete it or pass another --checkpoint.")
-        return tensors, meta
-    tensors, extra = compute()
-    meta = {**ident, "method": method, "settings": settings, "untrained_model": ctx.bundle.untrained, **extra}
+        return Inversion.from_file(tensors, meta, path).record_origin(ctx.bundle, ctx.image, ctx.source,
+                                                                      ctx.num_steps, ctx.options)
+    inv = compute()
+    inv.metadata = {**ident, "settings": settings, "untrained_model": ctx.bundle.untrained, **inv.metadata}
+    inv.record_origin(ctx.bundle, ctx.image, ctx.source, ctx.num_steps, ctx.options)
     if path is not None:
-        save_checkpoint(path, tensors, meta)
-    return tensors, meta
+        inv.save(path)
+    return inv
 
 
 def stack(latents: list[torch.Tensor]) -> torch.Tensor:

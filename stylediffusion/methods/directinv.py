@@ -45,12 +45,9 @@ def directinv_inversion(ctx: MethodContext) -> Inversion:
         z0 = encode_latent(b, ctx.image)
         traj = ddim_inversion(b, ctx.schedule, z0, encode_prompts(b, [ctx.source]), record_maps=False,
                               progress=ctx.progress)
-        return {"z0": z0, "z_T": traj.z_T, "offsets": direct_offsets(ctx, traj.latents, w)}, {}
+        return Inversion("directinv", z0, traj.z_T, extras={"latent_offsets": direct_offsets(ctx, traj.latents, w)})
 
-    tensors, meta = checkpointed(ctx, "directinv", {"guidance_scale": w}, compute)
-    dev = b.device
-    return Inversion("directinv", tensors["z0"].to(dev), tensors["z_T"].to(dev),
-                    extras={"latent_offsets": tensors["offsets"].to(dev)}, metadata=meta)
+    return checkpointed(ctx, "directinv", {"guidance_scale": w}, compute).to(b.device)
 
 
 class SourceOffsetHooks(EditHooks):

@@ -17,6 +17,8 @@ Defaults follow the PnP-Inversion benchmark's ProxNPI settings.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..editing import EditHooks
@@ -26,29 +28,31 @@ from .common import checkpointed, option, stack, unstack
 from .registry import Inversion, InversionMethod, MethodContext, MethodOption
 
 
-def _invert(ctx: MethodContext, method: str, settings: dict):
+def _invert(ctx: MethodContext, method: str, settings: dict, extras: dict | None = None) -> Inversion:
     def compute():
         b = ctx.bundle
         z0 = encode_latent(b, ctx.image)
         traj = ddim_inversion(b, ctx.schedule, z0, encode_prompts(b, [ctx.source]), record_maps=False,
                               progress=ctx.progress)
-        return {"trajectory": stack(traj.latents)}, {}
+        return Inversion(method, traj.latents[0], traj.latents[-1], trajectory=list(traj.latents),
+                         extras=dict(extras or {}))
 
-    tensors, meta = checkpointed(ctx, method, settings, compute)
-    return unstack(tensors["trajectory"], ctx.bundle.device), meta
+    inv = checkpointed(ctx, method, settings, compute)
+    traj = unstack(stack(inv.trajectory), ctx.bundle.device)  # one tensor on the device, a view per step
+    return replace(inv, z0=traj[0], z_T=traj[-1], trajectory=traj)
 
 
 def npi_inversion(ctx: MethodContext) -> Inversion:
-    traj, meta = _invert(ctx, "npi", {})
-    return Inversion("npi", traj[0], traj[-1], trajectory=traj, metadata=meta)
+    return _invert(ctx, "npi", {})
 
 
 def proxnpi_inversion(ctx: MethodContext) -> Inversion:
     prox = {"quantile": option(ctx, "prox_quantile"), "recon_lr": option(ctx, "prox_recon_lr"),
             "recon_t": option(ctx, "prox_recon_t")}
-    traj, meta = _invert(ctx, "proxnpi", {})
+    # the proximal settings act at edit time: this run's, also over a file made with others
     extras = {"prox": prox, "timesteps": ctx.schedule.timesteps.tolist()}
-    return Inversion("proxnpi", traj[0], traj[-1], trajectory=traj, extras=extras, metadata={**meta, "prox": prox})
+    inv = _invert(ctx, "proxnpi", {}, extras)
+    return replace(inv, extras=extras, metadata={**inv.metadata, "prox": prox})
 
 
 def soft_threshold(x: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:

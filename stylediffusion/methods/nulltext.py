@@ -83,14 +83,10 @@ def nulltext_inversion(ctx: MethodContext) -> Inversion:
 
     def compute():
         z0, z_T, embeddings, losses, _ = nulltext_optimise(ctx, iterations, att_loss=att)
-        tensors = {"z0": z0, "z_T": z_T, **{f"uncond.{i}": u for i, u in enumerate(embeddings)}}
-        return tensors, {"final_losses": [float(f"{x:.4g}") for x in losses]}
+        return Inversion("nulltext", z0, z_T, uncond_embeddings=embeddings,
+                         metadata={"final_losses": [float(f"{x:.4g}") for x in losses]})
 
-    tensors, meta = checkpointed(ctx, "nulltext", settings, compute)
-    dev = ctx.bundle.device
-    embeddings = [tensors[f"uncond.{i}"].to(dev) for i in range(ctx.num_steps)]
-    return Inversion("nulltext", tensors["z0"].to(dev), tensors["z_T"].to(dev), uncond_embeddings=embeddings,
-                    metadata=meta)
+    return checkpointed(ctx, "nulltext", settings, compute).to(ctx.bundle.device)
 
 
 class NullTextHooks(EditHooks):

@@ -11,6 +11,8 @@ embedding is the unconditional embedding of both rows.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -77,11 +79,12 @@ def spdinv_inversion(ctx: MethodContext) -> Inversion:
 
     def compute():
         latents, initial, final = spd_inversion(ctx, rounds)
-        return {"trajectory": stack(latents)}, {"residual_initial": initial, "residual_final": final}
+        return Inversion("spdinv", latents[0], latents[-1], trajectory=list(latents),
+                         metadata={"residual_initial": initial, "residual_final": final})
 
-    tensors, meta = checkpointed(ctx, "spdinv", settings, compute)
-    traj = unstack(tensors["trajectory"], ctx.bundle.device)
-    return Inversion("spdinv", traj[0], traj[-1], trajectory=traj, metadata=meta)
+    inv = checkpointed(ctx, "spdinv", settings, compute)
+    traj = unstack(stack(inv.trajectory), ctx.bundle.device)  # one tensor on the device, a view per step
+    return replace(inv, z0=traj[0], z_T=traj[-1], trajectory=traj)
 
 
 class SourcePromptDisentangledInversion(InversionMethod):

@@ -37,7 +37,7 @@ from ..editing import EditHooks
 from ..encoders import clip_image_features, encode_latent, encode_prompts
 from ..errors import UserError
 from ..inversion import mapping_config
-from ..mapping import MappingConfig, MappingNetworks
+from ..mapping import MappingNetworks
 from ..sampling import ddim_inversion, predict
 from ..training import fit_step, gradient_scaler, inner_steps
 from .common import checkpointed, option
@@ -124,22 +124,19 @@ def stylediffusion_plus_inversion(ctx: MethodContext) -> Inversion:
     def compute():
         t0 = time.perf_counter()
         z0, traj, mappers, offsets, reports = train_with_offsets(ctx, budget, features, cond, init, progress=ctx.progress)
-        tensors = {"z0": z0, "z_T": traj.z_T, "offsets": offsets,
-                   **{f"mappers.{k}": v for k, v in mappers.state_dict().items()}}
-        return tensors, {"mapping_config": mcfg.to_dict(), "train_seconds": round(time.perf_counter() - t0, 3),
-                         "inner_iterations": sum(r["iterations"] for r in reports),
-                         "final_losses": [float(f"{r['loss']:.4g}") for r in reports],
-                         "residual_mse": [float(f"{r['residual_mse']:.4g}") for r in reports]}
+        return Inversion(NAME, z0, traj.z_T, mappers=mappers, image_features=features,
+                         extras={"latent_offsets": offsets},
+                         metadata={"mapping_config": mcfg.to_dict(), "train_seconds": round(time.perf_counter() - t0, 3),
+                                   "inner_iterations": sum(r["iterations"] for r in reports),
+                                   "final_losses": [float(f"{r['loss']:.4g}") for r in reports],
+                                   "residual_mse": [float(f"{r['residual_mse']:.4g}") for r in reports]})
 
-    tensors, meta = checkpointed(ctx, NAME, settings, compute)
-    if MappingConfig(**meta["mapping_config"]) != mcfg:
+    inv = checkpointed(ctx, NAME, settings, compute)
+    if inv.mappers is None or inv.mappers.cfg != mcfg or len(inv.mappers) != ctx.num_steps:
         raise UserError(f"checkpoint '{ctx.checkpoint}' was made with other mapping networks; delete it or pass "
                         f"another --checkpoint.")
-    mappers = MappingNetworks(mcfg, ctx.num_steps)
-    mappers.load_state_dict({k[len("mappers."):]: v for k, v in tensors.items() if k.startswith("mappers.")})
-    dev = b.device
-    return Inversion(NAME, tensors["z0"].to(dev), tensors["z_T"].to(dev), mappers=mappers.to(dev).eval(),
-                     image_features=features, extras={"latent_offsets": tensors["offsets"].to(dev)}, metadata=meta)
+    # E(x) of this run's image (the file's copy is the same values, for Inversion.load)
+    return replace(inv, image_features=features).to(b.device)
 
 
 class StyleDiffusionPlusInversion(InversionMethod):
