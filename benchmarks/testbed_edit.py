@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from stylediffusion import StyleDiffusionEditor
+from stylediffusion import StyleDiffusionEditor, UserError
 from stylediffusion.defaults import GUIDANCE_SCALE, NUM_DDIM_STEPS, TAU_C, TAU_S, TAU_V
+from stylediffusion.cli import method_options
 from stylediffusion.editing import EditSpec, default_edit_type
 from stylediffusion.files import append_csv_rows, atomic_write_text
 from stylediffusion.image_io import image_grid, save_atomic
-from stylediffusion.methods import get_edit, get_inversion
+from stylediffusion.methods import check_method_options, get_edit, get_inversion
 from stylediffusion.testbed import analyser, world
 
 KINDS = ("colour", "shape", "background")
@@ -86,7 +87,8 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, default=50, help="held-out scenes")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
-                   help="inversion:edit pairs; edit 'p2plus' = p2p with tau_u 0.5")
+                   help="inversion:edit pairs; edit 'p2plus' = p2p with tau_u 0.5; method options may follow as "
+                        "inversion:edit:name=value,name=value (e.g. stylediffusion_plus:p2plus:sdplus_target_values=aligned)")
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     p.add_argument("--num_ddim_steps", type=int, default=NUM_DDIM_STEPS)
     p.add_argument("--num_inner_steps", type=int, default=20)
@@ -97,12 +99,10 @@ def main(argv=None) -> None:
                         "without a range to write the summary)")
     args = p.parse_args(argv)
 
-    pairs = []
-    for m in args.methods:
-        inv, ed = m.split(":")
-        get_inversion(inv)
-        get_edit("p2p" if ed == "p2plus" else ed, inv)
-        pairs.append((inv, ed))
+    try:
+        pairs = [method_pair(m) for m in args.methods]
+    except UserError as err:
+        p.error(str(err))
     editor = StyleDiffusionEditor.from_pretrained(args.model, device=args.device, dtype=args.dtype, progress=False)
     size = editor.bundle.image_size
     rng = np.random.default_rng(args.seed)
@@ -119,7 +119,7 @@ def main(argv=None) -> None:
         scene_rows = []
         edits = [world.edit(scene, kind, rng=np.random.default_rng(args.seed + s_idx)) for kind in args.kinds]
         inverted_cache = {}
-        for inv, ed_name in pairs:
+        for inv, ed_name, options, label in pairs:
             t0 = time.perf_counter()
             if inv not in inverted_cache:
                 inverted = editor.invert(scene.pil(), scene.caption, method=inv, num_inference_steps=args.num_ddim_steps,
@@ -129,22 +129,35 @@ def main(argv=None) -> None:
             inverted, inv_seconds = inverted_cache[inv]
             for ed in edits:
                 spec = edit_spec(ed, 0.5 if ed_name == "p2plus" else 0.0, args.guidance_scale)
-                out = editor.edit(inverted, spec, method="p2p" if ed_name == "p2plus" else ed_name)
+                out = editor.edit(inverted, spec, method="p2p" if ed_name == "p2plus" else ed_name, **options)
                 recon = np.asarray(out.reconstruction)
                 edited = np.asarray(out.images[0])
                 ok, strict, bg = judge(ed, edited)
-                scene_rows.append({"scene": s_idx, "kind": ed.kind, "method": f"{inv}+{ed_name}", "source": ed.source_caption,
+                scene_rows.append({"scene": s_idx, "kind": ed.kind, "method": label, "source": ed.source_caption,
                              "target": ed.target_caption, "success": int(ok), "strict_success": int(strict), "background_psnr": round(bg, 3),
                              "reconstruction_psnr": round(psnr(recon, scene.image), 3),
                              "seconds": round(inv_seconds + out.seconds, 3)})
                 if s_idx < 4:
-                    samples[(f"{inv}+{ed_name}", ed.kind)].append((scene.pil(), out.images[0], ed.target.pil()))
+                    samples[(label, ed.kind)].append((scene.pil(), out.images[0], ed.target.pil()))
         append_csv_rows(log_path, COLUMNS, scene_rows)
         rows += scene_rows
         print(f"scene {s_idx + 1}/{len(scenes)} done", flush=True)
     write_samples(args, samples)
     if len({int(r["scene"]) for r in rows}) == len(scenes):
         write_outputs(args, sorted(rows, key=lambda r: int(r["scene"])))
+
+
+def method_pair(text: str) -> tuple[str, str, dict, str]:
+    """'inversion:edit[:name=value,...]' -> (inversion, edit, edit-time method options, label in the tables)."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not all(parts[:2]):
+        raise UserError(f"--methods takes inversion:edit[:name=value,...], got {text!r}")
+    inv, ed = parts[:2]
+    get_inversion(inv)
+    edit = get_edit("p2p" if ed == "p2plus" else ed, inv)
+    options = check_method_options(method_options(parts[2].split(",") if len(parts) == 3 else []), inv, edit.name)
+    label = f"{inv}+{ed}" + (f"[{parts[2]}]" if options else "")
+    return inv, ed, options, label
 
 
 COLUMNS = ["scene", "kind", "method", "source", "target", "success", "strict_success", "background_psnr",

@@ -136,6 +136,13 @@ class EditHooks:
         mask takes the corrected source latent)."""
         return z
 
+    def target_values(self, i: int, values: torch.Tensor, plain: torch.Tensor, spec: "EditSpec",
+                      tokenizer) -> torch.Tensor:
+        """The target row's conditional value input of step i: ``values`` is what the edit loop chose (the
+        learned values while i < tau_v T, else the plain embedding), ``plain`` the target prompt's own
+        embedding (e.g. StyleDiffusion+ keeps the learned values off the words the edit changes)."""
+        return values
+
 
 @dataclass
 class EditResult:
@@ -169,6 +176,8 @@ def run_edit(bundle: ModelBundle, schedule: DDIMSchedule, z_T: torch.Tensor, spe
             if mappers is not None:
                 v_src = mappers[i](image_features, cond[:1])
                 v_tgt = mappers[i](image_features, cond[1:]) if i < value_steps else cond[1:]
+                if hooks is not None:
+                    v_tgt = hooks.target_values(i, v_tgt, cond[1:], spec, bundle.tokenizer)
                 values = torch.cat([uncond, v_src, v_tgt])
             step_text = text if hooks is None else hooks.text(i, text)
             if values is not None and step_text is not text:

@@ -145,3 +145,27 @@ def test_bench_reproduce_and_pie_take_it(tmp_path):
     assert stats["processed"] == 1
     rows = list(csv.DictReader((tmp_path / "pie_out" / "results.csv").open()))
     assert len(rows) == 1 and NAME in rows[0]["method"] and math.isfinite(float(rows[0]["psnr"]))
+
+
+def test_aligned_target_values_leave_the_changed_word_to_the_prompt(tiny, image, inverted):
+    from stylediffusion import seq_aligner
+    from stylediffusion.methods.stylediffusion_plus import PlusEditHooks
+
+    tok = tiny.tokenizer
+    n = tok.model_max_length
+    learned, plain = torch.randn(1, n, 8), torch.randn(1, n, 8)
+    offsets = torch.zeros(T, 4, 8, 8)
+    dog = seq_aligner.word_token_indices(SPEC.target, "dog", tok)
+    kept = [j for j in range(n) if j not in dog]
+    aligned = PlusEditHooks(offsets, "aligned").target_values(0, learned, plain, SPEC, tok)
+    assert torch.equal(aligned[:, dog], plain[:, dog]) and torch.equal(aligned[:, kept], learned[:, kept])
+    assert torch.equal(PlusEditHooks(offsets).target_values(0, learned, plain, SPEC, tok), learned)  # the default
+    half = PlusEditHooks(offsets, "learned", 0.5).target_values(0, learned, plain, SPEC, tok)
+    assert torch.allclose(half, (learned + plain) / 2, atol=1e-6)
+    # through the edit loop: the source row is the same trajectory, the target row changes
+    plus = inverted(NAME)
+    default = run_method(MethodContext(tiny, image, SPEC.source, T, progress=False), SPEC, NAME, "p2p", inverted=plus)
+    ctx = MethodContext(tiny, image, SPEC.source, T, progress=False, options={"sdplus_target_values": "aligned"})
+    out = run_method(ctx, SPEC, NAME, "p2p", inverted=plus)
+    assert torch.allclose(out.latents[0], default.latents[0], atol=1e-6)
+    assert not torch.allclose(out.latents[1], default.latents[1], atol=1e-5)

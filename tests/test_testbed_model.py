@@ -88,3 +88,20 @@ def test_readme_command_on_a_shipped_scene(tmp_path, capsys):
     for k in (0, 1):
         assert (tmp_path / "out" / f"case10_edit{k}" / "grid.png").is_file()
     assert "untrained" not in capsys.readouterr().out
+
+
+def test_readme_first_command_says_what_case_10_edits_to():
+    """The README's first command runs case 10; its paragraph names that case's edits (the ones it says land)."""
+    import csv
+
+    root = Path(__file__).resolve().parent.parent
+    section = (root / "README.md").read_text().split("## Two commands", 1)[1]
+    paragraph, command = section.split("```bash", 1)[0], section.split("```bash", 1)[1].split("```", 1)[0]
+    assert "--model testbed --idx 10" in command
+    with (root / "data" / "stylediffusion_editing.csv").open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["case_number"] == "10"]
+    paragraph = " ".join(paragraph.split())
+    assert rows and all(r["prompt"] in paragraph for r in rows)
+    for r in rows:  # "a large green triangle on a gray background" -> "a green triangle"
+        words = r["target"].split()
+        assert f"a {words[2]} {words[3]}" in paragraph, r["target"]

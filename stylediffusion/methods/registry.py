@@ -191,6 +191,9 @@ class _ObservedHooks(EditHooks):
         self.on_step(i, z)
         return z
 
+    def target_values(self, i, values, plain, spec, tokenizer):
+        return self.inner.target_values(i, values, plain, spec, tokenizer)
+
 
 def edit_loop_inputs(ctx: MethodContext, inv: Inversion) -> dict:
     """The ``editing.run_edit`` keyword arguments that carry what ``inv``'s method contributes to an edit:

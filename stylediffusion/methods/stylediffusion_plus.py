@@ -30,6 +30,7 @@ from dataclasses import replace
 import torch
 from tqdm.auto import tqdm
 
+from .. import seq_aligner
 from ..attention_control import BatchLayout, CrossAttentionRecorder, install_attention_control
 from ..ddim import guided
 from ..defaults import VARIANT
@@ -47,6 +48,7 @@ from .registry import Inversion, InversionMethod, MethodContext, MethodOption
 logger = logging.getLogger(__name__)
 
 NAME = "stylediffusion_plus"
+TARGET_VALUES = ("learned", "aligned")
 
 
 def budget_steps(num_inner_steps: int, budget: float, i: int) -> int:
@@ -109,6 +111,38 @@ def train_with_offsets(ctx: MethodContext, budget: float, features: torch.Tensor
     return z0, traj, mappers.eval(), torch.cat(offsets), reports
 
 
+class PlusEditHooks(SourceOffsetHooks):
+    """The source row's offsets (``SourceOffsetHooks``) and what the target row's values take from the image.
+
+    ``target_values``: "learned" gives every target token the learned values (StyleDiffusion's edit);
+    "aligned" gives them only to the tokens the edit keeps (aligned with an equal source token), and the
+    target prompt's own embedding to the words it changes, whose learned values would carry the source's
+    attribute. ``weight`` scales the learned part: c + weight (M_i(E(x), c) - c).
+    """
+
+    def __init__(self, offsets: torch.Tensor, target_values: str = "learned", weight: float = 1.0):
+        super().__init__(offsets)
+        self.mode, self.weight = target_values, weight
+        self._kept: dict = {}
+
+    def kept_tokens(self, spec, tokenizer) -> torch.Tensor:
+        """(tokens,) 1 where the target token is aligned with an equal source token, 0 where the edit changes it."""
+        key = (spec.source, spec.target)
+        if key not in self._kept:
+            _, alphas = seq_aligner.refinement_mapper(spec.source, spec.target, tokenizer, tokenizer.model_max_length)
+            self._kept[key] = alphas
+        return self._kept[key]
+
+    def target_values(self, i, values, plain, spec, tokenizer):
+        if self.weight != 1.0:
+            values = torch.lerp(plain, values, self.weight)
+        if self.mode == "aligned":
+            kept = self.kept_tokens(spec, tokenizer).to(values.device).bool()
+            n = kept.shape[0]  # rows past the tokens (SDXL's pooled row) are the prompt's anyway
+            values = torch.cat([torch.where(kept.view(1, -1, 1), values[:, :n], plain[:, :n]), values[:, n:]], dim=1)
+        return values
+
+
 def stylediffusion_plus_inversion(ctx: MethodContext) -> Inversion:
     budget = option(ctx, "sdplus_budget")
     init = option(ctx, "sdplus_init")
@@ -147,7 +181,9 @@ class StyleDiffusionPlusInversion(InversionMethod):
                 "source-branch offsets; option sdplus_init=random|identity (value = c at the start); "
                 "edit with --edit p2p (tau_u > 0: P2Plus)")
     options = (MethodOption("sdplus_budget", 0.25, minimum=0.01, maximum=1.0),
-               MethodOption("sdplus_init", "random", choices=("random", "identity")))
+               MethodOption("sdplus_init", "random", choices=("random", "identity")),
+               MethodOption("sdplus_target_values", "learned", choices=TARGET_VALUES),
+               MethodOption("sdplus_target_weight", 1.0, minimum=0.0, maximum=1.0))
 
     def invert(self, ctx: MethodContext) -> Inversion:
         return stylediffusion_plus_inversion(ctx)
@@ -157,4 +193,5 @@ class StyleDiffusionPlusInversion(InversionMethod):
         return {"mappers": inv.mappers, "image_features": inv.image_features, "embedding": "value"}
 
     def edit_hooks(self, ctx: MethodContext, inv: Inversion) -> EditHooks:
-        return SourceOffsetHooks(inv.extras["latent_offsets"])
+        return PlusEditHooks(inv.extras["latent_offsets"], option(ctx, "sdplus_target_values"),
+                             option(ctx, "sdplus_target_weight"))
