@@ -103,7 +103,8 @@ def main(argv=None) -> None:
         get_inversion(inv)
         get_edit("p2p" if ed == "p2plus" else ed, inv)
         pairs.append((inv, ed))
-    editor = StyleDiffusionEditor.from_pretrained(args.model, device=args.device, dtype=args.dtype, progress=False)
+    editor = StyleDiffusionEditor.from_pretrained(args.model, device=args.device, torch_dtype=args.dtype,
+                                                  progress=False)
     size = editor.bundle.image_size
     rng = np.random.default_rng(args.seed)
     scenes = [world.sample_scene(rng, split="heldout", size=size) for _ in range(args.n)]
