@@ -328,15 +328,15 @@ class StyleDiffusionEditor:
                 outputs.append(run_method(ctx, spec, inv.method, method, inverted=inv))
             if output_type == "latent":  # nothing decoded, as diffusers' "latent"
                 images, reconstruction = torch.stack([out.latents[1] for out in outputs]), outputs[0].latents[0]
-                input_image = figure = None
             else:
                 pixels = [decode_latent(self.bundle, out.latents) for out in outputs]
                 source = inv.image if inv.image is not None else decode_latent(self.bundle, inv.z0)
                 images = pictures(torch.stack([p[1] for p in pixels]), output_type)
-                reconstruction, input_image = picture(pixels[0][0], output_type), tensor_to_pil(source)
+                reconstruction = picture(pixels[0][0], output_type)
+        input_image = figure = None
         if output_type != "latent":
-            figure = self._attention_figure(outputs[0], inv.source, input_image, output_type)
-            input_image = picture(source, output_type) if output_type != "pil" else input_image
+            figure = self._attention_figure(outputs[0], inv.source, tensor_to_pil(source), output_type)
+            input_image = picture(source, output_type)
         out = EditOutput(images=images, reconstruction=reconstruction, attention_maps=figure, input_image=input_image,
                          latents=[out.latents.cpu() for out in outputs], specs=specs,
                          cross_attention=[None if out.attention_maps is None else out.attention_maps.cpu()

@@ -39,7 +39,7 @@ class MethodContext:
     # The caller's generator (``generator=`` of the API): every draw of the method comes from it when it
     # is given; None = each method's own seed option (``generated_seed``, ``sdedit_seed``).
     generator: torch.Generator | None = None
-    # Called after every denoising step of an edit with (step index, latents (2, C, h, w)); what it
+    # Called after every denoising step (of an edit, or a generating inversion) with (step index, latents); what it
     # returns (None = unchanged) are the latents from then on (the API's ``callback_on_step_end``).
     step_callback: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None
 
