@@ -103,7 +103,8 @@ def main(argv=None) -> None:
         pairs = [method_pair(m) for m in args.methods]
     except UserError as err:
         p.error(str(err))
-    editor = StyleDiffusionEditor.from_pretrained(args.model, device=args.device, dtype=args.dtype, progress=False)
+    editor = StyleDiffusionEditor.from_pretrained(args.model, device=args.device, torch_dtype=args.dtype,
+                                                  progress=False)
     size = editor.bundle.image_size
     rng = np.random.default_rng(args.seed)
     scenes = [world.sample_scene(rng, split="heldout", size=size) for _ in range(args.n)]

@@ -104,7 +104,7 @@ def main(argv=None) -> None:
     for m in args.methods:
         get_inversion(method_name(m))
     torch.set_num_threads(1)
-    editor = StyleDiffusionEditor.from_pretrained(args.model, device="cpu", dtype=torch.float32, progress=False)
+    editor = StyleDiffusionEditor.from_pretrained(args.model, device="cpu", torch_dtype=torch.float32, progress=False)
     bundle = editor.bundle
     rng = np.random.default_rng(args.seed)
     scenes = [world.sample_scene(rng, split="heldout", size=bundle.image_size) for _ in range(args.n)]
@@ -136,10 +136,13 @@ def main(argv=None) -> None:
                                                 progress=False).latents
             drift = []
 
-            def on_step(i, z, drift=drift):
+            def on_step_end(editor, i, t, callback_kwargs, drift=drift):
+                z = callback_kwargs["latents"]
                 drift.append(float((z[:1] - trajectory[T - i - 1]).pow(2).mean()))
+                return callback_kwargs
 
-            out = editor.edit(inv, [scene.caption], guidance_scale=args.guidance_scale, on_step=on_step)
+            out = editor.edit(inv, [scene.caption], guidance_scale=args.guidance_scale,
+                              callback_on_step_end=on_step_end)
             recon = np.asarray(out.reconstruction)
             row = {"scene": s, "objects": objects, "sizes": sizes, "method": method,
                    "psnr": round(psnr(recon, scene.image), 3), "ssim": round(ssim(recon, scene.image), 4),

@@ -112,7 +112,7 @@ def main(argv=None) -> None:
     options = {k: float(v) for k, v in (o.split("=") for o in args.option)}
     options = {k: int(v) if k.endswith("downscale") else v for k, v in options.items()}
 
-    editor = StyleDiffusionEditor.from_pretrained(args.model, device="cpu", dtype=torch.float32, progress=False)
+    editor = StyleDiffusionEditor.from_pretrained(args.model, device="cpu", torch_dtype=torch.float32, progress=False)
     size = editor.bundle.image_size
     rng = np.random.default_rng(args.seed)
     pairs = [sample_pair(rng, size, heldout=k % 2 == 0) for k in range(args.n)]

@@ -1,21 +1,24 @@
 """The Python API: an editor over frozen Stable Diffusion components, ``invert`` then ``edit``.
 
-    editor = StyleDiffusionEditor.from_pretrained("CompVis/stable-diffusion-v1-4")  # or from_pipe(pipe)
-    inv = editor.invert(image, "a cat sitting on a chair")           # PIL image, path or array
+    editor = StyleDiffusionEditor.from_pretrained("CompVis/stable-diffusion-v1-4", torch_dtype=torch.float16)
+    inv = editor.invert(image, "a cat sitting on a chair")           # PIL image, path or array -> Inversion
     out = editor.edit(inv, "a tiger sitting on a chair", blend_words=("cat", "tiger"))
-    out.images[0], out.reconstruction, out.attention_maps             # PIL images
+    out.images[0], out.reconstruction, out.attention_maps             # PIL images (output_type="pil")
 
-Everything runs through the same internals as the command line (``models``, the methods registry,
-``editing.EditSpec``). Bad input raises ``UserError`` (a ``ValueError``) with the command line's
-messages; library messages go to ``logging`` (logger ``stylediffusion``); progress bars are tqdm's
-and can be switched off per editor or per call.
+In diffusers' shape: ``edit`` and ``transfer_style`` return ``BaseOutput``s (``outputs.EditOutput``)
+and take ``output_type`` ("pil", "np", "pt", "latent"), ``return_dict``, ``generator`` and
+``callback_on_step_end``; ``invert`` returns the ``Inversion`` itself (a value to save, load and
+edit, not a picture) and takes ``generator``. Everything runs through the same internals as the
+command line (``models``, the methods registry, ``editing.EditSpec``). Bad input raises
+``UserError`` (a ``ValueError``) with the command line's messages; library messages go to
+``logging`` (logger ``stylediffusion``); progress bars are tqdm's and can be switched off per editor
+or per call.
 """
 from __future__ import annotations
 
 import logging
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +30,12 @@ from .defaults import GUIDANCE_SCALE, NUM_DDIM_STEPS, NUM_INNER_STEPS, TAU_C, TA
 from .editing import EditSpec, build_controller, default_edit_type
 from .encoders import check_prompt_length, decode_latent
 from .errors import UserError
-from .image_io import image_grid, load_image, prepare_image, tensor_to_pil
-from .methods import MethodContext, get_edit, get_inversion, run_method
+from .image_io import load_image, prepare_image, tensor_to_pil
+from .methods import INVERSIONS, MethodContext, get_edit, get_inversion, run_method
 from .methods.registry import check_method_options
 from .models import (DEFAULT_IMAGE_ENCODER, DEFAULT_MODEL, ModelBundle, execution_device, load_models,
                      out_of_memory_as_user_error, resolve_dtype)
+from .outputs import EditOutput, check_output_type, picture, pictures, pil_picture
 from .results import Inversion
 from .training import TrainConfig
 
@@ -41,24 +45,8 @@ logger = logging.getLogger("stylediffusion")
 _TRAIN_OPTIONS = ("lr", "attention_loss", "attention_weight", "early_stop", "warm_start")
 
 
-@dataclass
-class EditOutput:
-    """What ``StyleDiffusionEditor.edit`` returns: one edited picture per target prompt."""
-
-    images: list[Image.Image]  # the edits, in the order of the targets
-    reconstruction: Image.Image  # the source branch: the inverted image regenerated
-    attention_maps: Image.Image | None  # the source prompt's cross-attention per word (edits that record it)
-    input_image: Image.Image  # what was inverted (for a generation: the source prompt's sample)
-    latents: list[torch.Tensor] = field(default_factory=list)  # (2, C, h, w) per target: [reconstruction, edit]
-    # per target: the averaged mid-low cross-attention maps (prompts, queries, tokens), None where not recorded
-    cross_attention: list[torch.Tensor | None] = field(default_factory=list)
-    specs: list[EditSpec] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def grid(self) -> Image.Image:
-        """input | reconstruction | edit 1 | edit 2 ..., labelled."""
-        labels = ["input", "reconstruction"] + [spec.target for spec in self.specs]
-        return image_grid([self.input_image, self.reconstruction, *self.images], labels)
+# Keywords of older versions and of diffusers' removed per-step callback: refused with the one way to do it now.
+_OLD_CALLBACKS = ("on_step", "callback", "callback_steps")
 
 
 def _resolve_device(device) -> torch.device:
@@ -106,23 +94,41 @@ class StyleDiffusionEditor:
         self._pipe = _pipe  # the borrowed pipeline (its offload hooks are reset after each call)
 
     # ------------------------------------------------------------------ construction
+    # What callback_on_step_end may ask for in callback_kwargs (diffusers' ``_callback_tensor_inputs``).
+    _callback_tensor_inputs = ["latents"]
+
     @classmethod
-    def from_pretrained(cls, model: str = DEFAULT_MODEL, image_encoder: str | None = None, device=None, dtype=None,
-                        seed: int = 0, progress: bool = True, vae: str | None = None,
-                        image_size: int | None = None) -> "StyleDiffusionEditor":
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike = DEFAULT_MODEL,
+                        image_encoder: str | None = None, device=None, torch_dtype=None, seed: int = 0,
+                        progress: bool = True, vae: str | None = None, image_size: int | None = None, *,
+                        model: str | None = None, dtype=None) -> "StyleDiffusionEditor":
         """Load a hub id or a local diffusers folder (or ``"testbed"``, ``"tiny"``) plus a CLIP vision tower.
 
-        ``device``: None = CUDA if available, else the CPU. ``dtype`` of the frozen UNet and encoders:
-        None = bfloat16 on GPUs with native bf16 (compute capability 8.0+), float16 on older GPUs, float32 on
-        the CPU (``models.resolve_dtype``; mapping networks, DDIM math and losses stay float32).
-        ``seed`` seeds the random weights of ``"tiny"``.
+        ``device``: None = CUDA if available, else the CPU. ``torch_dtype`` of the frozen UNet and
+        encoders (a ``torch.dtype`` or its name): None = bfloat16 on GPUs with native bf16 (compute
+        capability 8.0+), float16 on older GPUs, float32 on the CPU (``models.resolve_dtype``; mapping
+        networks, DDIM math and losses stay float32). ``seed`` seeds the random weights of ``"tiny"``.
         ``vae``: a VAE hub id or folder in place of the model's (e.g. ``madebyollin/sdxl-vae-fp16-fix``),
-        run in ``dtype``; the model's own VAE runs in float32. ``image_size``: pixels to run at (default:
-        the model's; 1024 for SDXL).
+        run in ``torch_dtype``; the model's own VAE runs in float32. ``image_size``: pixels to run at
+        (default: the model's; 1024 for SDXL). ``model=`` and ``dtype=`` are the former names of
+        ``pretrained_model_name_or_path`` and ``torch_dtype``: still taken, with a deprecation warning.
         """
+        if model is not None:
+            if pretrained_model_name_or_path != DEFAULT_MODEL:
+                raise UserError("from_pretrained got both pretrained_model_name_or_path and model=: pass "
+                                "pretrained_model_name_or_path only (model= is its former name).")
+            logger.warning("from_pretrained(model=...) is deprecated: pass pretrained_model_name_or_path "
+                           "(the first argument), as in diffusers.")
+            pretrained_model_name_or_path = model
+        if dtype is not None:
+            if torch_dtype is not None:
+                raise UserError("from_pretrained got both torch_dtype= and dtype=: pass torch_dtype only "
+                                "(dtype= is its former name).")
+            logger.warning("from_pretrained(dtype=...) is deprecated: pass torch_dtype=, as in diffusers.")
+            torch_dtype = dtype
         device = _resolve_device(device)
-        bundle = load_models(str(model), image_encoder, device=device, dtype=_resolve_dtype(dtype, device), seed=seed,
-                             vae=vae, image_size=image_size)
+        bundle = load_models(str(pretrained_model_name_or_path), image_encoder, device=device,
+                             dtype=_resolve_dtype(torch_dtype, device), seed=seed, vae=vae, image_size=image_size)
         if bundle.untrained:
             logger.warning("the 'tiny' model has random, untrained weights: outputs show the mechanics, not real edits.")
         return cls(bundle, progress=progress)
@@ -187,18 +193,31 @@ class StyleDiffusionEditor:
     # ------------------------------------------------------------------ the two calls
     def invert(self, image, prompt: str, method: str = "stylediffusion", num_inference_steps: int = NUM_DDIM_STEPS,
                num_inner_steps: int = NUM_INNER_STEPS, guidance_scale: float = GUIDANCE_SCALE, progress: bool | None = None,
-               checkpoint: str | Path | None = None, seed: int = 0, **options) -> Inversion:
+               checkpoint: str | Path | None = None, seed: int | None = None, generator=None,
+               callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), **options) -> Inversion:
         """Invert ``image`` (a PIL image, a file path, or an array) described by ``prompt``.
 
+        Returns the ``Inversion`` itself (not a ``BaseOutput``): a value to ``save``, ``load`` and pass to
+        ``edit``; it holds no pictures, so there is no ``output_type`` / ``return_dict`` here.
         ``method``: any registered inversion (``stylediffusion.methods.INVERSIONS``); ``"generated"``
         takes ``image=None`` and generates the source from ``generated_seed``. ``num_inference_steps``
         is T, ``num_inner_steps`` StyleDiffusion's K. Other keywords: training settings (``lr``,
         ``attention_loss``, ``early_stop``) and method options (``variant="replace"``,
         ``embedding="key"``, ``nulltext_iterations=10``...; docs/methods.md). ``checkpoint``: a file
         where an optimising inversion is saved and resumed from, the command line's and
-        ``Inversion.save``'s one format (None = in memory only). The global random state is left alone; ``seed`` seeds what the method draws.
+        ``Inversion.save``'s one format (None = in memory only). The global random state is left
+        alone. What the method draws (the mapping networks' initial weights, ``generated``'s z_T) comes from ``generator`` (a ``torch.Generator``,
+        which advances by what was drawn, or an int seed; a CPU generator seeded with s draws what
+        ``seed=s`` does), else from ``seed`` (default 0) and the method's seed option.
+        ``callback_on_step_end(editor, step_index, timestep, callback_kwargs)`` (diffusers' signature)
+        is called after each denoising step of inversions that have them (``generated``).
         """
         inversion_method = get_inversion(method)
+        _refuse_old_callbacks(options)
+        for name in ("output_type", "return_dict"):
+            if name in options:
+                raise UserError(f"invert returns an Inversion (a value to save, load and edit), not pictures: "
+                                f"{name}= is an argument of edit and transfer_style.")
         if not isinstance(num_inference_steps, int) or not isinstance(num_inner_steps, int) \
                 or num_inference_steps < 1 or num_inner_steps < 1:
             raise UserError("num_inference_steps and num_inner_steps must be whole numbers of at least 1.")
@@ -210,26 +229,37 @@ class StyleDiffusionEditor:
             raise UserError(f"num_inference_steps {num_inference_steps} is more than the scheduler's {limit} training "
                             f"timesteps: use at most {limit}.")
         guidance_scale = validate.number(guidance_scale, "guidance_scale", minimum=0.0, maximum=validate.MAX_GUIDANCE)
-        seed = validate.number(seed, "seed", minimum=0, maximum=2**63 - 1, integer=True)
+        generator = _generator(generator)
+        if generator is not None and seed is not None:
+            raise UserError("invert got both seed= and generator=: pass one (generator=torch.Generator()"
+                            ".manual_seed(s) draws what seed=s does).")
+        seed = 0 if seed is None else validate.number(seed, "seed", minimum=0, maximum=2**63 - 1, integer=True)
+        if callback_on_step_end is not None and not inversion_method.denoising_steps:
+            raise UserError(f"invert with method={method!r} runs no denoising steps, so callback_on_step_end "
+                            f"would never be called (the inversions that have them: "
+                            f"{', '.join(n for n, m in INVERSIONS.items() if m.denoising_steps)}).")
         pixels = None
         if image is not None or method != "generated":
             pixels = self._pixels(image)
         cfg = TrainConfig(num_inner_steps=num_inner_steps, guidance_scale=float(guidance_scale),
                           **{k: options.pop(k) for k in _TRAIN_OPTIONS if k in options})
-        options = _method_options(options, method)
+        options = check_method_options(options, method)
+        _refuse_two_seeds(generator, options)
         progress = self.progress if progress is None else progress
         ctx = MethodContext(self.bundle, pixels, prompt, num_inference_steps, cfg,
                             None if checkpoint is None else Path(checkpoint), progress=progress, options=options)
-        cuda = [self.bundle.device.index or 0] if self.bundle.device.type == "cuda" else []
-        with self._lent(), torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(seed)
+        with self._lent(), self._random_state(generator, seed) as draws:
+            ctx.generator = draws
+            ctx.step_callback = self._step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                                    ctx.schedule)
             inv = inversion_method.invert(ctx)
         return inv.record_origin(self.bundle, pixels, prompt, num_inference_steps, options)
 
     def edit(self, inversion: Inversion, target: str | EditSpec | list, tau_v: float = TAU_V, tau_c: float | dict = TAU_C,
              tau_s: float = TAU_S, tau_u: float = TAU_U, blend_words=None, edit_type: str | None = None,
              eq_params: dict | None = None, method: str = "p2p", generator=None, guidance_scale: float = GUIDANCE_SCALE,
-             progress: bool | None = None, **options) -> EditOutput:
+             progress: bool | None = None, output_type: str = "pil", return_dict: bool = True,
+             callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), **options):
         """Edit an inversion into one target prompt or several (one output image each).
 
         A target may also be an ``editing.EditSpec`` (with its own τ, edit type, blend words...; its
@@ -240,11 +270,23 @@ class StyleDiffusionEditor:
         ``blend_words`` = (source word, target word) for LocalBlend (or ``"cat tiger"``);
         ``edit_type`` = Replacement, Refinement or Reweight (None: Replacement when both prompts have
         the same number of words, else Refinement); ``eq_params`` = ``{'words': [...], 'values': [...]}``.
-        ``method``: any registered edit defined for the inversion's method. DDIM editing is
-        deterministic; ``generator`` (a ``torch.Generator`` or an int) seeds the noise of ``sdedit``.
-        Other keywords are method options (``masactrl_start_step=4``...; docs/methods.md).
+        ``method``: any registered edit defined for the inversion's method. Other keywords are method
+        options (``masactrl_start_step=4``...; docs/methods.md).
+
+        As a diffusers pipeline: returns an ``EditOutput`` (a ``BaseOutput``), or with
+        ``return_dict=False`` the tuple ``(images, reconstruction, attention_maps)``; ``output_type``
+        "pil" (default), "np", "pt" or "latent" (``outputs`` module). DDIM editing is deterministic;
+        ``generator`` (a ``torch.Generator`` on any device, an int seed, or a list of generators, one
+        per target) draws the noise of ``sdedit``: every target starts from the same draw of one
+        generator (a CPU generator seeded with s draws what ``sdedit_seed=s`` does).
+        ``callback_on_step_end(editor, step_index, timestep, callback_kwargs) -> dict`` is called at the
+        end of every denoising step of each target's edit; ``callback_kwargs["latents"]`` (the names in
+        ``callback_on_step_end_tensor_inputs``) are the (2, C, h, w) latents [reconstruction, edit], and
+        the ``"latents"`` of the dict it returns (None: unchanged) continue the loop.
         """
         guidance_scale = validate.number(guidance_scale, "guidance_scale", minimum=0.0, maximum=validate.MAX_GUIDANCE)
+        _refuse_old_callbacks(options)
+        output_type = check_output_type(output_type)
         if not isinstance(inversion, Inversion):
             raise UserError(f"edit needs an Inversion (from editor.invert or Inversion.load), got "
                             f"{type(inversion).__name__}.")
@@ -253,7 +295,7 @@ class StyleDiffusionEditor:
         targets = [target] if single else list(target) if isinstance(target, (list, tuple)) else None
         if not targets or not all(isinstance(t, EditSpec) or (isinstance(t, str) and t.strip()) for t in targets):
             raise UserError("edit needs a target prompt (the edited caption) or a non-empty list of them.")
-        edit_method = get_edit(method, inversion.method)
+        get_edit(method, inversion.method)  # an unknown edit, or one not defined for the inversion, before any work
         T = inversion.num_steps
         no_blend = isinstance(blend_words, str) and not blend_words
         blend = None if no_blend else validate.blend_words(blend_words, "blend_words")
@@ -268,35 +310,40 @@ class StyleDiffusionEditor:
         for spec in specs:  # every word-level problem before any work
             check_prompt_length(self.bundle.tokenizer, spec.target)
             build_controller(spec, self.bundle.tokenizer, T)
-        if generator is not None and any(o.name == "sdedit_seed" for o in edit_method.options):
-            options.setdefault("sdedit_seed", generator if isinstance(generator, int) else generator.initial_seed())
-        options = _method_options(options, inversion.method, method)
+        generators = _generators(generator, len(specs))
+        options = check_method_options(options, inversion.method, method)
+        _refuse_two_seeds(generators[0], options)
         progress = self.progress if progress is None else progress
         inv = inversion.to(self.bundle.device)
         ctx = MethodContext(self.bundle, inv.image, inv.source, T, TrainConfig(guidance_scale=float(guidance_scale)),
                             None, progress=progress, options=options)
+        ctx.step_callback = self._step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, ctx.schedule)
         with self._lent():
-            outputs = [run_method(ctx, spec, inv.method, method, inverted=inv) for spec in specs]
-            pixels = [decode_latent(self.bundle, out.latents) for out in outputs]
-            source = inv.image if inv.image is not None else decode_latent(self.bundle, inv.z0)
-        input_image = tensor_to_pil(source)
-        maps = outputs[0].attention_maps
-        figure = None
-        if maps is not None:
-            from .visualize import attention_figure
-
-            h, w = outputs[0].latents.shape[-2:]
-            figure = attention_figure(maps[0], inv.source, self.bundle.tokenizer, (h // 4, w // 4), input_image)
-        return EditOutput(images=[tensor_to_pil(p[1]) for p in pixels], reconstruction=tensor_to_pil(pixels[0][0]),
-                          attention_maps=figure, input_image=input_image,
-                          latents=[out.latents.cpu() for out in outputs], specs=specs,
-                          cross_attention=[None if out.attention_maps is None else out.attention_maps.cpu()
-                                           for out in outputs],
-                          seconds=sum(out.seconds.get("edit", 0.0) for out in outputs))
+            outputs = []
+            for spec, draws in zip(specs, _rewound(generators)):
+                ctx.generator = draws
+                outputs.append(run_method(ctx, spec, inv.method, method, inverted=inv))
+            if output_type == "latent":  # nothing decoded, as diffusers' "latent"
+                images, reconstruction = torch.stack([out.latents[1] for out in outputs]), outputs[0].latents[0]
+            else:
+                pixels = [decode_latent(self.bundle, out.latents) for out in outputs]
+                source = inv.image if inv.image is not None else decode_latent(self.bundle, inv.z0)
+                images = pictures(torch.stack([p[1] for p in pixels]), output_type)
+                reconstruction = picture(pixels[0][0], output_type)
+        input_image = figure = None
+        if output_type != "latent":
+            figure = self._attention_figure(outputs[0], inv.source, tensor_to_pil(source), output_type)
+            input_image = picture(source, output_type)
+        out = EditOutput(images=images, reconstruction=reconstruction, attention_maps=figure, input_image=input_image,
+                         latents=[out.latents.cpu() for out in outputs], specs=specs,
+                         cross_attention=[None if out.attention_maps is None else out.attention_maps.cpu()
+                                          for out in outputs],
+                         seconds=sum(out.seconds.get("edit", 0.0) for out in outputs))
+        return out if return_dict else (out.images, out.reconstruction, out.attention_maps)
 
     def transfer_style(self, style_inversion: Inversion, content_image, content_prompt: str | None = None,
                        guidance_scale: float = GUIDANCE_SCALE, progress: bool | None = None, style_reconstruction: bool = True,
-                       **options) -> EditOutput:
+                       output_type: str = "pil", return_dict: bool = True, **options):
         """Style transfer (the paper's §5.2.7): the content image's structure in the style of the image
         ``style_inversion`` was made from (a StyleDiffusion inversion: its learned values are the style).
 
@@ -304,7 +351,9 @@ class StyleDiffusionEditor:
         Plug-and-Play) and its decoder features are injected into a sampling pass that uses the style's
         prompt and learned values; nothing is optimised on the content. ``images[0]`` is the transfer,
         ``reconstruction`` the style's own reconstruction (None with ``style_reconstruction=False``, which
-        saves its sampling pass), ``input_image`` the content; ``grid()`` shows content | style | transfer. Options (``style_transfer.TRANSFER_OPTIONS``; docs/method.md):
+        saves its sampling pass), ``input_image`` the content; ``grid()`` shows content | style | transfer.
+        ``output_type`` and ``return_dict`` as for ``edit`` (nothing here is random). Options
+        (``style_transfer.TRANSFER_OPTIONS``; docs/method.md):
         ``transfer_feature_fraction`` (.8), ``transfer_attention_fraction`` (.5),
         ``transfer_feature_downscale`` (4), ``transfer_attention_downscale`` (4), ``transfer_value_fraction``
         (1; 0 = the style prompt alone).
@@ -313,6 +362,7 @@ class StyleDiffusionEditor:
 
         check_style_inversion(style_inversion)
         self._check_model(style_inversion)
+        output_type = check_output_type(output_type)
         guidance_scale = validate.number(guidance_scale, "guidance_scale", minimum=0.0, maximum=validate.MAX_GUIDANCE)
         if content_image is None:
             raise UserError("style transfer needs a content image (its structure is kept): pass content_image.")
@@ -326,16 +376,24 @@ class StyleDiffusionEditor:
         with self._lent():
             result = run_style_transfer(self.bundle, style_inversion, pixels, content_prompt, opts,
                                         float(guidance_scale), progress, reconstruction=bool(style_reconstruction))
-            decoded = decode_latent(self.bundle, torch.cat([result.latents] + (
-                [result.reconstruction] if result.reconstruction is not None else [])))
-            style_pixels = style_inversion.image if style_inversion.image is not None else \
-                decode_latent(self.bundle, style_inversion.z0.to(self.bundle.device))
+            if output_type != "latent":
+                decoded = decode_latent(self.bundle, torch.cat([result.latents] + (
+                    [result.reconstruction] if result.reconstruction is not None else [])))
+                style_pixels = style_inversion.image if style_inversion.image is not None else \
+                    decode_latent(self.bundle, style_inversion.z0.to(self.bundle.device))
+        if output_type == "latent":
+            images = result.latents[1:]
+            reconstruction = None if result.reconstruction is None else result.reconstruction[0]
+            content = style = None
+        else:
+            images = pictures(decoded[1:2], output_type)
+            reconstruction = picture(decoded[2], output_type) if len(decoded) > 2 else None
+            content, style = (picture(p.to(self.bundle.device), output_type) for p in (pixels, style_pixels))
         spec = EditSpec(content_prompt or "", style_inversion.source, guidance_scale=float(guidance_scale))
-        return TransferOutput(images=[tensor_to_pil(decoded[1])],
-                              reconstruction=tensor_to_pil(decoded[2]) if len(decoded) > 2 else None,
-                              attention_maps=None, input_image=tensor_to_pil(pixels),
-                              latents=[result.latents.cpu()], specs=[spec], seconds=result.seconds,
-                              style_image=tensor_to_pil(style_pixels), options=opts)
+        out = TransferOutput(images=images, reconstruction=reconstruction, attention_maps=None, input_image=content,
+                             latents=[result.latents.cpu()], specs=[spec], seconds=result.seconds, style_image=style,
+                             options=opts)
+        return out if return_dict else (out.images, out.reconstruction, out.attention_maps)
 
     # ------------------------------------------------------------------ helpers
     def _pixels(self, image) -> torch.Tensor:
@@ -352,6 +410,67 @@ class StyleDiffusionEditor:
         for note in notes:
             logger.info("note: %s", note)
         return pixels
+
+    @contextmanager
+    def _random_state(self, generator: torch.Generator | None, seed: int):
+        """torch's global random state for one ``invert`` (forked: left as it was afterwards), and the
+        generator the method draws explicit noise from (None: its seed option). Without ``generator`` the
+        fork is seeded with ``seed``. A CPU generator's state becomes the fork's (so the method's implicit
+        draws, e.g. initial weights, come from it) and the generator continues from where the call left
+        it; a generator on another device seeds the fork with one draw and gives the explicit noise."""
+        cuda = [self.bundle.device.index or 0] if self.bundle.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            if generator is None:
+                torch.manual_seed(seed)
+                yield None
+            elif generator.device.type == "cpu":
+                torch.manual_seed(generator.initial_seed())
+                torch.default_generator.set_state(generator.get_state())
+                yield torch.default_generator
+                generator.set_state(torch.default_generator.get_state())
+            else:
+                torch.manual_seed(int(torch.randint(0, 2**63 - 1, (1,), generator=generator, device=generator.device)))
+                yield generator
+
+    def _step_callback(self, callback, tensor_inputs, schedule):
+        """diffusers' ``callback_on_step_end`` as the methods' ``MethodContext.step_callback(i, latents)``."""
+        if callback is None:
+            return None
+        if not callable(callback):
+            raise UserError(f"callback_on_step_end must be a function fn(editor, step_index, timestep, "
+                            f"callback_kwargs) -> dict, got {type(callback).__name__}.")
+        names = [tensor_inputs] if isinstance(tensor_inputs, str) else list(tensor_inputs or ())
+        unknown = [n for n in names if n not in self._callback_tensor_inputs]
+        if unknown:
+            raise UserError(f"callback_on_step_end_tensor_inputs may name {', '.join(self._callback_tensor_inputs)}, "
+                            f"not {unknown[0]!r}.")
+
+        def step(i: int, latents: torch.Tensor) -> torch.Tensor:
+            tensors = {"latents": latents}
+            returned = callback(self, i, schedule.timesteps[i], {n: tensors[n] for n in names})
+            if returned is None:
+                return latents
+            if not isinstance(returned, dict):
+                raise UserError(f"callback_on_step_end must return a dict (its callback_kwargs) or None, got "
+                                f"{type(returned).__name__}.")
+            new = returned.get("latents", latents)
+            if not isinstance(new, torch.Tensor) or new.shape != latents.shape:
+                raise UserError(f"callback_on_step_end returned latents of shape "
+                                f"{tuple(getattr(new, 'shape', ()))}; the step's are {tuple(latents.shape)}.")
+            return new.to(latents)
+
+        return step
+
+    def _attention_figure(self, output, source_prompt: str, input_image: Image.Image, output_type: str):
+        """The source prompt's cross-attention per word over the input (None where the edit records none)."""
+        maps = output.attention_maps
+        if maps is None:
+            return None
+        from .visualize import attention_figure
+
+        h, w = output.latents.shape[-2:]
+        figure = attention_figure(maps[0], source_prompt, self.bundle.tokenizer, (h // 4, w // 4), input_image)
+        return pil_picture(figure, output_type, self.bundle.device)
 
     def _check_model(self, inv: Inversion) -> None:
         made_for = inv.model.get("model_fingerprint")
@@ -397,12 +516,53 @@ class StyleDiffusionEditor:
                 sub.training = mode
 
 
-def _method_options(options: dict, inversion: str, edit: str | None = None) -> dict:
-    """Keyword options checked against what the methods declare (a typo is a UserError naming what they
-    take); callables (``on_step``, an observer of the edit loop) pass through."""
-    callbacks = {k: v for k, v in options.items() if callable(v)}
-    plain = {k: v for k, v in options.items() if not callable(v)}
-    return {**check_method_options(plain, inversion, edit), **callbacks}
+def _refuse_old_callbacks(options: dict) -> None:
+    """The per-step callback of older versions (``on_step=``) and diffusers' removed one: one line each."""
+    for name in _OLD_CALLBACKS:
+        if name in options:
+            raise UserError(f"{name}= is no longer taken: pass callback_on_step_end=fn, called as fn(editor, "
+                            f"step_index, timestep, callback_kwargs) at the end of every denoising step and returning "
+                            f"callback_kwargs (diffusers' signature; callback_kwargs['latents'] are the step's latents).")
+
+
+def _generator(generator) -> torch.Generator | None:
+    """``generator=`` as the API takes it: None, a ``torch.Generator`` (any device), or an int seed (a new
+    CPU generator seeded with it)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, bool) or not isinstance(generator, int):
+        raise UserError(f"generator must be a torch.Generator or an int seed, got {type(generator).__name__}.")
+    return torch.Generator().manual_seed(validate.number(generator, "generator", minimum=0, maximum=2**63 - 1,
+                                                         integer=True))
+
+
+def _generators(generator, count: int) -> list[torch.Generator | None]:
+    """One generator per target: a list of them as given (diffusers' per-prompt generators), else the one."""
+    if not isinstance(generator, (list, tuple)):
+        return [_generator(generator)] * count
+    if len(generator) != count or not all(isinstance(g, torch.Generator) for g in generator):
+        raise UserError(f"generator is a list of {len(generator)} items for {count} target(s): pass one "
+                        f"torch.Generator per target, or a single generator for all.")
+    return list(generator)
+
+
+def _rewound(generators: list[torch.Generator | None]):
+    """The generators of the targets in turn; one generator shared by all is put back, before each target,
+    where it stood before the first, so that every target is an edit of the same draw."""
+    starts = {id(g): g.get_state() for g in generators if g is not None}
+    shared = len(generators) > 1 and all(g is generators[0] for g in generators)
+    for g in generators:
+        if shared and g is not None:
+            g.set_state(starts[id(g)])
+        yield g
+
+
+def _refuse_two_seeds(generator: torch.Generator | None, options: dict) -> None:
+    """A method's seed option (``generated_seed``, ``sdedit_seed``) and ``generator=`` both choose its noise."""
+    seeds = [k for k in options if k.endswith("_seed")]
+    if generator is not None and seeds:
+        raise UserError(f"got both generator= and {seeds[0]}=: pass one (torch.Generator().manual_seed(s) draws "
+                        f"what {seeds[0]}=s does).")
 
 
 def _second_text_encoder(pipe) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -154,11 +155,13 @@ class EditResult:
 def run_edit(bundle: ModelBundle, schedule: DDIMSchedule, z_T: torch.Tensor, spec: EditSpec,
              mappers: MappingNetworks | None = None, image_features: torch.Tensor | None = None,
              controller: PromptToPromptController | None = None, progress: bool = True,
-             hooks: EditHooks | None = None, embedding: str = "value") -> EditResult:
+             hooks: EditHooks | None = None, embedding: str = "value",
+             step_callback: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> EditResult:
     """P2P/P2Plus edit from z*_T. With ``mappers`` the conditional rows use learned value inputs:
     the source row at every step, the target row while i < tau_v*T (then its plain embedding).
     ``hooks`` lets other inversions change the text, the guidance or the latents of each step;
-    ``embedding`` ("value", "key", "key_value") is where the learned embedding goes (training ablations)."""
+    ``embedding`` ("value", "key", "key_value") is where the learned embedding goes (training ablations);
+    ``step_callback(i, z)`` gets the latents at the end of every step (after LocalBlend) and returns them."""
     T = schedule.num_steps
     controller = controller or build_controller(spec, bundle.tokenizer, T)
     state = install_attention_control(bundle.unet)
@@ -190,4 +193,6 @@ def run_edit(bundle: ModelBundle, schedule: DDIMSchedule, z_T: torch.Tensor, spe
             if hooks is not None:  # e.g. DirectInversion's offset: added before LocalBlend, as PnPInversion does
                 z = hooks.after_step(i, z)
             z = controller.after_step(z, state)
+            if step_callback is not None:
+                z = step_callback(i, z)
     return EditResult(z, controller)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -80,8 +81,10 @@ def ddim_inversion(bundle: ModelBundle, schedule: DDIMSchedule, z0: torch.Tensor
 
 @torch.no_grad()
 def guided_sampling(bundle: ModelBundle, schedule: DDIMSchedule, z_T: torch.Tensor, cond: torch.Tensor,
-                    uncond: torch.Tensor, guidance_scale: float, progress: bool = False) -> torch.Tensor:
-    """Plain classifier-free-guided DDIM sampling from z_T (one row per prompt); no attention control."""
+                    uncond: torch.Tensor, guidance_scale: float, progress: bool = False,
+                    step_callback: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Plain classifier-free-guided DDIM sampling from z_T (one row per prompt); no attention control.
+    ``step_callback(i, z)`` gets the latents after every step and returns them."""
     n = cond.shape[0]
     z_T = z_T.to(bundle.device)
     z = z_T.expand(n, -1, -1, -1) if z_T.shape[0] == 1 else z_T
@@ -89,4 +92,6 @@ def guided_sampling(bundle: ModelBundle, schedule: DDIMSchedule, z_T: torch.Tens
     for i in tqdm(range(schedule.num_steps), desc="sampling", disable=not progress, leave=False):
         eps_u, eps_c = predict(bundle, schedule, torch.cat([z, z]), i, text, BatchLayout.guided(n)).chunk(2)
         z = schedule.sample_step(guided(eps_u, eps_c, guidance_scale), z, i)
+        if step_callback is not None:
+            z = step_callback(i, z)
     return z

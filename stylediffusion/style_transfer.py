@@ -32,11 +32,11 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .api import EditOutput
 from .attention_control import (
     AttentionController,
     BatchLayout,
@@ -57,6 +57,7 @@ from .methods.attention_edits import (
 from .methods.common import learned_embedding
 from .methods.registry import MethodOption
 from .models import ModelBundle
+from .outputs import EditOutput, to_pil
 from .results import Inversion
 from .sampling import ddim_inversion, predict
 from .training import embedding_inputs
@@ -171,12 +172,15 @@ class TransferOutput(EditOutput):
     """``StyleDiffusionEditor.transfer_style``'s result: an ``EditOutput`` whose ``images[0]`` is the transfer,
     ``input_image`` the content, ``reconstruction`` the style's own reconstruction."""
 
-    style_image: Image.Image | None = None
+    style_image: Image.Image | np.ndarray | torch.Tensor | None = None  # in the call's output_type
     options: dict = field(default_factory=dict)
 
     def grid(self) -> Image.Image:
-        """content | style | transfer (the paper's Fig. 20)."""
-        return transfer_grid(self.input_image, self.style_image or self.reconstruction, self.images[0])
+        """content | style | transfer (the paper's Fig. 20), a PIL image whatever the output_type."""
+        if self.input_image is None:
+            raise UserError("grid() needs decoded pictures: this output holds latents (output_type='latent').")
+        style = self.style_image if self.style_image is not None else self.reconstruction
+        return transfer_grid(*(to_pil(p) for p in (self.input_image, style, self.images[0])))
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers.utils import BaseOutput
 from PIL import Image
 
 from stylediffusion import EditOutput, Inversion, StyleDiffusionEditor, UserError
@@ -36,7 +37,10 @@ def run_readme(code: str, where: Path, monkeypatch, namespace: dict | None = Non
                  "attention_maps.png"):
         assert (where / name).is_file(), name
     out = namespace["out"]
-    assert isinstance(out, EditOutput) and len(out.images) == 2
+    assert isinstance(out, EditOutput) and isinstance(out, BaseOutput) and len(out.images) == 2
+    assert out["images"] is out.images and out.to_tuple()[0] is out.images
+    arrays = namespace["arrays"]
+    assert arrays.dtype == np.float32 and arrays.shape == (1, *out.images[0].size[::-1], 3)
     assert all(isinstance(im, Image.Image) for im in [*out.images, out.reconstruction, out.attention_maps])
     return namespace
 
@@ -69,7 +73,7 @@ def test_readme_example_runs_on_a_borrowed_pipeline_and_leaves_it_as_found(tmp_p
     pointers = {k: next(m.parameters()).data_ptr() for k, m in modules.items()}
 
     code = readme_example()
-    line = 'editor = StyleDiffusionEditor.from_pretrained("testbed")'
+    line = 'editor = StyleDiffusionEditor.from_pretrained("testbed", torch_dtype=torch.float32)'
     assert line in code
     code = code.replace(line, "editor = StyleDiffusionEditor.from_pipe(pipe, image_encoder=image_encoder)")
     ns = run_readme(code, tmp_path, monkeypatch, {"pipe": pipe, "image_encoder": image_encoder})

@@ -80,7 +80,8 @@ def test_spdinv_fixed_point_residual_below_ddim(tiny, image, inverted):
 
 def trajectory(tiny, image, inv, edit, spec=SPEC, **options):
     steps = []
-    ctx = context(tiny, image, on_step=lambda i, z: steps.append(z.clone()), **options)
+    ctx = context(tiny, image, **options)
+    ctx.step_callback = lambda i, z: steps.append(z.clone())
     out = run_method(ctx, spec, inv.method, edit, inverted=inv)
     return out.latents, steps
 

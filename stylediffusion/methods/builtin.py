@@ -54,15 +54,16 @@ def p2p_edit(ctx: MethodContext, inv: Inversion, spec: EditSpec) -> MethodOutput
 
 def word_swap_edit(ctx: MethodContext, inv: Inversion, spec: EditSpec) -> MethodOutput:
     b = ctx.bundle
-    hooks = edit_loop_inputs(ctx, inv).get("hooks")  # the inversion's per-step changes, not its learned values
-    if hooks is None:  # plain sampling
+    inputs = edit_loop_inputs(ctx, inv)
+    hooks = inputs.get("hooks")  # the inversion's per-step changes, not its learned values
+    if hooks is None and ctx.step_callback is None:  # plain sampling
         cond = encode_prompts(b, [spec.source, spec.target])
         z = guided_sampling(b, ctx.schedule, inv.z_T, cond, encode_prompts(b, [""]), spec.guidance_scale,
                             progress=ctx.progress)
         return MethodOutput(z, inv)
     # Null-text embeddings, NPI's negative prompt, DirectInversion's offsets... with no attention control.
     result = run_edit(b, ctx.schedule, inv.z_T, spec, controller=AttentionController(), progress=ctx.progress,
-                      hooks=hooks)
+                      hooks=hooks, step_callback=inputs.get("step_callback"))
     return MethodOutput(result.latents, inv)
 
 

@@ -36,10 +36,29 @@ class MethodContext:
     checkpoint: Path | None = None  # where an optimising inversion stores/loads its result
     progress: bool = True
     options: dict = field(default_factory=dict)  # method-specific options (e.g. {"variant": "replace"})
+    # The caller's generator (``generator=`` of the API): every draw of the method comes from it when it
+    # is given; None = each method's own seed option (``generated_seed``, ``sdedit_seed``).
+    generator: torch.Generator | None = None
+    # Called after every denoising step (of an edit, or a generating inversion) with (step index, latents); what it
+    # returns (None = unchanged) are the latents from then on (the API's ``callback_on_step_end``).
+    step_callback: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None
 
     @property
     def schedule(self) -> DDIMSchedule:
         return DDIMSchedule(self.bundle.scheduler, self.num_steps)
+
+    def randn(self, shape, seed: int) -> torch.Tensor:
+        """N(0, I) float32 noise of ``shape``: drawn from the caller's generator (on its device) when one
+        was given, else from a fresh CPU generator seeded with ``seed`` (the method's seed option)."""
+        generator = self.generator if self.generator is not None else torch.Generator().manual_seed(seed)
+        return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+
+    def after_step(self, i: int, z: torch.Tensor) -> torch.Tensor:
+        """The latents after step ``i`` as ``step_callback`` leaves them (unchanged without one)."""
+        if self.step_callback is None:
+            return z
+        new = self.step_callback(i, z)
+        return z if new is None else new
 
 
 # The one result type of every inversion is ``results.Inversion``; ``Inverted`` is its former name.
@@ -98,6 +117,7 @@ class InversionMethod:
     paper: str = ""
     defaults: str = ""  # one line for --list_methods
     options: tuple[MethodOption, ...] = ()
+    denoising_steps: bool = False  # whether ``invert`` samples (and calls ``ctx.step_callback`` after each step)
 
     def invert(self, ctx: MethodContext) -> Inversion:
         raise NotImplementedError
@@ -174,36 +194,14 @@ def register(method: InversionMethod | EditMethod) -> InversionMethod | EditMeth
     return method
 
 
-class _ObservedHooks(EditHooks):
-    """An inversion's hooks plus an observer of the latents after every step (``options["on_step"]``)."""
-
-    def __init__(self, inner: EditHooks, on_step: Callable[[int, torch.Tensor], None]):
-        self.inner, self.on_step = inner, on_step
-
-    def text(self, i, text):
-        return self.inner.text(i, text)
-
-    def guide(self, i, eps_u, eps_c, z, guidance_scale):
-        return self.inner.guide(i, eps_u, eps_c, z, guidance_scale)
-
-    def after_step(self, i, z):
-        z = self.inner.after_step(i, z)
-        self.on_step(i, z)
-        return z
-
-    def target_values(self, i, values, plain, spec, tokenizer):
-        return self.inner.target_values(i, values, plain, spec, tokenizer)
-
-
 def edit_loop_inputs(ctx: MethodContext, inv: Inversion) -> dict:
     """The ``editing.run_edit`` keyword arguments that carry what ``inv``'s method contributes to an edit:
-    its ``edit_inputs`` and its hooks (with the ``on_step`` observer, if one is given)."""
+    its ``edit_inputs``, its hooks, and the context's ``step_callback`` (when one is given)."""
     method = get_inversion(inv.method)
     inputs = dict(method.edit_inputs(ctx, inv))
     hooks = method.edit_hooks(ctx, inv)
-    on_step = ctx.options.get("on_step")
-    if on_step is not None:
-        hooks = _ObservedHooks(hooks or EditHooks(), on_step)
+    if ctx.step_callback is not None:
+        inputs["step_callback"] = ctx.after_step
     if hooks is not None:
         inputs["hooks"] = hooks
     return inputs

@@ -1,7 +1,8 @@
 """SDEdit (Meng et al., ICLR 2022), alone or after a StyleDiffusion inversion (paper Fig. 18).
 
 The input latent z0 is noised to the level of sampling step i0 = T - int(strength T) (strength 0.5 by
-default), z = sqrt(a) z0 + sqrt(1 - a) n with n ~ N(0, I) from ``sdedit_seed`` (0), and both rows
+default), z = sqrt(a) z0 + sqrt(1 - a) n with n ~ N(0, I) from ``sdedit_seed`` (0; or the caller's
+generator), and both rows
 (source prompt, target prompt) are denoised with classifier-free guidance from there. After a
 StyleDiffusion inversion the conditional rows use the learned value inputs as in P2Plus: the source
 row M_i(E(x), c_src) at every step, the target row M_i(E(x), c_tgt) for steps < tau_v T.
@@ -30,7 +31,7 @@ def sdedit(ctx: MethodContext, inv: Inversion, spec: EditSpec, strength: float =
     b, schedule, T = ctx.bundle, ctx.schedule, ctx.num_steps
     start = T - int(strength * T + 1e-9)
     z0 = inv.z0.to(b.device)
-    noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed)).to(z0)
+    noise = ctx.randn(z0.shape, seed).to(z0)
     a = schedule.alpha(start).to(z0) if start < T else torch.ones((), device=z0.device)
     z = (a.sqrt() * z0 + (1 - a).sqrt() * noise).expand(2, -1, -1, -1).clone()
     cond = encode_prompts(b, [spec.source, spec.target])
@@ -47,7 +48,7 @@ def sdedit(ctx: MethodContext, inv: Inversion, spec: EditSpec, strength: float =
             values = torch.cat([uncond, mappers[i](inv.image_features, cond[:1]), v_tgt])
         eps_u, eps_c = predict(b, schedule, torch.cat([z, z]), i, text, BatchLayout.guided(2),
                                **embedding_inputs(embedding, values)).chunk(2)
-        z = schedule.sample_step(guided(eps_u, eps_c, spec.guidance_scale), z, i)
+        z = ctx.after_step(i, schedule.sample_step(guided(eps_u, eps_c, spec.guidance_scale), z, i))
     return z
 
 
