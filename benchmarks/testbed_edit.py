@@ -16,20 +16,26 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from stylediffusion import StyleDiffusionEditor, UserError
-from stylediffusion.defaults import GUIDANCE_SCALE, NUM_DDIM_STEPS, TAU_C, TAU_S, TAU_V
-from stylediffusion.cli import method_options
-from stylediffusion.editing import EditSpec, default_edit_type
-from stylediffusion.files import append_csv_rows, atomic_write_text
-from stylediffusion.image_io import image_grid, save_atomic
-from stylediffusion.methods import check_method_options, get_edit, get_inversion
-from stylediffusion.testbed import analyser, world
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.testbed_reports import save_sample_sheet, write_summary_table  # noqa: E402
+from stylediffusion import StyleDiffusionEditor, UserError  # noqa: E402
+from stylediffusion.cli import method_options  # noqa: E402
+from stylediffusion.defaults import GUIDANCE_SCALE, NUM_DDIM_STEPS, TAU_C, TAU_S, TAU_V  # noqa: E402
+from stylediffusion.editing import EditSpec, default_edit_type  # noqa: E402
+from stylediffusion.files import append_csv_rows, atomic_write_text  # noqa: E402
+from stylediffusion.image_io import image_grid  # noqa: E402
+from stylediffusion.methods import check_method_options, get_edit, get_inversion  # noqa: E402
+from stylediffusion.testbed import analyser, world  # noqa: E402
 
 KINDS = ("colour", "shape", "background")
 DEFAULT_METHODS = ("stylediffusion:p2plus", "stylediffusion:p2p", "ddim:p2p", "ddim:word_swap")
@@ -195,8 +201,7 @@ def write_outputs(args, rows) -> None:
                      + f" | {np.mean(bg) if bg else float('nan'):.2f} dB | "
                      f"{np.mean([r['reconstruction_psnr'] for r in mine]):.2f} dB | "
                      f"{np.mean([r['seconds'] for r in mine]) :.2f} |")
-    atomic_write_text(args.outdir / "summary.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_summary_table(args.outdir, lines)
 
 
 def write_samples(args, samples) -> None:
@@ -206,15 +211,7 @@ def write_samples(args, samples) -> None:
         flat = [im for triple in items for im in triple]
         strips.append(image_grid([im.resize((64, 64)) for im in flat]))
     if strips:
-        from PIL import Image
-
-        w = max(s.width for s in strips)
-        sheet = Image.new("RGB", (w, sum(s.height for s in strips)), "white")
-        y = 0
-        for s in strips:
-            sheet.paste(s, (0, y))
-            y += s.height
-        save_atomic(sheet, args.outdir / "samples.png")
+        save_sample_sheet(strips, args.outdir / "samples.png")
         keys = [f"{m} / {k}" for m, k in samples]
         atomic_write_text(args.outdir / "samples.txt", "rows of samples.png (input, edit, ground truth per scene):\n"
                           + "\n".join(keys) + "\n")

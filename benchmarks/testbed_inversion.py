@@ -17,21 +17,27 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from stylediffusion import StyleDiffusionEditor
-from stylediffusion.encoders import encode_latent, encode_prompts
-from stylediffusion.files import append_csv_rows, atomic_write_text
-from stylediffusion.metrics import psnr, ssim
-from stylediffusion.methods import get_inversion
-from stylediffusion.sampling import ddim_inversion
-from stylediffusion.ddim import DDIMSchedule
-from stylediffusion.defaults import GUIDANCE_SCALE, NUM_INNER_STEPS
-from stylediffusion.testbed import world
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.testbed_reports import write_summary_table  # noqa: E402
+from stylediffusion import StyleDiffusionEditor  # noqa: E402
+from stylediffusion.encoders import encode_latent, encode_prompts  # noqa: E402
+from stylediffusion.files import append_csv_rows, atomic_write_text  # noqa: E402
+from stylediffusion.metrics import psnr, ssim  # noqa: E402
+from stylediffusion.methods import get_inversion  # noqa: E402
+from stylediffusion.sampling import ddim_inversion  # noqa: E402
+from stylediffusion.ddim import DDIMSchedule  # noqa: E402
+from stylediffusion.defaults import GUIDANCE_SCALE, NUM_INNER_STEPS  # noqa: E402
+from stylediffusion.testbed import world  # noqa: E402
 
 COLUMNS = ["scene", "objects", "sizes", "method", "psnr", "ssim", "wall_seconds", "cpu_seconds", "unet_forward_no_grad",
            "unet_forward_grad", "unet_backward"]
@@ -185,8 +191,7 @@ def write_summary(args, rows: list[dict]) -> None:
             f"{np.mean(mine(m, 'wall_seconds')):.2f} | {np.mean(mine(m, 'unet_forward_no_grad')):.0f} + "
             f"{np.mean(mine(m, 'unet_forward_grad')):.0f} | {np.mean(mine(m, 'unet_backward')):.0f} | "
             f"{back / back_ref if back_ref else float('nan'):.3f} | {cpu / cpu_ref:.3f} |")
-    atomic_write_text(args.outdir / "summary.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_summary_table(args.outdir, lines)
 
 
 if __name__ == "__main__":

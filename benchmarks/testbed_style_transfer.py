@@ -32,17 +32,23 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from stylediffusion import StyleDiffusionEditor
-from stylediffusion.defaults import GUIDANCE_SCALE
-from stylediffusion.files import append_csv_rows, atomic_write_text
-from stylediffusion.image_io import image_grid, save_atomic
-from stylediffusion.testbed import analyser, world
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.testbed_reports import save_sample_sheet, write_summary_table  # noqa: E402
+from stylediffusion import StyleDiffusionEditor  # noqa: E402
+from stylediffusion.defaults import GUIDANCE_SCALE  # noqa: E402
+from stylediffusion.files import append_csv_rows, atomic_write_text  # noqa: E402
+from stylediffusion.image_io import image_grid  # noqa: E402
+from stylediffusion.testbed import analyser, world  # noqa: E402
 
 # name -> transfer options: PnP's defaults, and every decoder ResNet from latent/4 on (the test bed's 16x16
 # latent puts PnP's one ResNet at 4x4), each with and without the style's learned values.
@@ -149,23 +155,18 @@ def main(argv=None) -> None:
         print(f"pair {k + 1}/{len(pairs)}: " + ", ".join(f"{r['method']} L{r['layout']} C{r['colour']} B{r['background']}"
                                                          for r in pair_rows), flush=True)
     if strips:
-        save_atomic(sample_sheet(strips), args.outdir / "samples.png")
+        save_sample_sheet(sample_strips(strips), args.outdir / "samples.png")
         atomic_write_text(args.outdir / "samples.txt", "each row of samples.png: content, style, "
                           + ", ".join(METHODS) + ", truth\n")
     if len({int(r["pair"]) for r in rows}) == len(pairs):
         write_summary(args, rows, options)
 
 
-def sample_sheet(strips):
+def sample_strips(strips):
+    """One strip per pair: its pictures enlarged to 64 x 64 (nearest)."""
     from PIL import Image
 
-    rows = [image_grid([im.resize((64, 64), Image.NEAREST) for im in strip]) for strip in strips]
-    sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
-    y = 0
-    for r in rows:
-        sheet.paste(r, (0, y))
-        y += r.height
-    return sheet
+    return [image_grid([im.resize((64, 64), Image.NEAREST) for im in strip]) for strip in strips]
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -189,8 +190,7 @@ def write_summary(args, rows, options) -> None:
         lines.append(f"| {m} | {rate(mine, 'layout'):.0f} % ({rate(mine, 'shape'):.0f} / {rate(mine, 'position'):.0f}) "
                      f"| {rate(mine, 'colour'):.0f} % | {rate(mine, 'background'):.0f} % | "
                      f"{rate(held, 'layout'):.0f} / {rate(held, 'colour'):.0f} / {rate(held, 'background'):.0f} % |")
-    atomic_write_text(args.outdir / "summary.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_summary_table(args.outdir, lines)
 
 
 if __name__ == "__main__":

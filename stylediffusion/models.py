@@ -438,8 +438,8 @@ def load_models(model: str = DEFAULT_MODEL, image_encoder: str | None = None, de
     else:
         if model == "testbed":
             if not (TESTBED_DIR / "unet").is_dir():
-                raise UserError(f"the test-bed model is not in {TESTBED_DIR}; train it with "
-                                f"'python -m stylediffusion.testbed.train --stage all' or use --model tiny.")
+                raise UserError(f"the test-bed model is not in {TESTBED_DIR}; train it with 'python -m "
+                                f"benchmarks.testbed_training.train --stage all' in a checkout, or use --model tiny.")
             model = str(TESTBED_DIR)
         parts, image_encoder_id = _load_pretrained(model, image_encoder, prefer_half=dtype != torch.float32, vae=vae)
         model_id = "testbed" if Path(model) == TESTBED_DIR else model

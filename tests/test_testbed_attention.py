@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from stylediffusion.testbed import evaluate as E
+from benchmarks.testbed_training import components, export, losses
+from benchmarks.testbed_training import evaluate as E
+from benchmarks.testbed_training.stage_files import save_training_stage
 from stylediffusion.testbed import model as M
-from stylediffusion.testbed import train as T
 from stylediffusion.testbed import world as W
 
 
@@ -67,11 +68,11 @@ def test_attention_inside_loss_zero_on_the_object_and_one_minus_share_when_unifo
     probs[0, :, :, 5] = 0.0
     probs[0, :, 0, 5] = 0.9                      # row 0, token 5: all its mass in cell (0, 0)
     weights = torch.ones(2)
-    on = T.attention_inside_loss([probs], [0], [[5]], [disc], weights[:1])
+    on = losses.attention_inside_loss([probs], [0], [[5]], [disc], weights[:1])
     assert on.item() == pytest.approx(0.0, abs=1e-6)
-    uniform = T.attention_inside_loss([probs], [1], [[5]], [disc], weights[:1])
+    uniform = losses.attention_inside_loss([probs], [1], [[5]], [disc], weights[:1])
     assert uniform.item() == pytest.approx(0.75)
-    both = T.attention_inside_loss([probs, _probs(2, 4)], [0, 1], [[5], [5]], [disc, disc], weights)
+    both = losses.attention_inside_loss([probs, _probs(2, 4)], [0, 1], [[5], [5]], [disc, disc], weights)
     assert both.item() == pytest.approx(((0.0 + 0.75) / 2 + 0.75) / 2)   # layer means, then mean of layers
 
 
@@ -79,7 +80,7 @@ def test_attention_inside_loss_gradient_moves_mass_onto_the_object():
     disc = np.zeros((32, 32), bool)
     disc[16:, 16:] = True
     logits = torch.zeros(1, 1, 16, 77, requires_grad=True)
-    loss = T.attention_inside_loss([logits.softmax(-1)], [0], [[3]], [disc], torch.ones(1))
+    loss = losses.attention_inside_loss([logits.softmax(-1)], [0], [[3]], [disc], torch.ones(1))
     loss.backward()
     g = logits.grad[0, 0, :, 3].reshape(4, 4)
     assert (g[2:, 2:] < 0).all() and (g[:2, :] > 0).all()   # descent raises token 3 on the object only
@@ -91,7 +92,7 @@ def test_map_keeper_keeps_cross_attention_down_to_latent_over_4():
     torch.manual_seed(0)
     unet = M.build_unet()
     state = install_attention_control(unet)
-    keeper = T.AttentionMapKeeper()
+    keeper = losses.AttentionMapKeeper()
     z = torch.randn(1, 4, M.LATENT_SIZE, M.LATENT_SIZE)
     state.set(step=0, layout=BatchLayout.single(COND, 1), latent_hw=tuple(z.shape[-2:]))
     with controlled(state, keeper):
@@ -104,7 +105,7 @@ def test_map_keeper_keeps_cross_attention_down_to_latent_over_4():
 def test_object_word_targets_pair_each_word_with_its_objects_disc():
     tok = M.build_tokenizer()
     scene = W.make_scene((("red", "circle", None, (8, 8)), ("white", "cross", "large", (22, 22))), "black")
-    targets = T.object_word_targets(scene, {}, tok)
+    targets = losses.object_word_targets(scene, {}, tok)
     assert len(targets) == 4
     ids = tok(scene.caption).input_ids
     words = [tok.decode([ids[i] for i in idx]).strip() for idx, _ in targets]
@@ -140,14 +141,14 @@ def test_export_from_init_ships_the_trained_unet_with_the_starting_parts(tmp_pat
     init, out, dst = tmp_path / "init", tmp_path / "run", tmp_path / "model"
     out.mkdir()
     _init_folder(init)
-    te, vae, unet, hashes = T.frozen_parts_from_folder(str(init))
+    te, vae, unet, hashes = components.frozen_parts_from_folder(str(init))
     torch.manual_seed(1)
     trained = M.build_unet()
     opt = torch.optim.AdamW(trained.parameters())
-    T.save_checkpoint(str(out), "unet", {"unet": trained}, opt, dict(
+    save_training_stage(str(out), "unet", {"unet": trained}, opt, dict(
         step=7, batch=2, seconds=1.0, losses=[0.1] * 7, attn_losses=[0.2] * 7,
         extra={"init_from": str(init), "init_hashes": hashes, "attn_weight": 0.3}))
-    T.export(str(out), str(dst))
+    export.export(str(out), str(dst))
     from diffusers import UNet2DConditionModel
 
     shipped = UNet2DConditionModel.from_pretrained(dst / "unet")
@@ -161,4 +162,4 @@ def test_export_from_init_ships_the_trained_unet_with_the_starting_parts(tmp_pat
     # a changed VAE in the starting folder is refused
     M.build_vae().save_pretrained(init / "vae")
     with pytest.raises(SystemExit, match="error:"):
-        T.export(str(out), str(dst))
+        export.export(str(out), str(dst))

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from stylediffusion.testbed import evaluate as E
+from benchmarks.testbed_training import components, export, loop, losses, stages, train
+from benchmarks.testbed_training import evaluate as E
 from stylediffusion.testbed import model as M
-from stylediffusion.testbed import train as T
 from stylediffusion.testbed import world as W
 
 from test_testbed_attention import _init_folder
 
 
 def _encode(te, caption):
-    ids = T.tokenize(M.build_tokenizer(), [caption])
+    ids = loop.tokenize(M.build_tokenizer(), [caption])
     with torch.no_grad():
         return te(input_ids=ids).last_hidden_state[0]
 
@@ -43,7 +43,7 @@ def test_truncated_text_encoder_keeps_embeddings_and_drops_context():
 
 def test_object_loss_weights_mark_the_cells_that_hold_an_object():
     scene = W.make_scene([("red", "square", None, (8, 8))], "black")
-    w = T.object_loss_weights([scene], (16, 16), 5.0, dilate=0)
+    w = losses.object_loss_weights([scene], (16, 16), 5.0, dilate=0)
     assert w.shape == (1, 1, 16, 16)
     obj = scene.objects[0]
     x0, y0, x1, y1 = obj.bbox
@@ -52,9 +52,9 @@ def test_object_loss_weights_mark_the_cells_that_hold_an_object():
     assert cells[y0 // 2, x0 // 2] == 5.0 and cells[(y1 - 1) // 2, (x1 - 1) // 2] == 5.0
     assert cells[15, 15] == 1.0 and cells[0, 15] == 1.0
     assert int((cells == 5.0).sum()) == len({(y // 2, x // 2) for y, x in zip(*np.nonzero(obj.mask))})
-    exact = T.object_loss_weights([scene], (32, 32), 5.0, dilate=0)[0, 0]   # the pixel grid (decoder)
+    exact = losses.object_loss_weights([scene], (32, 32), 5.0, dilate=0)[0, 0]   # the pixel grid (decoder)
     assert torch.equal(exact == 5.0, torch.from_numpy(obj.mask))
-    grown = T.object_loss_weights([scene], (32, 32), 5.0, dilate=1)[0, 0]
+    grown = losses.object_loss_weights([scene], (32, 32), 5.0, dilate=1)[0, 0]
     assert int((grown == 5.0).sum()) > int(obj.mask.sum()) and bool((grown == 5.0)[torch.from_numpy(obj.mask)].all())
 
 
@@ -63,8 +63,8 @@ def test_background_words_target_the_pixels_outside_the_objects():
     # a background colour equal to an object's ("blue") must still be told apart by position
     scene = W.make_scene([("blue", "star", "small", (8, 8)), ("red", "circle", None, (22, 22))], "blue")
     assert scene.caption == "a small blue star and a red circle on a blue background"
-    objects_only = T.object_word_targets(scene, {}, tok)
-    with_bg = T.object_word_targets(scene, {}, tok, background=True)
+    objects_only = losses.object_word_targets(scene, {}, tok)
+    with_bg = losses.object_word_targets(scene, {}, tok, background=True)
     assert len(objects_only) == 4 and len(with_bg) == 5
     for (idx, mask), (idx2, mask2) in zip(objects_only, with_bg):
         assert idx == idx2 and np.array_equal(mask, mask2)
@@ -75,7 +75,7 @@ def test_background_words_target_the_pixels_outside_the_objects():
     assert np.array_equal(outside, ~union)
     # two background words ("striped gray") each target the same pixels
     striped = W.make_scene([("green", "cross", "large", (16, 16))], "striped gray")
-    words = T.object_word_targets(striped, {}, tok, background=True)[2:]
+    words = losses.object_word_targets(striped, {}, tok, background=True)[2:]
     ids = tok(striped.caption).input_ids
     assert [tok.decode([ids[i] for i in idx]) for idx, _ in words] == ["striped", "gray"]
     assert all(np.array_equal(m, ~striped.objects[0].mask) for _, m in words)
@@ -87,10 +87,10 @@ def test_each_pure_cell_reads_its_own_words_and_the_share_loss_measures_that():
     # a square of half-width 0.7 * 6.5 = 4.55 px around (12, 12) covers pixels 8..16: 8x8 cells 2..3 (4 px
     # each) lie inside it; a background equal to the object's colour is still told apart by position
     scene = W.make_scene([("blue", "square", None, (12, 12))], "blue")
-    targets = T.object_word_targets(scene, {}, tok, background=True)
+    targets = losses.object_word_targets(scene, {}, tok, background=True)
     ids = tok(scene.caption).input_ids
     n_tok = 77
-    select, valid = T.pixel_word_targets(scene, targets, 8, n_tok)
+    select, valid = losses.pixel_word_targets(scene, targets, 8, n_tok)
     cells = select.reshape(8, 8, n_tok)
     inside = [(y, x) for y in (2, 3) for x in (2, 3)]
     for y, x in inside:
@@ -105,27 +105,28 @@ def test_each_pure_cell_reads_its_own_words_and_the_share_loss_measures_that():
         torch.from_numpy(select[valid]).float().sum(-1, keepdim=True)
     perfect[0, :, torch.from_numpy(~valid), 0] = 1.0
     one = torch.ones(1)
-    assert T.attention_share_loss([perfect], [scene], [0], [targets], one).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.attention_share_loss([perfect], [scene], [0], [targets], one).item() == pytest.approx(0.0, abs=1e-6)
     uniform = torch.full((1, 2, 64, n_tok), 1.0 / n_tok)
     expected = 1.0 - (4 * 2 + (valid.sum() - 4) * 1) / valid.sum() / n_tok   # 2 words inside, 1 outside
-    assert T.attention_share_loss([uniform], [scene], [0], [targets], one).item() == pytest.approx(expected)
-    assert T.attention_share_loss([uniform], [scene], [0], [targets], 0.5 * one).item() == pytest.approx(expected / 2)
+    assert losses.attention_share_loss([uniform], [scene], [0], [targets], one).item() == pytest.approx(expected)
+    half = losses.attention_share_loss([uniform], [scene], [0], [targets], 0.5 * one)
+    assert half.item() == pytest.approx(expected / 2)
 
 
 def test_weighted_mse_is_mse_when_unweighted_and_keeps_its_scale():
     a, b = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     ones = torch.ones(2, 1, 8, 8)
-    assert torch.allclose(T.weighted_mse(a, b, ones), torch.nn.functional.mse_loss(a, b))
-    assert torch.allclose(T.weighted_mse(a, b, 3 * ones), T.weighted_mse(a, b, ones))
+    assert torch.allclose(losses.weighted_mse(a, b, ones), torch.nn.functional.mse_loss(a, b))
+    assert torch.allclose(losses.weighted_mse(a, b, 3 * ones), losses.weighted_mse(a, b, ones))
     w = ones.clone()
     w[..., :4] = 9.0                                     # the left half counts 9x
     err = (a - b) ** 2
     expected = (9 * err[..., :4].sum() + err[..., 4:].sum()) / (9 * err[..., :4].numel() + err[..., 4:].numel())
-    assert torch.allclose(T.weighted_mse(a, b, w), expected)
+    assert torch.allclose(losses.weighted_mse(a, b, w), expected)
 
 
 def _run(argv):
-    assert T.main(argv) == 0
+    assert train.main(argv) == 0
 
 
 def test_decoder_finetune_from_a_folder_keeps_the_encoder_and_exports(tmp_path):
@@ -152,21 +153,22 @@ def test_decoder_finetune_from_a_folder_keeps_the_encoder_and_exports(tmp_path):
     assert info["training"]["vae_decoder_finetunes"][-1]["texture_phase"] == "random"
     assert "_name_or_path" not in json.loads((dst / "vae" / "config.json").read_text())  # no local path shipped
     # a UNet run started from the exported folder sees the same latent space: the hashes agree
-    assert T.frozen_parts_from_folder(str(dst))[3]["vae_encoder"] == T.frozen_parts_from_folder(str(init))[3]["vae_encoder"]
+    exported_hashes = components.frozen_parts_from_folder(str(dst))[3]
+    assert exported_hashes["vae_encoder"] == components.frozen_parts_from_folder(str(init))[3]["vae_encoder"]
     # another encoder in the starting folder is refused, on resume and on export
     torch.manual_seed(5)
     M.build_vae().save_pretrained(init / "vae")
     with pytest.raises(SystemExit, match="error:"):
-        T.main(["--stage", "vae_decoder", "--init-from", str(init), "--out", str(run), "--steps", "3",
+        train.main(["--stage", "vae_decoder", "--init-from", str(init), "--out", str(run), "--steps", "3",
                 "--batch", "2", "--resume"])
     with pytest.raises(SystemExit, match="error:"):
-        T.export(str(run), str(tmp_path / "other"))
+        export.export(str(run), str(tmp_path / "other"))
 
 
 def test_unet_run_with_context_free_text_exports_that_text_encoder(tmp_path):
     init, run, dst = tmp_path / "init", tmp_path / "run", tmp_path / "model"
     _init_folder(init)
-    T.M.build_unet().save_pretrained(init / "unet")
+    M.build_unet().save_pretrained(init / "unet")
     _run(["--stage", "unet", "--init-from", str(init), "--out", str(run), "--steps", "1", "--batch", "2",
           "--text-layers", "0", "--object-weight", "5", "--attn-weight", "0.3", "--attn-background",
           "--attn-share-weight", "0.1", "--texture-phase", "random", "--texture-weight", "2"])
@@ -188,13 +190,13 @@ def test_unet_run_with_context_free_text_exports_that_text_encoder(tmp_path):
     assert torch.equal(_encode(te, "a red triangle")[3], _encode(te, "a blue triangle")[3])
     # resuming with another number of layers is refused
     with pytest.raises(SystemExit, match="error:"):
-        T.main(["--stage", "unet", "--init-from", str(init), "--out", str(run), "--steps", "2", "--batch", "2",
+        train.main(["--stage", "unet", "--init-from", str(init), "--out", str(run), "--steps", "2", "--batch", "2",
                 "--text-layers", "1", "--resume"])
 
 
 def test_texture_weight_draws_striped_and_checkered_that_many_times_as_often():
-    assert T.training_backgrounds(1) == W.BACKGROUND_NAMES
-    names = T.training_backgrounds(3)
+    assert stages.training_backgrounds(1) == W.BACKGROUND_NAMES
+    names = stages.training_backgrounds(3)
     assert names.count("striped gray") == 3 and names.count("checkered") == 3
     assert all(names.count(n) == 1 for n in ("black", "gray", "blue", "gradient"))
     rng = np.random.default_rng(0)
@@ -202,5 +204,22 @@ def test_texture_weight_draws_striped_and_checkered_that_many_times_as_often():
     share = sum(n in ("striped gray", "checkered") for n in drawn) / len(drawn)
     assert abs(share - 6 / 10) < 0.04                     # 2 of 6 (0.33) with the default
     with pytest.raises(SystemExit) as e:
-        T.main(["--stage", "unet", "--texture-weight", "0", "--out", "unused"])
+        train.main(["--stage", "unet", "--texture-weight", "0", "--out", "unused"])
     assert e.value.code == 2
+
+
+def test_the_installed_package_never_imports_the_training_code():
+    """Training and measuring the test-bed model live in benchmarks/ (not installed): a package module that
+    imported them would fail in every installed copy, so none may, even inside a function."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parent.parent / "stylediffusion"
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            offenders += [f"{path.relative_to(package)}:{node.lineno} {n}" for n in names
+                          if n.split(".")[0] == "benchmarks"]
+    assert not offenders

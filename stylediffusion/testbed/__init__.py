@@ -2,8 +2,10 @@
 
 ``world`` generates captioned scenes (shapes of known colour on known
 backgrounds) together with exact object masks; ``analyser`` reads colours and
-shapes back from pixels; ``train`` trains a tiny Stable-Diffusion-shaped model on
-the world; ``evaluate`` measures what that model learnt.  See ``docs/testbed.md``.
+shapes back from pixels; ``model`` is the architecture of the tiny
+Stable-Diffusion-shaped model whose trained weights ship in ``assets/testbed_model``
+(``--model testbed``).  Training and measuring that model is not part of the
+package: ``benchmarks/testbed_training/`` in the repository.  See ``docs/testbed.md``.
 """
 
 from .world import (  # noqa: F401

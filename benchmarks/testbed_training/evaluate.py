@@ -1,6 +1,6 @@
 """Measure what the test-bed model learnt.
 
-    python -m stylediffusion.testbed.evaluate --model-dir stylediffusion/assets/testbed_model \
+    python -m benchmarks.testbed_training.evaluate --model-dir stylediffusion/assets/testbed_model \
         --n 60 --out checkpoints/testbed
 
 Two checks:
@@ -37,20 +37,23 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from PIL import Image
 
-from ..attention_control import AttentionController
-
-from ..files import atomic_write_text
-from ..image_io import save_atomic
-from . import analyser as A
-from . import model as M
-from . import world as W
+from stylediffusion import seq_aligner
+from stylediffusion.attention_control import AttentionController, BatchLayout, controlled, install_attention_control
+from stylediffusion.ddim import DDIMSchedule
+from stylediffusion.encoders import decode_latent, encode_latent, encode_prompts
+from stylediffusion.files import atomic_write_text
+from stylediffusion.image_io import save_atomic
+from stylediffusion.models import load_models
+from stylediffusion.sampling import guided_sampling, predict
+from stylediffusion.testbed import analyser as A
+from stylediffusion.testbed import model as M
+from stylediffusion.testbed import world as W
 
 
 def load_components(model_dir: str):
     """The model through the project's own loader (the same path as ``--model``)."""
-    from ..models import load_models
-
     return load_models(model_dir)
 
 
@@ -58,10 +61,6 @@ def load_components(model_dir: str):
 def generate(bundle, captions: Sequence[str], seed: int = 0, steps: int = 30, guidance: float = 7.5,
              batch: int = 32) -> np.ndarray:
     """Guided DDIM sampling (the core's ``guided_sampling``) from seeded noise; returns uint8 (N,H,W,3)."""
-    from ..ddim import DDIMSchedule
-    from ..encoders import decode_latent, encode_prompts
-    from ..sampling import guided_sampling
-
     schedule = DDIMSchedule(bundle.scheduler, steps)
     side, channels = bundle.unet.config.sample_size, bundle.unet.config.in_channels
     uncond = encode_prompts(bundle, [""])
@@ -224,13 +223,6 @@ def attention_localisation(bundle, n: int = 50, seed: int = 0, steps: int = 30, 
     ``attention_maps.png`` shows them); each mid-low (latent/4) layer's map, averaged over heads and
     steps, is scored with :func:`attention_mass_inside` against the object's disc dilated by ``dilate``
     px.  Reported per layer and per word, and for the layers' mean map (the figure's view)."""
-    from .. import seq_aligner
-
-    from ..ddim import DDIMSchedule
-    from ..encoders import encode_latent, encode_prompts
-    from ..sampling import predict
-    from ..attention_control import BatchLayout, controlled, install_attention_control
-
     rng = np.random.default_rng(seed)
     scenes = [W.sample_scene(rng, split, n_objects=1) for _ in range(n)]
     schedule = DDIMSchedule(bundle.scheduler, steps)
@@ -274,8 +266,6 @@ def attention_localisation(bundle, n: int = 50, seed: int = 0, steps: int = 30, 
 
 
 def save_grid(path: str, images: np.ndarray, cols: int = 10, scale: int = 4) -> None:
-    from PIL import Image
-
     n, h, w, _ = images.shape
     rows = int(math.ceil(n / cols))
     grid = np.zeros((rows * (h + 2), cols * (w + 2), 3), np.uint8)
