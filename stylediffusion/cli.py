@@ -15,98 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import validate
-from .defaults import (EDIT_TYPES, GUIDANCE_SCALE, LEARNING_RATE, NUM_DDIM_STEPS, NUM_INNER_STEPS, TAU_C, TAU_S, TAU_U,
-                       TAU_V, VARIANT, VARIANTS)
-from .errors import UserError, exit_code, one_line, quiet_libraries, started
-
-# torch.manual_seed takes at most 64 bits; seeds are kept to the non-negative half so that every
-# seed means one thing on every platform.
-MAX_SEED = 2**63 - 1
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one ``error:`` line on stderr (exit 2), like every other bad input,
-    instead of the usage block followed by the message."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")
-
-
-def _argtype(check, name: str):
-    """An argparse ``type=`` from a ``validate`` check: its UserError becomes argparse's one-line error."""
-    def parse(text: str):
-        try:
-            return check(text)
-        except UserError as err:
-            raise argparse.ArgumentTypeError(str(err)) from err
-    parse.__name__ = name  # argparse names the type in its messages
-    return parse
-
-
-def _int(text: str, what: str) -> int:
-    try:
-        return int(text)
-    except ValueError as err:
-        raise UserError(f"{what}: {text!r} is not a whole number.") from err
-
-
-def _float(text: str, what: str) -> float:
-    try:
-        return float(text)
-    except ValueError as err:
-        raise UserError(f"{what}: {text!r} is not a number.") from err
-
-
-def count_at_least(minimum: int):
-    """``type=`` for a whole number >= ``minimum`` (steps, iterations, --limit)."""
-    return _argtype(lambda t: validate.number(_int(t, "value"), "value", minimum=minimum, integer=True),
-                    f"int>={minimum}")
-
-
-def finite_float(minimum: float | None = None, maximum: float | None = None, above: float | None = None):
-    """``type=`` for a finite number (NaN and inf refused) in the given range."""
-    return _argtype(lambda t: validate.number(_float(t, "value"), "value", minimum=minimum, maximum=maximum,
-                                              above=above), "finite float")
-
-
-seed_int = _argtype(lambda t: validate.number(_int(t, "seed"), "seed", minimum=0, maximum=MAX_SEED, integer=True),
-                    "seed")
-guidance_float = finite_float(minimum=0.0, maximum=validate.MAX_GUIDANCE)
-lr_float = finite_float(above=0.0)
-
-
-def str2bool(text: str) -> bool:
-    """Parse a boolean word. (``type=bool`` would turn the string "False" into True.)"""
-    value = str(text).strip().lower()
-    if value in ("true", "1", "yes", "y", "on"):
-        return True
-    if value in ("false", "0", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
-
-
-def fraction_or_dict(text: str):
-    """``0.6`` or a per-word dict literal such as ``{'default_': 0.6, 'wooden': 0.2}``."""
-    try:
-        value = validate.literal(text, "value")
-    except UserError as err:
-        raise argparse.ArgumentTypeError(f"expected a number or a dict literal: {err}") from err
-    if isinstance(value, bool) or not isinstance(value, (int, float, dict)):
-        raise argparse.ArgumentTypeError(f"expected a number or a dict literal, got {text!r}")
-    return value  # its range is checked with every other tau by EditSpec.validate
-
-
-def literal(text: str):
-    """A Python literal flag value (parsed as data, length-capped), e.g. ``--eq_params``."""
-    try:
-        return validate.literal(text, "value")
-    except UserError as err:
-        raise argparse.ArgumentTypeError(str(err)) from err
-
+from .defaults import MAX_SEED, TAU_C, TAU_S, TAU_U, TAU_V  # noqa: F401 (cli.MAX_SEED)
+from .errors import UserError, exit_code, quiet_libraries, started
+# the shared flag types and builders, also read from here by older callers
+from .flags import (ELITE_FLAGS, ArgumentParser, add_elite_arguments, add_settings, count_at_least,  # noqa: F401
+                    elite_options, finite_float, fraction_or_dict, guidance_float, literal, lr_float, method_options,
+                    seed_int, str2bool)
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models import DEFAULT_IMAGE_ENCODER, DEFAULT_MODEL, DTYPE_NAMES
-
     p = ArgumentParser(
         prog="edit_w_ptp_v_clip.py",
         description="StyleDiffusion: prompt-embedding inversion and P2Plus editing of real images.",
@@ -118,58 +34,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--idx", type=int, default=None, help="case_number of a row of the data index (default 0)")
     g.add_argument("--data_dir", type=Path, default=None, help="folder holding the index CSVs and images")
     g.add_argument("--image_path", type=Path, help="direct mode: the image to invert/edit")
-    g.add_argument("--prompt", help="direct mode: caption of the image (source prompt)")
-    g.add_argument("--target", help="direct mode: the edited prompt")
+    add_settings(g, "prompt", "target")
     g.add_argument("--outdir", type=Path, default=Path("outputs"), help="where images and reports are written")
 
     g = p.add_argument_group("models")
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help="hub id or local diffusers folder; 'testbed' = bundled test-bed model, 'tiny' = untrained")
-    g.add_argument("--image_encoder", default=None,
-                   help=f"CLIP vision tower, hub id or folder (default: the model's image_encoder/ or {DEFAULT_IMAGE_ENCODER})")
+    add_settings(g, "model", "image_encoder")
     g.add_argument("--vae", default=None,
                    help="a VAE hub id or folder in place of the model's (e.g. madebyollin/sdxl-vae-fp16-fix), run in "
                         "--dtype; without it the model's own VAE runs in float32 (SDXL's overflows in float16)")
     g.add_argument("--image_size", type=int, default=None,
                    help="pixels to run at (default: the model's: 512 for SD 1.x, 1024 for SDXL); images are resized to it")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
-    g.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
-                   help="dtype of the frozen UNet and encoders (auto: bfloat16 on GPUs that compute it natively, compute "
-                        "capability 8.0+; float16 with loss scaling on older GPUs; float32 on the CPU; "
-                        "mapping networks, DDIM math and losses always run in float32)")
-    g.add_argument("--seed", type=seed_int, default=0, help=f"0 .. {MAX_SEED}")
+    add_settings(g, "device", "dtype", "seed")
 
     g = p.add_argument_group("inversion (training)")
-    g.add_argument("--num_ddim_steps", type=count_at_least(1), default=NUM_DDIM_STEPS,
-                   help="T (at most the scheduler's num_train_timesteps, 1000 for SD)")
-    g.add_argument("--num_inner_steps", type=count_at_least(1), default=NUM_INNER_STEPS, help="K: iterations at the first step, K_i = ceil(K e^-0.1i)")
-    g.add_argument("--guidance_scale", type=guidance_float, default=GUIDANCE_SCALE, help=f"w, in [0, {validate.MAX_GUIDANCE:g}]")
-    g.add_argument("--lr", type=lr_float, default=LEARNING_RATE, help="Adam learning rate at step 0 (decays as 1 - i/100)")
-    g.add_argument("--variant", choices=VARIANTS, default=VARIANT,
-                   help="mapping network: released code's c*gamma+beta (modulate) or the paper's direct value (replace)")
-    g.add_argument("--attention_loss", type=str2bool, default=True, metavar="True|False")
-    g.add_argument("--early_stop", type=str2bool, default=True, metavar="True|False")
+    add_settings(g, "num_ddim_steps", "num_inner_steps", "guidance_scale", "lr", "variant", "attention_loss",
+                 "early_stop")
     g.add_argument("--checkpoint", type=Path, default=None, help="inversion file (default: <checkpoint_dir>/<case>_<model>_T<T>.safetensors)")
     g.add_argument("--checkpoint_dir", type=Path, default=Path("checkpoints"))
     g.add_argument("--retrain", action="store_true", help="train again even if a matching checkpoint exists")
 
     g = p.add_argument_group("editing (Prompt-to-Prompt + P2Plus); unset values come from the index row or the README defaults")
-    g.add_argument("--edit_type", choices=EDIT_TYPES, default=None)
-    g.add_argument("--tau_v", type=float, default=None, help=f"fraction of steps the target uses the learned values ({TAU_V})")
-    g.add_argument("--tau_c", type=fraction_or_dict, default=None, help=f"cross-attention replacement fraction or per-word dict ({TAU_C})")
-    g.add_argument("--tau_s", type=float, default=None, help=f"self-attention replacement fraction, conditional branch ({TAU_S})")
-    g.add_argument("--tau_u", type=float, default=None, help=f"P2Plus: self-attention replacement in the unconditional branch ({TAU_U})")
-    g.add_argument("--blend_word", default=None, help="LocalBlend words: \"cat tiger\" or \"('cat', 'tiger')\"")
-    g.add_argument("--eq_params", type=literal, default=None, help="re-weighting: \"{'words': ['red'], 'values': [2]}\"")
-    g.add_argument("--inversion", default=None,
-                   help="inversion method (see --list_methods; default: the edit's own, spdinv for --edit elite, "
-                        "else stylediffusion)")
-    g.add_argument("--edit", default="p2p", help="edit method (see --list_methods)")
-    g.add_argument("--method_option", action="append", default=[], metavar="KEY=VALUE",
-                   help="method-specific option, repeatable (e.g. sdedit_strength=0.6, embedding=key_value, "
-                        "generated_seed=3); see --list_methods and docs/methods.md")
+    add_settings(g, "edit_type", "tau_v", "tau_c", "tau_s", "tau_u", "blend_word", "eq_params", "inversion", "edit",
+                 "method_option")
     g.add_argument("--list_methods", action="store_true", help="list the registered inversions and edits, and exit")
-    g.add_argument("--progress", type=str2bool, default=True, metavar="True|False", help="show progress bars")
+    add_settings(g, "progress")
     add_elite_arguments(p)
 
     g = p.add_argument_group("style transfer (the paper's §5.2.7): --image_path/--prompt (or --idx) are the STYLE image")
@@ -178,48 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "--method_option transfer_feature_fraction=0.8 ... (docs/method.md)")
     g.add_argument("--content_prompt", default=None, help="caption of the content image (default: the empty prompt, as PnP)")
     return p
-
-
-# --edit elite's flags, each the method option of the same name (docs/methods.md, ELITE)
-ELITE_FLAGS = ("elite_global", "elite_local", "elite_reference", "elite_mask", "elite_lambda", "elite_placeholder",
-               "elite_word", "elite_projections", "elite_image_encoder")
-
-
-def add_elite_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("--edit elite (SPDInv + ELITE): weights from 'python -m stylediffusion.convert_elite'")
-    g.add_argument("--elite_global", default=None, help="converted global mapper (.safetensors)")
-    g.add_argument("--elite_local", default=None, help="converted local mapper (.safetensors), optional")
-    g.add_argument("--elite_reference", default=None, help="image of the concept (default: the source image)")
-    g.add_argument("--elite_mask", default=None, help="object mask of the reference (white = object), for --elite_local")
-    g.add_argument("--elite_lambda", type=finite_float(minimum=0.0, maximum=20.0), default=None,
-                   help="weight of the local values (0.8)")
-    g.add_argument("--elite_placeholder", default=None, help="the target prompt's placeholder word ('*')")
-    g.add_argument("--elite_word", type=count_at_least(0), default=None, help="which of the five words (0)")
-    g.add_argument("--elite_projections", choices=("elite", "unet"), default=None,
-                   help="target rows' cross-attention keys/values: ELITE's fine-tuned projections or the UNet's")
-    g.add_argument("--elite_image_encoder", default=None, help="CLIP ViT-L/14, hub id or folder "
-                                                              "(openai/clip-vit-large-patch14)")
-
-
-def elite_options(args) -> dict:
-    """The ``--elite_*`` flags that were given, as method options."""
-    return {name: getattr(args, name) for name in ELITE_FLAGS if getattr(args, name, None) is not None}
-
-
-def method_options(pairs: list[str]) -> dict:
-    """``KEY=VALUE`` strings -> dict; values parsed as Python literals where they are (numbers, booleans)."""
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--method_option {pair!r} is not KEY=VALUE.")
-        try:
-            options[key.strip()] = validate.literal(value, f"--method_option {key.strip()}")
-        except UserError:
-            if len(value) > validate.MAX_LITERAL_CHARS:
-                raise
-            options[key.strip()] = value.strip()  # a word, e.g. embedding=key_value
-    return options
 
 
 @dataclass

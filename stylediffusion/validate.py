@@ -11,7 +11,7 @@ import math
 import unicodedata
 from pathlib import Path
 
-from .defaults import EDIT_TYPES
+from .defaults import EDIT_TYPES, MAX_GUIDANCE  # noqa: F401 (MAX_GUIDANCE: read as validate.MAX_GUIDANCE)
 from .errors import UserError
 
 # A literal longer than this is refused before it is parsed: ``ast.literal_eval`` builds a syntax
@@ -25,8 +25,6 @@ MAX_COMPONENT_BYTES = 200
 # A re-weighting factor multiplies attention probabilities; P2P's own examples use factors of -5..10.
 # Far beyond that the attention output is dominated by one word and the image turns blank.
 MAX_REWEIGHT = 20.0
-# Classifier-free guidance w: 1 = none, 7.5 = the paper's; far beyond 50 every sample saturates.
-MAX_GUIDANCE = 50.0
 
 
 def safe_component(name, what: str) -> str:

@@ -274,7 +274,7 @@ def _cell(value) -> str:
 
 # ----------------------------------------------------------------------------- runner
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import ArgumentParser, count_at_least, str2bool
+    from ..flags import ArgumentParser, count_at_least, str2bool
     from ..metrics import DEFAULT_CLIP, DEFAULT_DINO
 
     p = ArgumentParser(prog="python -m stylediffusion.bench pie",

@@ -25,7 +25,7 @@ MIN_CELL = 192  # grids of small models are upscaled to at least this many pixel
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import ArgumentParser
+    from ..flags import ArgumentParser
 
     p = ArgumentParser(prog="python -m stylediffusion.bench reproduce",
                                 description="Figure-style grids (input | reconstruction | edit) for rows of the "
