@@ -33,6 +33,7 @@ from .methods.registry import check_method_options
 from .models import (DEFAULT_IMAGE_ENCODER, DEFAULT_MODEL, ModelBundle, execution_device, load_models,
                      out_of_memory_as_user_error, resolve_dtype)
 from .results import Inversion
+from .specs import entry_points
 from .training import TrainConfig
 
 logger = logging.getLogger("stylediffusion")
@@ -96,6 +97,7 @@ def _array_to_pil(array) -> Image.Image:
     return Image.fromarray(array)
 
 
+@entry_points("api")  # its messages name its keywords (edit_type=), not the command line's flags
 class StyleDiffusionEditor:
     """Invert real images and edit them with text, on frozen Stable Diffusion v1.x/2.x or SDXL components."""
 

@@ -21,6 +21,8 @@ from .errors import UserError, exit_code, quiet_libraries, started
 from .flags import (ELITE_FLAGS, ArgumentParser, add_elite_arguments, add_settings, count_at_least,  # noqa: F401
                     elite_options, finite_float, fraction_or_dict, guidance_float, literal, lr_float, method_options,
                     seed_int, str2bool)
+from .specs import asked_from
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
@@ -207,6 +209,7 @@ def load_bundle(args, log=print):
     return bundle
 
 
+@asked_from("cli")
 def run(args, log=print) -> list[Path]:
     if getattr(args, "content_image", None) is not None:
         return run_style_transfer(args, log)
@@ -285,6 +288,7 @@ def run(args, log=print) -> list[Path]:
     return written
 
 
+@asked_from("cli")
 def run_style_transfer(args, log=print) -> list[Path]:
     """Style-transfer mode: train (or load) the style image's StyleDiffusion inversion as an edit would, then
     transfer it onto --content_image; writes an edit's files (edited.png = the transfer)."""

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError, started
+from ..specs import asked_from
 from . import options
 from .sharding import RowLog, init_shard, merge_parts, part_path, resume
 
@@ -145,6 +146,7 @@ def _check_transfer(args) -> None:
     writable_folder(args.outdir, "--outdir")
 
 
+@asked_from("cli")
 def run(args, log=print) -> dict:
     transfer = getattr(args, "content_image", None) is not None
     if transfer:
