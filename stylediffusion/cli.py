@@ -209,31 +209,34 @@ def load_bundle(args, log=print):
     return bundle
 
 
-@asked_from("cli")
-def run(args, log=print) -> list[Path]:
-    if getattr(args, "content_image", None) is not None:
-        return run_style_transfer(args, log)
-    if getattr(args, "content_prompt", None) is not None:
-        raise UserError("--content_prompt describes the --content_image of a style transfer: give --content_image too.")
-    from .editing import build_controller
-    from .encoders import check_prompt_length
-    from .image_io import load_image
-    from .api import StyleDiffusionEditor
+@dataclass
+class RunPlan:
+    """What a run does, checked before any model loads: its jobs, and the method options split by method."""
+
+    jobs: list[Job]
+    edit: str | None  # None when only training
+    options: dict  # --variant and the --method_option pairs: they name the inversion's checkpoint
+    inversion_options: dict  # those the inversion declares (--variant reaches StyleDiffusion only)
+    edit_options: dict  # those the edit declares, and the --elite_* flags (which do not name the checkpoint)
+
+
+def check_run(args) -> RunPlan:
+    """Everything the flags, the index and the files say is checked here, before any model loads and before
+    anything is written or deleted; an unnamed --inversion becomes the edit's own."""
     from .methods import default_inversion, get_edit, get_inversion
     from .methods.registry import check_method_options, split_method_options
 
-    # Everything the flags, the index and the files say is checked here, before any model loads and
-    # before anything is written or deleted.
+    edit = None if args.is_train else args.edit
     if args.inversion is None:
-        args.inversion = default_inversion(None if args.is_train else args.edit)
+        args.inversion = default_inversion(edit)
     get_inversion(args.inversion)  # an unknown name fails here, before anything loads
-    if not args.is_train:
-        get_edit(args.edit, args.inversion)
+    if edit is not None:
+        get_edit(edit, args.inversion)
     jobs = resolve_jobs(args)
     options = {"variant": args.variant, **check_method_options(method_options(args.method_option), args.inversion,
-                                                                None if args.is_train else args.edit)}
+                                                                edit)}
     # the --elite_* flags are edit options: they do not name the inversion's checkpoint
-    flag_options = check_method_options(elite_options(args), args.inversion, None if args.is_train else args.edit)
+    flag_options = check_method_options(elite_options(args), args.inversion, edit)
     for job in jobs:
         if job.image_path is not None:
             _check_image_readable(job.image_path)
@@ -241,59 +244,105 @@ def run(args, log=print) -> list[Path]:
             spec.validate()
             get_edit(args.edit, args.inversion).check(spec, {**options, **flag_options})
     check_output_paths(args, jobs)
-    bundle = load_bundle(args, log)
-    T = args.num_ddim_steps
-    for job in jobs:  # word-level problems (too long, unknown blend word, unequal word counts...) before any training
-        check_prompt_length(bundle.tokenizer, job.prompt)
-        for spec in job.edits:
-            check_prompt_length(bundle.tokenizer, spec.target)
-            build_controller(spec, bundle.tokenizer, T)
-    editor = StyleDiffusionEditor(bundle, progress=args.progress)
-    # each method gets the options it declares (--variant reaches StyleDiffusion only)
-    inversion_options, edit_options = split_method_options(options, args.inversion,
-                                                           None if args.is_train else args.edit)
-    edit_options.update(flag_options)
-    started()  # from here on files are written: Ctrl-C keeps what is finished (see errors.exit_code)
-    written: list[Path] = []
+    inversion_options, edit_options = split_method_options(options, args.inversion, edit)
+    return RunPlan(jobs, edit, options, inversion_options, {**edit_options, **flag_options})
+
+
+def check_words(jobs: list[Job], tokenizer, num_steps: int) -> None:
+    """Word-level problems (too long, unknown blend word, unequal word counts...), before any training."""
+    from .editing import build_controller
+    from .encoders import check_prompt_length
+
     for job in jobs:
-        notes = [] if job.image_path is None else load_image(job.image_path, bundle.image_size)[1]
-        for note in notes:
-            log(f"note: {note}")
-        ckpt = checkpoint_path(args, job, bundle.label, options)
-        if args.checkpoint is None:  # a name built from data and flags must not leave its folder
-            validate.inside(args.checkpoint_dir, ckpt, "the checkpoint")
-        if args.retrain and ckpt.is_file():  # only now: every input above has been checked
-            ckpt.unlink()
-        if args.is_train and ckpt.is_file():
-            log(f"{ckpt} is already trained (use --retrain to train again)")
-            continue
-        if not ckpt.is_file() and args.inversion == "stylediffusion":
-            log(f"no trained inversion at {ckpt}: training it first (T={T}, K={args.num_inner_steps})"
-                if not args.is_train else f"training the inversion (T={T}, K={args.num_inner_steps}) -> {ckpt}")
-        t0 = time.perf_counter()
-        inverted = editor.invert(job.image_path, job.prompt, method=args.inversion, num_inference_steps=T,
-                                 num_inner_steps=args.num_inner_steps, guidance_scale=args.guidance_scale,
-                                 checkpoint=ckpt, seed=args.seed, lr=args.lr, attention_loss=args.attention_loss,
-                                 early_stop=args.early_stop, **inversion_options)
-        log(f"{args.inversion} inversion ready in {time.perf_counter() - t0:.1f}s"
-            + (f" ({ckpt})" if ckpt.is_file() else ""))
-        if ckpt.is_file():
-            written.append(ckpt)
-        for k, spec in enumerate(job.edits):
-            out = editor.edit(inverted, spec, method=args.edit, **edit_options)
-            outdir = args.outdir if len(job.edits) == 1 else args.outdir / f"{job.name}_edit{k}"
-            written += save_edit_outputs(outdir, out, bundle, T, args.inversion, args.edit)
-            log(f"edit '{spec.source}' -> '{spec.target}' ({args.inversion} + {args.edit}, {spec.edit_type}) "
-                f"in {out.seconds:.1f}s -> {outdir}")
-    return written
+        check_prompt_length(tokenizer, job.prompt)
+        for spec in job.edits:
+            check_prompt_length(tokenizer, spec.target)
+            build_controller(spec, tokenizer, num_steps)
 
 
 @asked_from("cli")
-def run_style_transfer(args, log=print) -> list[Path]:
-    """Style-transfer mode: train (or load) the style image's StyleDiffusion inversion as an edit would, then
-    transfer it onto --content_image; writes an edit's files (edited.png = the transfer)."""
+def run(args, log=print) -> list[Path]:
+    """Train, or edit (training first where needed), every job the flags name; returns the files written."""
+    if getattr(args, "content_image", None) is not None:
+        return run_style_transfer(args, log)
+    if getattr(args, "content_prompt", None) is not None:
+        raise UserError("--content_prompt describes the --content_image of a style transfer: give --content_image too.")
     from .api import StyleDiffusionEditor
+
+    plan = check_run(args)
+    bundle = load_bundle(args, log)
+    check_words(plan.jobs, bundle.tokenizer, args.num_ddim_steps)
+    editor = StyleDiffusionEditor(bundle, progress=args.progress)
+    started()  # from here on files are written: Ctrl-C keeps what is finished (see errors.exit_code)
+    written: list[Path] = []
+    for job in plan.jobs:
+        written += run_job(args, plan, job, editor, log)
+    return written
+
+
+def log_image_notes(path: Path | None, image_size: int, log) -> None:
+    """What loading the image changed (converted, centre-cropped, resized)."""
     from .image_io import load_image
+
+    for note in [] if path is None else load_image(path, image_size)[1]:
+        log(f"note: {note}")
+
+
+def job_checkpoint(args, job: Job, model_label: str, options: dict, log) -> Path | None:
+    """The job's inversion file (deleted first with --retrain); None when --is_train finds it trained."""
+    T = args.num_ddim_steps
+    ckpt = checkpoint_path(args, job, model_label, options)
+    if args.checkpoint is None:  # a name built from data and flags must not leave its folder
+        validate.inside(args.checkpoint_dir, ckpt, "the checkpoint")
+    if args.retrain and ckpt.is_file():  # only now: every input above has been checked
+        ckpt.unlink()
+    if args.is_train and ckpt.is_file():
+        log(f"{ckpt} is already trained (use --retrain to train again)")
+        return None
+    if not ckpt.is_file() and args.inversion == "stylediffusion":
+        log(f"no trained inversion at {ckpt}: training it first (T={T}, K={args.num_inner_steps})"
+            if not args.is_train else f"training the inversion (T={T}, K={args.num_inner_steps}) -> {ckpt}")
+    return ckpt
+
+
+def invert_job(args, editor, job: Job, ckpt: Path, options: dict):
+    """The job's inversion with the run's settings: trained (resumed from a partial file) or loaded from ``ckpt``."""
+    return editor.invert(job.image_path, job.prompt, method=args.inversion, num_inference_steps=args.num_ddim_steps,
+                         num_inner_steps=args.num_inner_steps, guidance_scale=args.guidance_scale, checkpoint=ckpt,
+                         seed=args.seed, lr=args.lr, attention_loss=args.attention_loss, early_stop=args.early_stop,
+                         **options)
+
+
+def run_job(args, plan: RunPlan, job: Job, editor, log) -> list[Path]:
+    """One image: its notes, its inversion, then each of its edits; returns the files written."""
+    bundle = editor.bundle
+    log_image_notes(job.image_path, bundle.image_size, log)
+    ckpt = job_checkpoint(args, job, bundle.label, plan.options, log)
+    if ckpt is None:
+        return []
+    t0 = time.perf_counter()
+    inverted = invert_job(args, editor, job, ckpt, plan.inversion_options)
+    log(f"{args.inversion} inversion ready in {time.perf_counter() - t0:.1f}s"
+        + (f" ({ckpt})" if ckpt.is_file() else ""))
+    written = [ckpt] if ckpt.is_file() else []
+    for k, spec in enumerate(job.edits):
+        outdir = args.outdir if len(job.edits) == 1 else args.outdir / f"{job.name}_edit{k}"
+        written += edit_job(args, editor, inverted, spec, plan.edit_options, outdir, log)
+    return written
+
+
+def edit_job(args, editor, inverted, spec, options: dict, outdir: Path, log) -> list[Path]:
+    """One edit of an inversion, its files written to ``outdir``."""
+    out = editor.edit(inverted, spec, method=args.edit, **options)
+    written = save_edit_outputs(outdir, out, editor.bundle, args.num_ddim_steps, args.inversion, args.edit)
+    log(f"edit '{spec.source}' -> '{spec.target}' ({args.inversion} + {args.edit}, {spec.edit_type}) "
+        f"in {out.seconds:.1f}s -> {outdir}")
+    return written
+
+
+def check_style_transfer(args) -> tuple[Job, dict, dict]:
+    """A style transfer's flags and files, checked before any model loads: the style image's job, the
+    inversion's options (they name its checkpoint) and the ``transfer_*`` options."""
     from .methods.registry import check_method_options, default_inversion
     from .style_transfer import STYLE_INVERSIONS, transfer_options
 
@@ -311,18 +360,27 @@ def run_style_transfer(args, log=print) -> list[Path]:
     style_args = argparse.Namespace(**{**vars(args), "is_train": True})
     job = resolve_jobs(style_args)[0]
     _check_image_readable(job.image_path)
-    given = method_options(args.method_option)
-    transfer = transfer_options({k: v for k, v in given.items() if k.startswith("transfer_")})
+    pairs = method_options(args.method_option)
+    transfer = transfer_options({k: v for k, v in pairs.items() if k.startswith("transfer_")})
     options = {"variant": args.variant, **check_method_options(
-        {k: v for k, v in given.items() if not k.startswith("transfer_")}, args.inversion)}
+        {k: v for k, v in pairs.items() if not k.startswith("transfer_")}, args.inversion)}
     check_output_paths(argparse.Namespace(**{**vars(args), "is_train": False}), [job])
+    return job, options, transfer
+
+
+@asked_from("cli")
+def run_style_transfer(args, log=print) -> list[Path]:
+    """Style-transfer mode: train (or load) the style image's StyleDiffusion inversion as an edit would, then
+    transfer it onto --content_image; writes an edit's files (edited.png = the transfer)."""
+    from .api import StyleDiffusionEditor
+
+    job, options, transfer = check_style_transfer(args)
     bundle = load_bundle(args, log)
     T = args.num_ddim_steps
     editor = StyleDiffusionEditor(bundle, progress=args.progress)
     started()
     for path in (job.image_path, args.content_image):  # both are centre-cropped and resized to the model's size
-        for note in load_image(path, bundle.image_size)[1]:
-            log(f"note: {note}")
+        log_image_notes(path, bundle.image_size, log)
     ckpt = checkpoint_path(args, job, bundle.label, options)
     if args.checkpoint is None:
         validate.inside(args.checkpoint_dir, ckpt, "the checkpoint")
@@ -331,10 +389,7 @@ def run_style_transfer(args, log=print) -> list[Path]:
     if not ckpt.is_file():
         log(f"no trained inversion of the style image at {ckpt}: training it first (T={T}, K={args.num_inner_steps})")
     t0 = time.perf_counter()
-    inverted = editor.invert(job.image_path, job.prompt, method=args.inversion, num_inference_steps=T,
-                             num_inner_steps=args.num_inner_steps, guidance_scale=args.guidance_scale,
-                             checkpoint=ckpt, seed=args.seed, lr=args.lr, attention_loss=args.attention_loss,
-                             early_stop=args.early_stop, **options)
+    inverted = invert_job(args, editor, job, ckpt, options)
     log(f"style inversion ready in {time.perf_counter() - t0:.1f}s ({ckpt})")
     out = editor.transfer_style(inverted, args.content_image, args.content_prompt,
                                 guidance_scale=args.guidance_scale, **transfer)
