@@ -37,6 +37,7 @@ from .models import (DEFAULT_IMAGE_ENCODER, DEFAULT_MODEL, ModelBundle, executio
                      out_of_memory_as_user_error, resolve_dtype)
 from .outputs import EditOutput, check_output_type, picture, pictures, pil_picture
 from .results import Inversion
+from .specs import entry_points
 from .training import TrainConfig
 
 logger = logging.getLogger("stylediffusion")
@@ -84,6 +85,7 @@ def _array_to_pil(array) -> Image.Image:
     return Image.fromarray(array)
 
 
+@entry_points("api")  # its messages name its keywords (edit_type=), not the command line's flags
 class StyleDiffusionEditor:
     """Invert real images and edit them with text, on frozen Stable Diffusion v1.x/2.x or SDXL components."""
 

@@ -32,6 +32,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 # Gradio would otherwise report usage to its servers; set before gradio is imported anywhere.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -39,7 +40,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 from PIL import Image  # noqa: E402
 
 from . import validate  # noqa: E402
-from .defaults import EDIT_TYPES, NUM_DDIM_STEPS, NUM_INNER_STEPS, TAU_C, TAU_S, TAU_U, TAU_V  # noqa: E402
+from .defaults import EDIT, EDIT_TYPES, INVERSION, NUM_DDIM_STEPS, NUM_INNER_STEPS, TAU_C, TAU_S, TAU_U, TAU_V  # noqa: E402
 from .demo_cache import EDITS, BoundedCache, megabytes  # noqa: E402
 from .demo_limits import (  # noqa: E402
     DEFAULT_CACHE_MAX_MB,
@@ -49,6 +50,7 @@ from .demo_limits import (  # noqa: E402
     ServiceLimits,
 )
 from .errors import UserError, one_line  # noqa: E402
+from .specs import SETTINGS, entry_points, spelled  # noqa: E402
 
 DEFAULT_CACHE_DIR = Path("checkpoints") / "demo"
 # Test-bed pictures are 32x32: show every picture at the width of its box, pixels kept sharp.
@@ -85,8 +87,8 @@ def _whole(value) -> int:
             pass
     if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) \
             or not float(number).is_integer() or number < 1:
-        raise UserError("num_inference_steps and num_inner_steps must be whole numbers of at least 1, got "
-                        f"{_short(value)}.")
+        raise UserError(f"{spelled('num_ddim_steps')} and {spelled('num_inner_steps')} must be whole numbers of at "
+                        f"least 1, got {_short(value)}.")
     return int(number)
 
 
@@ -184,7 +186,7 @@ def parse_blend_words(text: str | None, num_targets: int) -> list[tuple[str, str
     if not lines:
         return [None] * num_targets
     if len(lines) not in (1, num_targets):
-        raise UserError(f"blend words: give one line for all targets or one line per target "
+        raise UserError(f"{spelled('blend_word')}: give one line for all targets or one line per target "
                         f"({num_targets}), not {len(lines)}.")
     pairs = []
     for line in lines:
@@ -193,23 +195,24 @@ def parse_blend_words(text: str | None, num_targets: int) -> list[tuple[str, str
             continue
         words = tuple(line.replace(",", " ").split())
         if len(words) != 2:
-            raise UserError(f"--blend_word needs two words (source word, target word), got {_short(line)}.")
-        pairs.append(validate.blend_words(words, "blend words"))
+            raise UserError(f"{spelled('blend_word')} needs two words (source word, target word), got {_short(line)}.")
+        pairs.append(validate.blend_words(words))
     return pairs * num_targets if len(pairs) == 1 else pairs
 
 
 def parse_reweight(text: str | None) -> dict | None:
     """Re-weighting as ``word=value, word=value`` (or the CLI's dict literal) -> ``eq_params``."""
-    text = _field_text(text, "re-weighting", validate.MAX_LITERAL_CHARS).strip()
+    what = spelled("eq_params")
+    text = _field_text(text, what, validate.MAX_LITERAL_CHARS).strip()
     if not text:
         return None
     if text.startswith("{"):
         # the command line's reader: parsed as data, its length bounded before parsing
-        value = validate.literal(text, "re-weighting")
+        value = validate.literal(text, what)
         if not isinstance(value, dict) or set(value) != {"words", "values"}:
-            raise UserError(f"re-weighting {_short(text)} must be a dict with exactly the keys 'words' and 'values', "
+            raise UserError(f"{what} {_short(text)} must be a dict with exactly the keys 'words' and 'values', "
                             "such as {'words': ['red'], 'values': [2]}.")
-        validate.eq_params(value, "re-weighting")
+        validate.eq_params(value, what)
         return value
     words, values = [], []
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -219,9 +222,9 @@ def parse_reweight(text: str | None) -> dict | None:
         except ValueError:
             sep = ""
         if not sep or not word.strip():
-            raise UserError(f"re-weighting item {_short(item)} is not word=value (e.g. red=2).")
+            raise UserError(f"{what}: item {_short(item)} is not word=value (e.g. red=2).")
         words.append(word.strip())
-    validate.reweight_factors(zip(words, values), "re-weighting")
+    validate.reweight_factors(zip(words, values), what)
     return {"words": words, "values": values}
 
 
@@ -271,6 +274,7 @@ class EditResult:
         return f"{n} edit{'s' if n > 1 else ''} in {self.seconds:.1f} s" + (f" ({self.seconds / n:.1f} s each)." if n > 1 else ".")
 
 
+@entry_points("page")  # its messages name the page's fields by their labels
 @dataclass
 class DemoApp:
     """One model shared by every browser session; the lock makes its use one request at a time.
@@ -326,6 +330,18 @@ class DemoApp:
                 else:
                     for name in names:
                         self.store.unpin(name)
+
+    @contextmanager
+    def _result_request(self, session: str | None, key: str, outdir: Path, missing: str):
+        """A request of ``session`` that works on the finished inversion ``key`` and writes the cache entry
+        ``outdir`` (under ``edits/``): yields (the inversion's ``InvertResult``, the request's guard); without
+        a finished inversion it is the line ``missing``."""
+        with self._request(session, key, f"{EDITS}/{outdir.name}") as guard:
+            entry = self.cached(key)
+            if entry is None:
+                raise UserError(missing)
+            self.store.touch(key)
+            yield entry, guard
 
     def cancel(self, session: str | None) -> str:
         """Stop every request of ``session`` (queued or running): it ends with the 'cancelled' line."""
@@ -500,9 +516,9 @@ class DemoApp:
         blends = parse_blend_words(blend_text, len(target_list))
         eq_params = parse_reweight(reweight)
         if edit_type not in (None, "") and (not isinstance(edit_type, str) or edit_type not in EDIT_TYPE_CHOICES):
-            raise UserError(f"edit type {_short(edit_type)} is not one of {', '.join(EDIT_TYPE_CHOICES)}.")
+            raise UserError(f"{spelled('edit_type')} {_short(edit_type)} is not one of {', '.join(EDIT_TYPE_CHOICES)}.")
         kind = None if edit_type in (None, "", "auto") else edit_type
-        taus = {name: default if value is None else validate.fraction(value, name)
+        taus = {name: default if value is None else validate.fraction(value, spelled(name))
                 for name, value, default in (("tau_v", tau_v, TAU_V), ("tau_c", tau_c, TAU_C), ("tau_s", tau_s, TAU_S),
                                              ("tau_u", tau_u, TAU_U))}
         from .methods import get_edit
@@ -511,12 +527,8 @@ class DemoApp:
         launch_options = {k: v for k, v in self.edit_options.items() if k in declared}
         outdir = self.cache_dir / EDITS / uuid.uuid4().hex[:12]
         edits, attention, recon = [], None, None
-        with self._request(session, key, f"{EDITS}/{outdir.name}") as guard:
-            entry = self.cached(key)
-            if entry is None:
-                raise UserError("this image has not been inverted with this prompt and these settings: press Invert "
-                                "first.")
-            self.store.touch(key)
+        missing = "this image has not been inverted with this prompt and these settings: press Invert first."
+        with self._result_request(session, key, outdir, missing) as (entry, guard):
             t0 = time.perf_counter()
             with self._lock, guard.watching(self.editor.bundle.unet):
                 inv = self._inversion(key)
@@ -618,19 +630,23 @@ def own_copy(image: Image.Image | None) -> Image.Image | None:
     return tagged
 
 
-def build_ui(app: DemoApp, inversion_methods: list[str], edit_methods: list[str]):
-    """The page: Gradio components wired to ``app``'s methods, nothing else."""
+def with_request(fn):
+    """Gradio hands a handler its ``gr.Request`` by the parameter's type; this module's annotations are
+    strings (``from __future__ import annotations``) naming a local import, so the type is set here."""
+    import gradio as gr
+
+    fn.__annotations__ = {**fn.__annotations__, "request": gr.Request}
+    return fn
+
+
+def page_handlers(app: DemoApp) -> SimpleNamespace:
+    """The page's event handlers (invert, edit, cancel, load): each calls one of ``app``'s methods and turns
+    its result into the components' values."""
     import gradio as gr
 
     # The inputs arrive unprocessed (preprocess=False below): the image as Gradio's record of the uploaded
     # file, numbers and text as sent. DemoApp's own checks read them, so no input reaches a library's
     # exception (a decompression bomb, say, is refused from its header instead of inside Gradio's decoder).
-    def with_request(fn):
-        """Gradio hands a handler its ``gr.Request`` by the parameter's type; this module's annotations are
-        strings (``from __future__ import annotations``) naming a local import, so the type is set here."""
-        fn.__annotations__ = {**fn.__annotations__, "request": gr.Request}
-        return fn
-
     @page_errors
     @with_request
     def on_invert(image, prompt, method, steps, inner, request=None, progress=gr.Progress(track_tqdm=True)):
@@ -659,85 +675,130 @@ def build_ui(app: DemoApp, inversion_methods: list[str], edit_methods: list[str]
         return (own_copy(hit.upload), hit.prompt, hit.method, hit.num_inference_steps, hit.num_inner_steps,
                 own_copy(for_display(hit.reconstruction)), hit.summary())
 
+    return SimpleNamespace(invert=on_invert, edit=on_edit, cancel=on_cancel, load=on_load)
+
+
+def count_field(gr, name: str, elem_id: str):
+    """A whole-number field of a setting (T, K): its default, label and minimum from ``specs``."""
+    s = SETTINGS[name]
+    return gr.Number(s.default, label=s.label, precision=0, minimum=s.minimum, elem_id=elem_id)
+
+
+def fraction_slider(gr, name: str):
+    """A τ's slider: its range, step, default and label from ``specs``."""
+    s = SETTINGS[name]
+    return gr.Slider(s.minimum, s.maximum, s.default, step=s.step, label=s.label)
+
+
+def limits_line(limits: ServiceLimits) -> str:
+    return (f"Limits of this server: T ≤ {limits.max_steps}, K ≤ {limits.max_inner_steps}, "
+            f"{limits.max_targets} targets, {limits.max_seconds:g} s per request.")
+
+
+def invert_section(gr, app: DemoApp, inversion_methods: list[str]) -> SimpleNamespace:
+    """Step 1: the image, its prompt and the inversion settings; the reconstruction and the status lines."""
+    with gr.Row():
+        with gr.Column():
+            # PNG in both directions and the image's own mode: the pixels that come back are the ones
+            # that were hashed, so an inversion is found again after a reload.
+            image = gr.Image(type="pil", image_mode=None, format="png", label="input image",
+                             sources=["upload", "clipboard"], elem_id="input-image", height=256)
+            prompt = gr.Textbox(label=SETTINGS["prompt"].label, elem_id="prompt")
+            with gr.Row():
+                method = gr.Dropdown(inversion_methods, value=INVERSION, label=SETTINGS["inversion"].label)
+                steps = count_field(gr, "num_ddim_steps", "steps")
+                inner = count_field(gr, "num_inner_steps", "inner-steps")
+            with gr.Row():
+                invert_button = gr.Button("Invert", variant="primary", elem_id="invert")
+                cancel_button = gr.Button("Cancel my request", variant="secondary", elem_id="cancel")
+        with gr.Column():
+            reconstruction = gr.Image(label="reconstruction", interactive=False, format="png",
+                                      elem_id="reconstruction", height=256)
+            invert_status = gr.Markdown("Upload an image or pick an example, type its prompt, press Invert.",
+                                        elem_id="invert-status")
+            gr.Markdown(limits_line(app.limits), elem_id="limits")
+            cancel_status = gr.Markdown(elem_id="cancel-status")
+    return SimpleNamespace(inputs=[image, prompt, method, steps, inner], image=image, prompt=prompt,
+                           invert_button=invert_button, cancel_button=cancel_button, reconstruction=reconstruction,
+                           invert_status=invert_status, cancel_status=cancel_status)
+
+
+def edit_inputs(gr, edit_methods: list[str]) -> SimpleNamespace:
+    """Step 2's settings: the targets, the edit type, the τ, blend words, re-weighting and the edit method."""
+    targets = gr.Textbox(label=SETTINGS["target"].label, lines=3, elem_id="targets")
+    kind = SETTINGS["edit_type"]
+    edit_type = gr.Dropdown(list(EDIT_TYPE_CHOICES), value="auto", label=kind.label, info=kind.info)
+    with gr.Row():
+        tau_v, tau_c = fraction_slider(gr, "tau_v"), fraction_slider(gr, "tau_c")
+    with gr.Row():
+        tau_s, tau_u = fraction_slider(gr, "tau_s"), fraction_slider(gr, "tau_u")
+    blend_setting = SETTINGS["blend_word"]
+    blend = gr.Textbox(label=f"{blend_setting.label}: {blend_setting.info}", placeholder="cat tiger", lines=1,
+                       elem_id="blend")
+    reweight = gr.Textbox(label=SETTINGS["eq_params"].label, placeholder="red=2, blue=0.5", elem_id="reweight")
+    edit_method = gr.Dropdown(edit_methods, value=EDIT, label=SETTINGS["edit"].label)
+    return SimpleNamespace(targets=targets, blend=blend,
+                           all=[targets, edit_type, tau_v, tau_c, tau_s, tau_u, blend, reweight, edit_method])
+
+
+def edit_outputs(gr) -> list:
+    """Step 2's results: the strip, the edits, the attention maps, the downloads and the status line."""
+    strip = gr.Image(label="input | reconstruction | edits", interactive=False, format="png", elem_id="strip")
+    gallery = gr.Gallery(label="edits", columns=4, format="png", elem_id="edits", height="auto")
+    attention = gr.Image(label="the source prompt's cross-attention per word", interactive=False, format="png",
+                         elem_id="attention")
+    files = gr.File(label="downloads: each edit and its edit.json", file_count="multiple", elem_id="downloads")
+    return [strip, gallery, attention, files, gr.Markdown(elem_id="edit-status")]
+
+
+def edit_section(gr, edit_methods: list[str]) -> SimpleNamespace:
+    """Step 2: the edit's settings and button beside its results."""
+    with gr.Row():
+        with gr.Column():
+            step2 = edit_inputs(gr, edit_methods)
+            step2.edit_button = gr.Button("Edit", variant="primary", elem_id="edit")
+        with gr.Column():
+            step2.outputs = edit_outputs(gr)
+    return step2
+
+
+def wire(page, handlers: SimpleNamespace, last_key, step1: SimpleNamespace, step2: SimpleNamespace, transferring):
+    """The buttons' events. One model: inversions and edits share one queue slot ("model"), so requests take
+    turns."""
+    inverting = step1.invert_button.click(handlers.invert, step1.inputs,
+                                          [last_key, step1.reconstruction, step1.invert_status],
+                                          concurrency_id="model", concurrency_limit=1, preprocess=False,
+                                          api_name="invert")
+    editing = step2.edit_button.click(handlers.edit, step1.inputs + step2.all, step2.outputs, concurrency_id="model",
+                                      concurrency_limit=1, preprocess=False, api_name="edit")
+    # Gradio's cancels drops the visitor's queued request; the running one is stopped by DemoApp.cancel
+    # (at its next model call), which frees the model for the next in the queue.
+    step1.cancel_button.click(handlers.cancel, None, [step1.cancel_status], cancels=[inverting, editing, transferring],
+                              queue=False, api_name="cancel")
+    page.load(handlers.load, [last_key], step1.inputs + [step1.reconstruction, step1.invert_status])
+
+
+def build_ui(app: DemoApp, inversion_methods: list[str], edit_methods: list[str]):
+    """The page: Gradio components wired to ``app``'s methods, nothing else."""
+    import gradio as gr
+
+    from .app_style_transfer import style_transfer_section
+
+    handlers = page_handlers(app)
     with gr.Blocks(title="StyleDiffusion: invert once, edit many", analytics_enabled=False) as page:
         last_key = gr.BrowserState(None, storage_key="stylediffusion-demo-inversion")
         gr.Markdown(f"## StyleDiffusion: invert once, edit many\nModel `{app.model_label}`. **Step 1** trains the "
                     "inversion of an image (slow, once per image and settings; cached on disk). **Step 2** edits "
                     "it (seconds per target).")
-        with gr.Row():
-            with gr.Column():
-                # PNG in both directions and the image's own mode: the pixels that come back are the ones
-                # that were hashed, so an inversion is found again after a reload.
-                image = gr.Image(type="pil", image_mode=None, format="png", label="input image",
-                                 sources=["upload", "clipboard"], elem_id="input-image", height=256)
-                prompt = gr.Textbox(label="prompt (caption of the image)", elem_id="prompt")
-                with gr.Row():
-                    method = gr.Dropdown(inversion_methods, value="stylediffusion", label="inversion method")
-                    steps = gr.Number(NUM_DDIM_STEPS, label="T (DDIM steps)", precision=0, minimum=1, elem_id="steps")
-                    inner = gr.Number(NUM_INNER_STEPS, label="K (training iterations at step 0)", precision=0, minimum=1,
-                                      elem_id="inner-steps")
-                with gr.Row():
-                    invert_button = gr.Button("Invert", variant="primary", elem_id="invert")
-                    cancel_button = gr.Button("Cancel my request", variant="secondary", elem_id="cancel")
-            with gr.Column():
-                reconstruction = gr.Image(label="reconstruction", interactive=False, format="png",
-                                          elem_id="reconstruction", height=256)
-                invert_status = gr.Markdown("Upload an image or pick an example, type its prompt, press Invert.",
-                                            elem_id="invert-status")
-                limits = app.limits
-                gr.Markdown(f"Limits of this server: T ≤ {limits.max_steps}, K ≤ {limits.max_inner_steps}, "
-                            f"{limits.max_targets} targets, {limits.max_seconds:g} s per request.",
-                            elem_id="limits")
-                cancel_status = gr.Markdown(elem_id="cancel-status")
+        step1 = invert_section(gr, app, inversion_methods)
         gr.Markdown("### Step 2: edit")
-        with gr.Row():
-            with gr.Column():
-                targets = gr.Textbox(label="target prompt(s), one per line", lines=3, elem_id="targets")
-                edit_type = gr.Dropdown(list(EDIT_TYPE_CHOICES), value="auto", label="edit type",
-                                        info="auto: Replacement when the word counts match, else Refinement")
-                with gr.Row():
-                    tau_v = gr.Slider(0, 1, TAU_V, step=0.05, label="τ_v (learned values)")
-                    tau_c = gr.Slider(0, 1, TAU_C, step=0.05, label="τ_c (cross-attention)")
-                with gr.Row():
-                    tau_s = gr.Slider(0, 1, TAU_S, step=0.05, label="τ_s (self-attention)")
-                    tau_u = gr.Slider(0, 1, TAU_U, step=0.05, label="τ_u (P2Plus: unconditional self-attention)")
-                blend = gr.Textbox(label="blend words: source word, target word (one line for all targets, or one "
-                                         "per target)", placeholder="cat tiger", lines=1, elem_id="blend")
-                reweight = gr.Textbox(label="re-weighting of target words", placeholder="red=2, blue=0.5",
-                                      elem_id="reweight")
-                edit_method = gr.Dropdown(edit_methods, value="p2p", label="edit method")
-                edit_button = gr.Button("Edit", variant="primary", elem_id="edit")
-            with gr.Column():
-                strip = gr.Image(label="input | reconstruction | edits", interactive=False, format="png",
-                                 elem_id="strip")
-                gallery = gr.Gallery(label="edits", columns=4, format="png", elem_id="edits", height="auto")
-                attention = gr.Image(label="the source prompt's cross-attention per word", interactive=False,
-                                     format="png", elem_id="attention")
-                files = gr.File(label="downloads: each edit and its edit.json", file_count="multiple",
-                                elem_id="downloads")
-                edit_status = gr.Markdown(elem_id="edit-status")
+        step2 = edit_section(gr, edit_methods)
         examples = app.examples()
         if examples:
-            gr.Examples(examples, inputs=[image, prompt, targets, blend], label="examples (the data index)",
-                        elem_id="examples")
-
-        step1 = [image, prompt, method, steps, inner]
-        from .app_style_transfer import style_transfer_section
-
-        transferring = style_transfer_section(app, step1, with_request)
-        # One model: inversions and edits share one queue slot ("model"), so requests take turns.
-        inverting = invert_button.click(on_invert, step1, [last_key, reconstruction, invert_status],
-                                        concurrency_id="model", concurrency_limit=1, preprocess=False,
-                                        api_name="invert")
-        editing = edit_button.click(on_edit, step1 + [targets, edit_type, tau_v, tau_c, tau_s, tau_u, blend, reweight,
-                                                      edit_method],
-                                    [strip, gallery, attention, files, edit_status], concurrency_id="model",
-                                    concurrency_limit=1, preprocess=False, api_name="edit")
-        # Gradio's cancels drops the visitor's queued request; the running one is stopped by DemoApp.cancel
-        # (at its next model call), which frees the model for the next in the queue.
-        cancel_button.click(on_cancel, None, [cancel_status], cancels=[inverting, editing, transferring],
-                            queue=False, api_name="cancel")
-        page.load(on_load, [last_key], step1 + [reconstruction, invert_status])
+            gr.Examples(examples, inputs=[step1.image, step1.prompt, step2.targets, step2.blend],
+                        label="examples (the data index)", elem_id="examples")
+        transferring = style_transfer_section(app, step1.inputs, with_request)
+        wire(page, handlers, last_key, step1, step2, transferring)
     return page
 
 
@@ -755,20 +816,16 @@ def method_names() -> tuple[list[str], list[str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import ArgumentParser, count_at_least, finite_float
+    from .flags import ArgumentParser, add_elite_arguments, add_settings, count_at_least, finite_float
 
     p = ArgumentParser(prog="python -m stylediffusion.app",
                        description="Web demo: invert an image once, edit it many times.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="testbed",
-                   help="hub id or local diffusers folder; 'testbed' = bundled test-bed model, 'tiny' = untrained")
-    p.add_argument("--image_encoder", default=None, help="CLIP vision tower, hub id or folder")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
+    add_settings(p, "model", "image_encoder", "device", model={"default": "testbed"},
+                 image_encoder={"help": "CLIP vision tower, hub id or folder"})
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 for other machines)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--cache_dir", type=Path, default=DEFAULT_CACHE_DIR, help="where inversions and edits are kept")
-    from .cli import add_elite_arguments
-
     add_elite_arguments(p)  # the 'elite' edit's weights and settings, for every session
     # A shared server: what one request may ask for (checked before any work), the disk, who may come in.
     limits = ServiceLimits()
@@ -836,7 +893,7 @@ def make_app(args) -> DemoApp:
                            max_targets=args.max_targets, max_image_pixels=args.max_image_pixels,
                            max_prompt_chars=args.max_prompt_chars, max_seconds=args.max_seconds)
     editor = StyleDiffusionEditor.from_pretrained(args.model, image_encoder=args.image_encoder, device=args.device)
-    from .cli import elite_options
+    from .flags import elite_options
 
     return DemoApp(editor, Path(args.cache_dir), edit_options=elite_options(args), limits=limits,
                    cache_max_mb=args.cache_max_mb)

@@ -12,6 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from .errors import UserError
+from .specs import asked_from
 from .style_transfer import TRANSFER_OPTIONS
 
 _DEFAULTS = {o.name: o.default for o in TRANSFER_OPTIONS}
@@ -28,6 +29,7 @@ class TransferResult:
         return f"style transfer in {self.seconds:.1f} s."
 
 
+@asked_from("page")  # its messages name the page's fields by their labels
 def transfer(app, image, prompt, method, steps, inner, content_image, content_prompt=None,
              feature_fraction=None, attention_fraction=None, session=None) -> TransferResult:
     """Transfer the style of step 1's (cached) inversion onto ``content_image``: the same checks, limits,
@@ -53,12 +55,8 @@ def transfer(app, image, prompt, method, steps, inner, content_image, content_pr
                if value is not None}
     key = app.cache_key(image, prompt, method, steps, inner)
     outdir = app.cache_dir / EDITS / uuid.uuid4().hex[:12]
-    with app._request(session, key, f"{EDITS}/{outdir.name}") as guard:
-        entry = app.cached(key)
-        if entry is None:
-            raise UserError("the style image has not been inverted with this prompt and these settings: press "
-                            "Invert first.")
-        app.store.touch(key)
+    missing = "the style image has not been inverted with this prompt and these settings: press Invert first."
+    with app._result_request(session, key, outdir, missing) as (entry, guard):
         t0 = time.perf_counter()
         with app._lock, guard.watching(app.editor.bundle.unet):
             out = app.editor.transfer_style(app._inversion(key), content_image, content_prompt, progress=False,

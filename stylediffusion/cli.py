@@ -15,98 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import validate
-from .defaults import (EDIT_TYPES, GUIDANCE_SCALE, LEARNING_RATE, NUM_DDIM_STEPS, NUM_INNER_STEPS, TAU_C, TAU_S, TAU_U,
-                       TAU_V, VARIANT, VARIANTS)
-from .errors import UserError, exit_code, one_line, quiet_libraries, started
-
-# torch.manual_seed takes at most 64 bits; seeds are kept to the non-negative half so that every
-# seed means one thing on every platform.
-MAX_SEED = 2**63 - 1
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one ``error:`` line on stderr (exit 2), like every other bad input,
-    instead of the usage block followed by the message."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")
-
-
-def _argtype(check, name: str):
-    """An argparse ``type=`` from a ``validate`` check: its UserError becomes argparse's one-line error."""
-    def parse(text: str):
-        try:
-            return check(text)
-        except UserError as err:
-            raise argparse.ArgumentTypeError(str(err)) from err
-    parse.__name__ = name  # argparse names the type in its messages
-    return parse
-
-
-def _int(text: str, what: str) -> int:
-    try:
-        return int(text)
-    except ValueError as err:
-        raise UserError(f"{what}: {text!r} is not a whole number.") from err
-
-
-def _float(text: str, what: str) -> float:
-    try:
-        return float(text)
-    except ValueError as err:
-        raise UserError(f"{what}: {text!r} is not a number.") from err
-
-
-def count_at_least(minimum: int):
-    """``type=`` for a whole number >= ``minimum`` (steps, iterations, --limit)."""
-    return _argtype(lambda t: validate.number(_int(t, "value"), "value", minimum=minimum, integer=True),
-                    f"int>={minimum}")
-
-
-def finite_float(minimum: float | None = None, maximum: float | None = None, above: float | None = None):
-    """``type=`` for a finite number (NaN and inf refused) in the given range."""
-    return _argtype(lambda t: validate.number(_float(t, "value"), "value", minimum=minimum, maximum=maximum,
-                                              above=above), "finite float")
-
-
-seed_int = _argtype(lambda t: validate.number(_int(t, "seed"), "seed", minimum=0, maximum=MAX_SEED, integer=True),
-                    "seed")
-guidance_float = finite_float(minimum=0.0, maximum=validate.MAX_GUIDANCE)
-lr_float = finite_float(above=0.0)
-
-
-def str2bool(text: str) -> bool:
-    """Parse a boolean word. (``type=bool`` would turn the string "False" into True.)"""
-    value = str(text).strip().lower()
-    if value in ("true", "1", "yes", "y", "on"):
-        return True
-    if value in ("false", "0", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
-
-
-def fraction_or_dict(text: str):
-    """``0.6`` or a per-word dict literal such as ``{'default_': 0.6, 'wooden': 0.2}``."""
-    try:
-        value = validate.literal(text, "value")
-    except UserError as err:
-        raise argparse.ArgumentTypeError(f"expected a number or a dict literal: {err}") from err
-    if isinstance(value, bool) or not isinstance(value, (int, float, dict)):
-        raise argparse.ArgumentTypeError(f"expected a number or a dict literal, got {text!r}")
-    return value  # its range is checked with every other tau by EditSpec.validate
-
-
-def literal(text: str):
-    """A Python literal flag value (parsed as data, length-capped), e.g. ``--eq_params``."""
-    try:
-        return validate.literal(text, "value")
-    except UserError as err:
-        raise argparse.ArgumentTypeError(str(err)) from err
+from .defaults import MAX_SEED, TAU_C, TAU_S, TAU_U, TAU_V  # noqa: F401 (cli.MAX_SEED)
+from .errors import UserError, exit_code, quiet_libraries, started
+# the shared flag types and builders, also read from here by older callers
+from .flags import (ELITE_FLAGS, ArgumentParser, add_elite_arguments, add_settings, count_at_least,  # noqa: F401
+                    elite_options, finite_float, fraction_or_dict, guidance_float, literal, lr_float, method_options,
+                    seed_int, str2bool)
+from .specs import asked_from
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models import DEFAULT_IMAGE_ENCODER, DEFAULT_MODEL, DTYPE_NAMES
-
     p = ArgumentParser(
         prog="edit_w_ptp_v_clip.py",
         description="StyleDiffusion: prompt-embedding inversion and P2Plus editing of real images.",
@@ -118,58 +36,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--idx", type=int, default=None, help="case_number of a row of the data index (default 0)")
     g.add_argument("--data_dir", type=Path, default=None, help="folder holding the index CSVs and images")
     g.add_argument("--image_path", type=Path, help="direct mode: the image to invert/edit")
-    g.add_argument("--prompt", help="direct mode: caption of the image (source prompt)")
-    g.add_argument("--target", help="direct mode: the edited prompt")
+    add_settings(g, "prompt", "target")
     g.add_argument("--outdir", type=Path, default=Path("outputs"), help="where images and reports are written")
 
     g = p.add_argument_group("models")
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help="hub id or local diffusers folder; 'testbed' = bundled test-bed model, 'tiny' = untrained")
-    g.add_argument("--image_encoder", default=None,
-                   help=f"CLIP vision tower, hub id or folder (default: the model's image_encoder/ or {DEFAULT_IMAGE_ENCODER})")
+    add_settings(g, "model", "image_encoder")
     g.add_argument("--vae", default=None,
                    help="a VAE hub id or folder in place of the model's (e.g. madebyollin/sdxl-vae-fp16-fix), run in "
                         "--dtype; without it the model's own VAE runs in float32 (SDXL's overflows in float16)")
     g.add_argument("--image_size", type=int, default=None,
                    help="pixels to run at (default: the model's: 512 for SD 1.x, 1024 for SDXL); images are resized to it")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
-    g.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
-                   help="dtype of the frozen UNet and encoders (auto: bfloat16 on GPUs that compute it natively, compute "
-                        "capability 8.0+; float16 with loss scaling on older GPUs; float32 on the CPU; "
-                        "mapping networks, DDIM math and losses always run in float32)")
-    g.add_argument("--seed", type=seed_int, default=0, help=f"0 .. {MAX_SEED}")
+    add_settings(g, "device", "dtype", "seed")
 
     g = p.add_argument_group("inversion (training)")
-    g.add_argument("--num_ddim_steps", type=count_at_least(1), default=NUM_DDIM_STEPS,
-                   help="T (at most the scheduler's num_train_timesteps, 1000 for SD)")
-    g.add_argument("--num_inner_steps", type=count_at_least(1), default=NUM_INNER_STEPS, help="K: iterations at the first step, K_i = ceil(K e^-0.1i)")
-    g.add_argument("--guidance_scale", type=guidance_float, default=GUIDANCE_SCALE, help=f"w, in [0, {validate.MAX_GUIDANCE:g}]")
-    g.add_argument("--lr", type=lr_float, default=LEARNING_RATE, help="Adam learning rate at step 0 (decays as 1 - i/100)")
-    g.add_argument("--variant", choices=VARIANTS, default=VARIANT,
-                   help="mapping network: released code's c*gamma+beta (modulate) or the paper's direct value (replace)")
-    g.add_argument("--attention_loss", type=str2bool, default=True, metavar="True|False")
-    g.add_argument("--early_stop", type=str2bool, default=True, metavar="True|False")
+    add_settings(g, "num_ddim_steps", "num_inner_steps", "guidance_scale", "lr", "variant", "attention_loss",
+                 "early_stop")
     g.add_argument("--checkpoint", type=Path, default=None, help="inversion file (default: <checkpoint_dir>/<case>_<model>_T<T>.safetensors)")
     g.add_argument("--checkpoint_dir", type=Path, default=Path("checkpoints"))
     g.add_argument("--retrain", action="store_true", help="train again even if a matching checkpoint exists")
 
     g = p.add_argument_group("editing (Prompt-to-Prompt + P2Plus); unset values come from the index row or the README defaults")
-    g.add_argument("--edit_type", choices=EDIT_TYPES, default=None)
-    g.add_argument("--tau_v", type=float, default=None, help=f"fraction of steps the target uses the learned values ({TAU_V})")
-    g.add_argument("--tau_c", type=fraction_or_dict, default=None, help=f"cross-attention replacement fraction or per-word dict ({TAU_C})")
-    g.add_argument("--tau_s", type=float, default=None, help=f"self-attention replacement fraction, conditional branch ({TAU_S})")
-    g.add_argument("--tau_u", type=float, default=None, help=f"P2Plus: self-attention replacement in the unconditional branch ({TAU_U})")
-    g.add_argument("--blend_word", default=None, help="LocalBlend words: \"cat tiger\" or \"('cat', 'tiger')\"")
-    g.add_argument("--eq_params", type=literal, default=None, help="re-weighting: \"{'words': ['red'], 'values': [2]}\"")
-    g.add_argument("--inversion", default=None,
-                   help="inversion method (see --list_methods; default: the edit's own, spdinv for --edit elite, "
-                        "else stylediffusion)")
-    g.add_argument("--edit", default="p2p", help="edit method (see --list_methods)")
-    g.add_argument("--method_option", action="append", default=[], metavar="KEY=VALUE",
-                   help="method-specific option, repeatable (e.g. sdedit_strength=0.6, embedding=key_value, "
-                        "generated_seed=3); see --list_methods and docs/methods.md")
+    add_settings(g, "edit_type", "tau_v", "tau_c", "tau_s", "tau_u", "blend_word", "eq_params", "inversion", "edit",
+                 "method_option")
     g.add_argument("--list_methods", action="store_true", help="list the registered inversions and edits, and exit")
-    g.add_argument("--progress", type=str2bool, default=True, metavar="True|False", help="show progress bars")
+    add_settings(g, "progress")
     add_elite_arguments(p)
 
     g = p.add_argument_group("style transfer (the paper's §5.2.7): --image_path/--prompt (or --idx) are the STYLE image")
@@ -178,48 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "--method_option transfer_feature_fraction=0.8 ... (docs/method.md)")
     g.add_argument("--content_prompt", default=None, help="caption of the content image (default: the empty prompt, as PnP)")
     return p
-
-
-# --edit elite's flags, each the method option of the same name (docs/methods.md, ELITE)
-ELITE_FLAGS = ("elite_global", "elite_local", "elite_reference", "elite_mask", "elite_lambda", "elite_placeholder",
-               "elite_word", "elite_projections", "elite_image_encoder")
-
-
-def add_elite_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("--edit elite (SPDInv + ELITE): weights from 'python -m stylediffusion.convert_elite'")
-    g.add_argument("--elite_global", default=None, help="converted global mapper (.safetensors)")
-    g.add_argument("--elite_local", default=None, help="converted local mapper (.safetensors), optional")
-    g.add_argument("--elite_reference", default=None, help="image of the concept (default: the source image)")
-    g.add_argument("--elite_mask", default=None, help="object mask of the reference (white = object), for --elite_local")
-    g.add_argument("--elite_lambda", type=finite_float(minimum=0.0, maximum=20.0), default=None,
-                   help="weight of the local values (0.8)")
-    g.add_argument("--elite_placeholder", default=None, help="the target prompt's placeholder word ('*')")
-    g.add_argument("--elite_word", type=count_at_least(0), default=None, help="which of the five words (0)")
-    g.add_argument("--elite_projections", choices=("elite", "unet"), default=None,
-                   help="target rows' cross-attention keys/values: ELITE's fine-tuned projections or the UNet's")
-    g.add_argument("--elite_image_encoder", default=None, help="CLIP ViT-L/14, hub id or folder "
-                                                              "(openai/clip-vit-large-patch14)")
-
-
-def elite_options(args) -> dict:
-    """The ``--elite_*`` flags that were given, as method options."""
-    return {name: getattr(args, name) for name in ELITE_FLAGS if getattr(args, name, None) is not None}
-
-
-def method_options(pairs: list[str]) -> dict:
-    """``KEY=VALUE`` strings -> dict; values parsed as Python literals where they are (numbers, booleans)."""
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--method_option {pair!r} is not KEY=VALUE.")
-        try:
-            options[key.strip()] = validate.literal(value, f"--method_option {key.strip()}")
-        except UserError:
-            if len(value) > validate.MAX_LITERAL_CHARS:
-                raise
-            options[key.strip()] = value.strip()  # a word, e.g. embedding=key_value
-    return options
 
 
 @dataclass
@@ -361,31 +209,34 @@ def load_bundle(args, log=print):
     return bundle
 
 
-def run(args, log=print) -> list[Path]:
-    if getattr(args, "content_image", None) is not None:
-        return run_style_transfer(args, log)
-    if getattr(args, "content_prompt", None) is not None:
-        raise UserError("--content_prompt describes the --content_image of a style transfer: give --content_image too.")
-    from .editing import build_controller
-    from .encoders import check_prompt_length
-    from .image_io import load_image
-    from .api import StyleDiffusionEditor
+@dataclass
+class RunPlan:
+    """What a run does, checked before any model loads: its jobs, and the method options split by method."""
+
+    jobs: list[Job]
+    edit: str | None  # None when only training
+    options: dict  # --variant and the --method_option pairs: they name the inversion's checkpoint
+    inversion_options: dict  # those the inversion declares (--variant reaches StyleDiffusion only)
+    edit_options: dict  # those the edit declares, and the --elite_* flags (which do not name the checkpoint)
+
+
+def check_run(args) -> RunPlan:
+    """Everything the flags, the index and the files say is checked here, before any model loads and before
+    anything is written or deleted; an unnamed --inversion becomes the edit's own."""
     from .methods import default_inversion, get_edit, get_inversion
     from .methods.registry import check_method_options, split_method_options
-    from .results import refuse_old_format
 
-    # Everything the flags, the index and the files say is checked here, before any model loads and
-    # before anything is written or deleted.
+    edit = None if args.is_train else args.edit
     if args.inversion is None:
-        args.inversion = default_inversion(None if args.is_train else args.edit)
+        args.inversion = default_inversion(edit)
     get_inversion(args.inversion)  # an unknown name fails here, before anything loads
-    if not args.is_train:
-        get_edit(args.edit, args.inversion)
+    if edit is not None:
+        get_edit(edit, args.inversion)
     jobs = resolve_jobs(args)
     options = {"variant": args.variant, **check_method_options(method_options(args.method_option), args.inversion,
-                                                                None if args.is_train else args.edit)}
+                                                                edit)}
     # the --elite_* flags are edit options: they do not name the inversion's checkpoint
-    flag_options = check_method_options(elite_options(args), args.inversion, None if args.is_train else args.edit)
+    flag_options = check_method_options(elite_options(args), args.inversion, edit)
     for job in jobs:
         if job.image_path is not None:
             _check_image_readable(job.image_path)
@@ -393,59 +244,108 @@ def run(args, log=print) -> list[Path]:
             spec.validate()
             get_edit(args.edit, args.inversion).check(spec, {**options, **flag_options})
     check_output_paths(args, jobs)
-    bundle = load_bundle(args, log)
-    T = args.num_ddim_steps
-    for job in jobs:  # word-level problems (too long, unknown blend word, unequal word counts...) before any training
-        check_prompt_length(bundle.tokenizer, job.prompt)
+    inversion_options, edit_options = split_method_options(options, args.inversion, edit)
+    return RunPlan(jobs, edit, options, inversion_options, {**edit_options, **flag_options})
+
+
+def check_words(jobs: list[Job], tokenizer, num_steps: int) -> None:
+    """Word-level problems (too long, unknown blend word, unequal word counts...), before any training."""
+    from .editing import build_controller
+    from .encoders import check_prompt_length
+
+    for job in jobs:
+        check_prompt_length(tokenizer, job.prompt)
         for spec in job.edits:
-            check_prompt_length(bundle.tokenizer, spec.target)
-            build_controller(spec, bundle.tokenizer, T)
+            check_prompt_length(tokenizer, spec.target)
+            build_controller(spec, tokenizer, num_steps)
+
+
+@asked_from("cli")
+def run(args, log=print) -> list[Path]:
+    """Train, or edit (training first where needed), every job the flags name; returns the files written."""
+    if getattr(args, "content_image", None) is not None:
+        return run_style_transfer(args, log)
+    if getattr(args, "content_prompt", None) is not None:
+        raise UserError("--content_prompt describes the --content_image of a style transfer: give --content_image too.")
+    from .api import StyleDiffusionEditor
+
+    plan = check_run(args)
+    bundle = load_bundle(args, log)
+    check_words(plan.jobs, bundle.tokenizer, args.num_ddim_steps)
     editor = StyleDiffusionEditor(bundle, progress=args.progress)
-    # each method gets the options it declares (--variant reaches StyleDiffusion only)
-    inversion_options, edit_options = split_method_options(options, args.inversion,
-                                                           None if args.is_train else args.edit)
-    edit_options.update(flag_options)
     started()  # from here on files are written: Ctrl-C keeps what is finished (see errors.exit_code)
     written: list[Path] = []
-    for job in jobs:
-        notes = [] if job.image_path is None else load_image(job.image_path, bundle.image_size)[1]
-        for note in notes:
-            log(f"note: {note}")
-        ckpt = checkpoint_path(args, job, bundle.label, options)
-        if args.checkpoint is None:  # a name built from data and flags must not leave its folder
-            validate.inside(args.checkpoint_dir, ckpt, "the checkpoint")
-        if args.retrain and ckpt.is_file():  # only now: every input above has been checked
-            ckpt.unlink()
-        if args.is_train and ckpt.is_file():
-            refuse_old_format(ckpt)  # an old file is not "already trained": it cannot be read
-            log(f"{ckpt} is already trained (use --retrain to train again)")
-            continue
-        if not ckpt.is_file() and args.inversion == "stylediffusion":
-            log(f"no trained inversion at {ckpt}: training it first (T={T}, K={args.num_inner_steps})"
-                if not args.is_train else f"training the inversion (T={T}, K={args.num_inner_steps}) -> {ckpt}")
-        t0 = time.perf_counter()
-        inverted = editor.invert(job.image_path, job.prompt, method=args.inversion, num_inference_steps=T,
-                                 num_inner_steps=args.num_inner_steps, guidance_scale=args.guidance_scale,
-                                 checkpoint=ckpt, seed=args.seed, lr=args.lr, attention_loss=args.attention_loss,
-                                 early_stop=args.early_stop, **inversion_options)
-        log(f"{args.inversion} inversion ready in {time.perf_counter() - t0:.1f}s"
-            + (f" ({ckpt})" if ckpt.is_file() else ""))
-        if ckpt.is_file():
-            written.append(ckpt)
-        for k, spec in enumerate(job.edits):
-            out = editor.edit(inverted, spec, method=args.edit, **edit_options)
-            outdir = args.outdir if len(job.edits) == 1 else args.outdir / f"{job.name}_edit{k}"
-            written += save_edit_outputs(outdir, out, bundle, T, args.inversion, args.edit)
-            log(f"edit '{spec.source}' -> '{spec.target}' ({args.inversion} + {args.edit}, {spec.edit_type}) "
-                f"in {out.seconds:.1f}s -> {outdir}")
+    for job in plan.jobs:
+        written += run_job(args, plan, job, editor, log)
     return written
 
 
-def run_style_transfer(args, log=print) -> list[Path]:
-    """Style-transfer mode: train (or load) the style image's StyleDiffusion inversion as an edit would, then
-    transfer it onto --content_image; writes an edit's files (edited.png = the transfer)."""
-    from .api import StyleDiffusionEditor
+def log_image_notes(path: Path | None, image_size: int, log) -> None:
+    """What loading the image changed (converted, centre-cropped, resized)."""
     from .image_io import load_image
+
+    for note in [] if path is None else load_image(path, image_size)[1]:
+        log(f"note: {note}")
+
+
+def job_checkpoint(args, job: Job, model_label: str, options: dict, log) -> Path | None:
+    """The job's inversion file (deleted first with --retrain); None when --is_train finds it trained."""
+    T = args.num_ddim_steps
+    ckpt = checkpoint_path(args, job, model_label, options)
+    if args.checkpoint is None:  # a name built from data and flags must not leave its folder
+        validate.inside(args.checkpoint_dir, ckpt, "the checkpoint")
+    if args.retrain and ckpt.is_file():  # only now: every input above has been checked
+        ckpt.unlink()
+    if args.is_train and ckpt.is_file():
+        from .results import refuse_old_format
+
+        refuse_old_format(ckpt)  # an old file is not "already trained": it cannot be read
+        log(f"{ckpt} is already trained (use --retrain to train again)")
+        return None
+    if not ckpt.is_file() and args.inversion == "stylediffusion":
+        log(f"no trained inversion at {ckpt}: training it first (T={T}, K={args.num_inner_steps})"
+            if not args.is_train else f"training the inversion (T={T}, K={args.num_inner_steps}) -> {ckpt}")
+    return ckpt
+
+
+def invert_job(args, editor, job: Job, ckpt: Path, options: dict):
+    """The job's inversion with the run's settings: trained (resumed from a partial file) or loaded from ``ckpt``."""
+    return editor.invert(job.image_path, job.prompt, method=args.inversion, num_inference_steps=args.num_ddim_steps,
+                         num_inner_steps=args.num_inner_steps, guidance_scale=args.guidance_scale, checkpoint=ckpt,
+                         seed=args.seed, lr=args.lr, attention_loss=args.attention_loss, early_stop=args.early_stop,
+                         **options)
+
+
+def run_job(args, plan: RunPlan, job: Job, editor, log) -> list[Path]:
+    """One image: its notes, its inversion, then each of its edits; returns the files written."""
+    bundle = editor.bundle
+    log_image_notes(job.image_path, bundle.image_size, log)
+    ckpt = job_checkpoint(args, job, bundle.label, plan.options, log)
+    if ckpt is None:
+        return []
+    t0 = time.perf_counter()
+    inverted = invert_job(args, editor, job, ckpt, plan.inversion_options)
+    log(f"{args.inversion} inversion ready in {time.perf_counter() - t0:.1f}s"
+        + (f" ({ckpt})" if ckpt.is_file() else ""))
+    written = [ckpt] if ckpt.is_file() else []
+    for k, spec in enumerate(job.edits):
+        outdir = args.outdir if len(job.edits) == 1 else args.outdir / f"{job.name}_edit{k}"
+        written += edit_job(args, editor, inverted, spec, plan.edit_options, outdir, log)
+    return written
+
+
+def edit_job(args, editor, inverted, spec, options: dict, outdir: Path, log) -> list[Path]:
+    """One edit of an inversion, its files written to ``outdir``."""
+    out = editor.edit(inverted, spec, method=args.edit, **options)
+    written = save_edit_outputs(outdir, out, editor.bundle, args.num_ddim_steps, args.inversion, args.edit)
+    log(f"edit '{spec.source}' -> '{spec.target}' ({args.inversion} + {args.edit}, {spec.edit_type}) "
+        f"in {out.seconds:.1f}s -> {outdir}")
+    return written
+
+
+def check_style_transfer(args) -> tuple[Job, dict, dict]:
+    """A style transfer's flags and files, checked before any model loads: the style image's job, the
+    inversion's options (they name its checkpoint) and the ``transfer_*`` options."""
     from .methods.registry import check_method_options, default_inversion
     from .style_transfer import STYLE_INVERSIONS, transfer_options
 
@@ -463,18 +363,27 @@ def run_style_transfer(args, log=print) -> list[Path]:
     style_args = argparse.Namespace(**{**vars(args), "is_train": True})
     job = resolve_jobs(style_args)[0]
     _check_image_readable(job.image_path)
-    given = method_options(args.method_option)
-    transfer = transfer_options({k: v for k, v in given.items() if k.startswith("transfer_")})
+    pairs = method_options(args.method_option)
+    transfer = transfer_options({k: v for k, v in pairs.items() if k.startswith("transfer_")})
     options = {"variant": args.variant, **check_method_options(
-        {k: v for k, v in given.items() if not k.startswith("transfer_")}, args.inversion)}
+        {k: v for k, v in pairs.items() if not k.startswith("transfer_")}, args.inversion)}
     check_output_paths(argparse.Namespace(**{**vars(args), "is_train": False}), [job])
+    return job, options, transfer
+
+
+@asked_from("cli")
+def run_style_transfer(args, log=print) -> list[Path]:
+    """Style-transfer mode: train (or load) the style image's StyleDiffusion inversion as an edit would, then
+    transfer it onto --content_image; writes an edit's files (edited.png = the transfer)."""
+    from .api import StyleDiffusionEditor
+
+    job, options, transfer = check_style_transfer(args)
     bundle = load_bundle(args, log)
     T = args.num_ddim_steps
     editor = StyleDiffusionEditor(bundle, progress=args.progress)
     started()
     for path in (job.image_path, args.content_image):  # both are centre-cropped and resized to the model's size
-        for note in load_image(path, bundle.image_size)[1]:
-            log(f"note: {note}")
+        log_image_notes(path, bundle.image_size, log)
     ckpt = checkpoint_path(args, job, bundle.label, options)
     if args.checkpoint is None:
         validate.inside(args.checkpoint_dir, ckpt, "the checkpoint")
@@ -483,10 +392,7 @@ def run_style_transfer(args, log=print) -> list[Path]:
     if not ckpt.is_file():
         log(f"no trained inversion of the style image at {ckpt}: training it first (T={T}, K={args.num_inner_steps})")
     t0 = time.perf_counter()
-    inverted = editor.invert(job.image_path, job.prompt, method=args.inversion, num_inference_steps=T,
-                             num_inner_steps=args.num_inner_steps, guidance_scale=args.guidance_scale,
-                             checkpoint=ckpt, seed=args.seed, lr=args.lr, attention_loss=args.attention_loss,
-                             early_stop=args.early_stop, **options)
+    inverted = invert_job(args, editor, job, ckpt, options)
     log(f"style inversion ready in {time.perf_counter() - t0:.1f}s ({ckpt})")
     out = editor.transfer_style(inverted, args.content_image, args.content_prompt,
                                 guidance_scale=args.guidance_scale, **transfer)

@@ -24,6 +24,7 @@ from .errors import UserError
 from .mapping import MappingNetworks
 from .models import ModelBundle
 from .sampling import predict
+from .specs import spelled
 from .training import embedding_inputs
 
 
@@ -104,7 +105,8 @@ def build_controller(spec: EditSpec, tokenizer, num_steps: int) -> PromptToPromp
     local_blend = None
     if spec.blend_words:
         if len(spec.blend_words) != 2:
-            raise UserError(f"--blend_word needs two words (source word, target word), got {spec.blend_words!r}.")
+            raise UserError(f"{spelled('blend_word')} needs two words (source word, target word), got "
+                            f"{spec.blend_words!r}.")
         word_tokens = torch.zeros(2, tokenizer.model_max_length)
         for p, (prompt, word) in enumerate(zip((spec.source, spec.target), spec.blend_words)):
             word_tokens[p, seq_aligner.word_token_indices(prompt, word, tokenizer)] = 1.0

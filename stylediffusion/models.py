@@ -17,15 +17,14 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModel
 
-from . import families, identity
+from . import defaults, families, identity
 from .ddim import make_ddim_scheduler
 from .errors import UserError
 
 ASSETS = Path(__file__).parent / "assets"
 TOKENIZER_DIR = ASSETS / "clip_tokenizer"
 TESTBED_DIR = ASSETS / "testbed_model"
-DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
-DEFAULT_IMAGE_ENCODER = "openai/clip-vit-base-patch16"
+DEFAULT_MODEL, DEFAULT_IMAGE_ENCODER = defaults.MODEL, defaults.IMAGE_ENCODER
 BUILTIN_MODELS = ("tiny", "testbed")
 
 SD_SCHEDULER_CONFIG = dict(
@@ -330,7 +329,7 @@ def _load_pretrained_quietly(model: str, image_encoder: str | None, prefer_half:
     return parts, image_encoder
 
 
-DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
+DTYPE_NAMES = defaults.DTYPE_NAMES
 
 
 def native_bf16(device: str | torch.device) -> bool:

@@ -1,8 +1,9 @@
 """One check per kind of input, shared by the CLI, the benchmark runners, the index readers and the API.
 
 Every function raises ``UserError`` with a message naming ``what`` (the flag, file or field the value
-came from), so that whoever calls it answers with the same one line. Nothing here imports torch: the
-checks run before any model loads.
+came from), so that whoever calls it answers with the same one line; a setting is named as the caller
+spells it (``specs.spelled``: ``--tau_v`` on the command line, ``tau_v=`` from Python, the field's label on
+the demo's page). Nothing here imports torch: the checks run before any model loads.
 """
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import math
 import unicodedata
 from pathlib import Path
 
-from .defaults import EDIT_TYPES
+from .defaults import EDIT_TYPES, MAX_GUIDANCE  # noqa: F401 (MAX_GUIDANCE: read as validate.MAX_GUIDANCE)
 from .errors import UserError
+from .specs import given, named, spelled
 
 # A literal longer than this is refused before it is parsed: ``ast.literal_eval`` builds a syntax
 # tree first, whose size (and nesting depth) grows with the text, so an unbounded input can exhaust
@@ -25,8 +27,6 @@ MAX_COMPONENT_BYTES = 200
 # A re-weighting factor multiplies attention probabilities; P2P's own examples use factors of -5..10.
 # Far beyond that the attention output is dominated by one word and the image turns blank.
 MAX_REWEIGHT = 20.0
-# Classifier-free guidance w: 1 = none, 7.5 = the paper's; far beyond 50 every sample saturates.
-MAX_GUIDANCE = 50.0
 
 
 def safe_component(name, what: str) -> str:
@@ -77,22 +77,22 @@ def number(value, what: str, *, minimum: float | None = None, maximum: float | N
     ok_type = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, ok_type):
         kind = "a whole number" if integer else "a number"
-        raise UserError(f"{what} must be {kind}, not {_short(value)}.")
+        raise UserError(f"{_bare(what)} must be {kind}, not {_short(value)}.")
     if not integer and not math.isfinite(value):
-        raise UserError(f"{what} must be a finite number, not {value!r}.")
+        raise UserError(f"{_bare(what)} must be a finite number, not {value!r}.")
     if minimum is not None and value < minimum:
-        raise UserError(f"{what} = {value!r} is below its minimum {minimum!r}.")
+        raise UserError(f"{_is(what, value)} is below its minimum {minimum!r}.")
     if maximum is not None and value > maximum:
-        raise UserError(f"{what} = {value!r} is above its maximum {maximum!r}.")
+        raise UserError(f"{_is(what, value)} is above its maximum {maximum!r}.")
     if above is not None and not value > above:
-        raise UserError(f"{what} = {value!r} must be greater than {above!r}.")
+        raise UserError(f"{_is(what, value)} must be greater than {above!r}.")
     return value
 
 
 def fraction(value, what: str) -> float:
     """A fraction of the DDIM steps (a τ): a finite number in [0, 1]."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise UserError(f"{what} = {value!r} is outside [0, 1]: it is a fraction of the DDIM steps.")
+        raise UserError(f"{_is(what, value)} is outside [0, 1]: it is a fraction of the DDIM steps.")
     return value
 
 
@@ -101,13 +101,13 @@ def tau_c(value, what: str = "tau_c"):
     if isinstance(value, dict):
         for word, frac in value.items():
             if not isinstance(word, str) or not word.strip():
-                raise UserError(f"{what} keys must be words (or 'default_'), not {_short(word)}.")
-            fraction(frac, f"{what}[{word}]")
+                raise UserError(f"{_bare(what)} keys must be words (or 'default_'), not {_short(word)}.")
+            fraction(frac, f"{_bare(what)}[{word}]")
         return value
     return fraction(value, what)
 
 
-def blend_words(value, what: str = "--blend_word"):
+def blend_words(value, what: str | None = None):
     """LocalBlend words: None, or two non-empty words (source word, target word) as a pair or as the text
     ``"cat tiger"``. The one check of every surface: the command line and the demo parse their own text
     forms (a literal pair; one line per target) into what this takes, the API passes its argument."""
@@ -115,20 +115,22 @@ def blend_words(value, what: str = "--blend_word"):
         return None
     words = tuple(value.split()) if isinstance(value, str) else value
     if not isinstance(words, (tuple, list)) or len(words) != 2 or not all(isinstance(w, str) and w.strip() for w in words):
-        raise UserError(f"{what} needs two words (source word, target word), got {_short(value)}.")
+        raise UserError(f"{_bare(what or spelled('blend_word'))} needs two words (source word, target word), got {_short(value)}.")
     return tuple(words)
 
 
-def reweight_factors(pairs, what: str = "--eq_params") -> None:
+def reweight_factors(pairs, what: str | None = None) -> None:
     """Re-weighting (word, factor) pairs: finite factors within ±MAX_REWEIGHT."""
+    what = _bare(what or spelled("eq_params"))
     for word, factor in pairs:
         number(factor, f"{what} factor of {word!r}", minimum=-MAX_REWEIGHT, maximum=MAX_REWEIGHT)
 
 
-def eq_params(value, what: str = "--eq_params") -> None:
+def eq_params(value, what: str | None = None) -> None:
     """Re-weighting parameters: the forms ``seq_aligner`` reads, with finite factors within ±MAX_REWEIGHT."""
     if value is None:
         return
+    what = _bare(what or spelled("eq_params"))
     # seq_aligner's parser is the one reader of the re-weighting forms (words as text or indices)
     from .seq_aligner import _pairs
 
@@ -159,18 +161,18 @@ def edit_spec(spec) -> None:
     """Everything an ``EditSpec`` says that can be checked without a tokenizer (the words themselves are
     checked against the prompts by ``editing.build_controller``)."""
     prompt(spec.source, "the source prompt")
-    prompt(spec.target, "the target prompt (--target)")
+    prompt(spec.target, f"the target prompt ({spelled('target')})")
     if spec.edit_type not in EDIT_TYPES:
-        raise UserError(f"--edit_type {spec.edit_type!r} is not one of {', '.join(EDIT_TYPES)}.")
-    fraction(spec.tau_v, "tau_v")
-    tau_c(spec.tau_c, "tau_c")
-    fraction(spec.tau_s, "tau_s")
-    fraction(spec.tau_u, "tau_u")
-    number(spec.guidance_scale, "--guidance_scale", minimum=0.0, maximum=MAX_GUIDANCE)
+        raise UserError(f"{given('edit_type', spec.edit_type)} is not one of {', '.join(EDIT_TYPES)}.")
+    fraction(spec.tau_v, spelled("tau_v"))
+    tau_c(spec.tau_c, spelled("tau_c"))
+    fraction(spec.tau_s, spelled("tau_s"))
+    fraction(spec.tau_u, spelled("tau_u"))
+    number(spec.guidance_scale, spelled("guidance_scale"), minimum=0.0, maximum=MAX_GUIDANCE)
     blend_words(spec.blend_words)
     eq_params(spec.eq_params)
     if spec.edit_type == "Reweight" and not spec.eq_params:
-        raise UserError("a Reweight edit needs --eq_params, e.g. \"{'words': ['red'], 'values': [2]}\".")
+        raise UserError(f"a Reweight edit needs {named(spelled('eq_params'), {'words': ['red'], 'values': [2]})}.")
 
 
 def literal(text, what: str):
@@ -183,6 +185,16 @@ def literal(text, what: str):
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as err:
         raise UserError(f"{what} {_short(text)} is not a literal (number, tuple, list or dict): "
                         f"{type(err).__name__}.") from err
+
+
+def _bare(what: str) -> str:
+    """A name to start a sentence with: an API keyword without its ``=`` (``tau_v``, not ``tau_v=``)."""
+    return what[:-1] if what.endswith("=") else what
+
+
+def _is(what: str, value) -> str:
+    """``tau_v=2`` for an API keyword, else ``--tau_v = 2`` / ``tau_v = 2``."""
+    return f"{what}{value!r}" if what.endswith("=") else f"{what} = {value!r}"
 
 
 def _short(value, limit: int = 60) -> str:

@@ -130,8 +130,8 @@ def _api_message(editor, app, key, **edit) -> str:
     ({"targets": BLUE, "blend_words": "dog triangle"}, {"target": BLUE, "blend_words": ("dog", "triangle")}),
     ({"targets": "a large blue triangle", "edit_type": "Replacement"},
      {"target": "a large blue triangle", "edit_type": "Replacement"}),
-    ({"targets": BLUE, "tau_v": 1.5}, "tau_v = 1.5 is outside [0, 1]"),
-    ({"targets": BLUE, "edit_method": "paint"}, "unknown --edit 'paint'"),
+    ({"targets": BLUE, "tau_v": 1.5}, "τ_v (learned values) = 1.5 is outside [0, 1]"),  # the field's label
+    ({"targets": BLUE, "edit_method": "paint"}, "unknown edit method 'paint'"),
     ({"targets": BLUE, "reweight": "blue=lots"}, "not word=value"),
     ({"targets": BLUE, "blend_words": "triangle"}, "needs two words"),
     ({"targets": f"{BLUE}\n{CIRCLE}\n{BLUE}", "blend_words": "a a\nb b"}, "one line per target"),
@@ -153,7 +153,7 @@ def test_bad_edit_input_is_one_line(inverted, editor, edit, expected):
     ((scene(), "", "stylediffusion", T, K), "source prompt"),
     ((scene(), PROMPT, "stylediffusion", 2.5, K), "whole numbers"),
     ((scene(), PROMPT, "stylediffusion", 0, K), "at least 1"),
-    ((scene(), PROMPT, "nonesuch", T, K), "unknown --inversion 'nonesuch'"),
+    ((scene(), PROMPT, "nonesuch", T, K), "unknown inversion method 'nonesuch'"),
 ])
 def test_bad_invert_input_is_one_line(inverted, args, expected):
     app, _ = inverted

@@ -78,7 +78,7 @@ REWEIGHT = "{'words': ['blue'], 'values': [%s2]}"
 # limit names its flag), or works within its limit. The first six broke the one-line promise before.
 CASES = [
     ("re-weighting: 100 kB literal of nested unary minus", edit(reweight=REWEIGHT % ("-" * 100_000)),
-     "re-weighting is 100"),
+     "re-weighting of target words is 100"),
     ("re-weighting: 5 000 '~'", edit(reweight=REWEIGHT % ("~" * 5000)), "is not a literal"),
     ("10 000 target lines", edit(targets="\n".join([BLUE] * 10_000)), "--max_targets"),
     ("K = 10^7", invert(num_inner_steps=10**7), "--max_inner_steps"),
@@ -91,8 +91,8 @@ CASES = [
     ("5 000-character prompt", invert(prompt="a " * 2500), "--max_prompt_chars"),
     ("prompt over the encoder's 77 tokens", invert(prompt="a red " * 40), "tokens long"),
     ("target with a control character", edit(targets="a large blue\x07 triangle"), "control character"),
-    ("tau_v NaN", edit(tau_v=float("nan")), "tau_v = nan is outside [0, 1]"),
-    ("tau_c as text", edit(tau_c="0.6"), "tau_c = '0.6' is outside [0, 1]"),
+    ("tau_v NaN", edit(tau_v=float("nan")), "τ_v (learned values) = nan is outside [0, 1]"),
+    ("tau_c as text", edit(tau_c="0.6"), "τ_c (cross-attention) = '0.6' is outside [0, 1]"),
     ("three blend words", edit(blend_words="triangle big triangle"), "needs two words"),
     ("edit type not offered", edit(edit_type="Replacement; DROP TABLE"), "is not one of"),
     ("inversion method a list", invert(method=["stylediffusion"]), "not one of the names"),

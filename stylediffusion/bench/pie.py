@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import validate
 from ..errors import UserError, started
+from ..specs import asked_from
 from . import options
 from .report import METRICS, NA, read_reasons as _read_reasons, write_reports
 from .sharding import RowLog, init_shard, merge_parts, part_path, resume
@@ -274,7 +275,7 @@ def _cell(value) -> str:
 
 # ----------------------------------------------------------------------------- runner
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import ArgumentParser, count_at_least, str2bool
+    from ..flags import ArgumentParser, count_at_least, str2bool
     from ..metrics import DEFAULT_CLIP, DEFAULT_DINO
 
     p = ArgumentParser(prog="python -m stylediffusion.bench pie",
@@ -315,6 +316,7 @@ def _key(row: dict) -> tuple:
     return (row["id"], row["method"])
 
 
+@asked_from("cli")
 def run(args, log=print) -> dict:
     """Run (or resume) the benchmark; returns ``{"processed": n, "skipped": n, "rank": r, "world": w}``."""
     options.check_method(args)

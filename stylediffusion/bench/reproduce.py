@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError, started
+from ..specs import asked_from
 from . import options
 from .sharding import RowLog, init_shard, merge_parts, part_path, resume
 
@@ -25,7 +26,7 @@ MIN_CELL = 192  # grids of small models are upscaled to at least this many pixel
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import ArgumentParser
+    from ..flags import ArgumentParser
 
     p = ArgumentParser(prog="python -m stylediffusion.bench reproduce",
                                 description="Figure-style grids (input | reconstruction | edit) for rows of the "
@@ -145,6 +146,7 @@ def _check_transfer(args) -> None:
     writable_folder(args.outdir, "--outdir")
 
 
+@asked_from("cli")
 def run(args, log=print) -> dict:
     transfer = getattr(args, "content_image", None) is not None
     if transfer:

@@ -23,6 +23,7 @@ from ..editing import EditHooks, EditSpec
 from ..errors import UserError
 from ..models import ModelBundle
 from ..results import Inversion
+from ..specs import given, option
 from ..training import TrainConfig
 
 
@@ -85,18 +86,18 @@ class MethodOption:
     maximum: float | None = None
 
     def convert(self, value):
-        what = f"--method_option {self.name}"
+        what = option(self.name)  # "--method_option name" on the command line, "name=" from Python
         if isinstance(self.default, bool):
             words = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
                      "off": False}
             key = str(value).strip().lower()
             if isinstance(value, (bool, int, str)) and key in words:
                 return words[key]
-            raise UserError(f"{what}={value!r} is not True or False.")
+            raise UserError(f"{_assigned(what, value)} is not True or False.")
         if isinstance(self.default, str):
             if not isinstance(value, str) or (self.choices and value not in self.choices):
-                raise UserError(f"{what}={value!r} is not one of {', '.join(self.choices)}." if self.choices
-                                else f"{what}={value!r} is not text.")
+                raise UserError(f"{_assigned(what, value)} is not one of {', '.join(self.choices)}." if self.choices
+                                else f"{_assigned(what, value)} is not text.")
             return value
         return validate.number(value, what, minimum=self.minimum, maximum=self.maximum,
                                integer=isinstance(self.default, int))
@@ -218,7 +219,7 @@ def check_method_options(options: dict, inversion: str, edit: str | None = None)
         if key not in declared:
             takes = ", ".join(o.describe() for o in declared.values()) or "none"
             where = inversion + (f" + {edit}" if edit else "")
-            raise UserError(f"--method_option {key!r} is not an option of {where} (options: {takes}).")
+            raise UserError(f"{option(key)} is not an option of {where} (options: {takes}).")
         out[key] = declared[key].convert(value)
     return out
 
@@ -239,19 +240,24 @@ def default_inversion(edit: str | None) -> str:
 
 def get_inversion(name: str) -> InversionMethod:
     if name not in INVERSIONS:
-        raise UserError(f"unknown --inversion {name!r}; registered: {', '.join(sorted(INVERSIONS))}.")
+        raise UserError(f"unknown {given('inversion', name)}; registered: {', '.join(sorted(INVERSIONS))}.")
     return INVERSIONS[name]
 
 
 def get_edit(name: str, inversion: str) -> EditMethod:
     if name not in EDITS:
-        raise UserError(f"unknown --edit {name!r}; registered: {', '.join(sorted(EDITS))}.")
+        raise UserError(f"unknown {given('edit', name)}; registered: {', '.join(sorted(EDITS))}.")
     method = EDITS[name]
     if inversion not in method.inversions:
         valid = [f"{inv}+{ed}" for ed, m in sorted(EDITS.items()) for inv in m.inversions if ed == name]
         raise UserError(f"--inversion {inversion} with --edit {name} is not a combination the literature defines; "
                         f"valid with --edit {name}: {', '.join(valid)}.")
     return method
+
+
+def _assigned(what: str, value) -> str:
+    """``--method_option name='x'`` on the command line, ``name='x'`` from Python."""
+    return f"{what}{value!r}" if what.endswith("=") else f"{what}={value!r}"
 
 
 def describe_methods() -> str:
