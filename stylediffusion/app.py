@@ -858,7 +858,8 @@ def serve(app: DemoApp, host: str = "127.0.0.1", port: int = 7860, block: bool =
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import exit_code, quiet_libraries, started
+    from .models import quiet_libraries
+    from .runner import exit_code, started
 
     args = build_parser().parse_args(argv)
 

@@ -17,7 +17,9 @@ from pathlib import Path
 from . import validate
 from .defaults import (EDIT_TYPES, GUIDANCE_SCALE, LEARNING_RATE, NUM_DDIM_STEPS, NUM_INNER_STEPS, TAU_C, TAU_S, TAU_U,
                        TAU_V, VARIANT, VARIANTS)
-from .errors import UserError, exit_code, one_line, quiet_libraries, started
+from .errors import UserError, one_line
+from .models import quiet_libraries
+from .runner import exit_code, started
 
 # torch.manual_seed takes at most 64 bits; seeds are kept to the non-negative half so that every
 # seed means one thing on every platform.
@@ -404,7 +406,7 @@ def run(args, log=print) -> list[Path]:
     inversion_options, edit_options = split_method_options(options, args.inversion,
                                                            None if args.is_train else args.edit)
     edit_options.update(flag_options)
-    started()  # from here on files are written: Ctrl-C keeps what is finished (see errors.exit_code)
+    started()  # from here on files are written: Ctrl-C keeps what is finished (see runner.exit_code)
     written: list[Path] = []
     for job in jobs:
         notes = [] if job.image_path is None else load_image(job.image_path, bundle.image_size)[1]

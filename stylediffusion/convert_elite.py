@@ -21,7 +21,9 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import UserError, exit_code, quiet_libraries
+from .errors import UserError
+from .models import quiet_libraries
+from .runner import exit_code
 
 DEFAULT_UNET_CONFIG = Path(__file__).parent / "configs" / "sd15" / "unet.json"
 MAX_BYTES = 4 * 2**30  # the authors' files are about 0.1 GB (global) and 0.2 GB (local)

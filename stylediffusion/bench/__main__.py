@@ -4,8 +4,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..cli import package_notes_on_stdout
-from ..errors import UserError, exit_code, quiet_libraries
+from ..runner import guard_start_up
+
+if __name__ == "__main__":
+    guard_start_up()  # before the command's imports (torch, diffusers): a Ctrl-C while they load is one line
+from ..cli import package_notes_on_stdout  # noqa: E402
+from ..errors import UserError  # noqa: E402
+from ..models import quiet_libraries  # noqa: E402
+from ..runner import exit_code  # noqa: E402
 
 USAGE = """usage: python -m stylediffusion.bench {pie,reproduce,report} [options]
 

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import validate
-from ..errors import UserError, started
+from ..errors import UserError
+from ..runner import started
 from . import options
 from .report import METRICS, NA, read_reasons as _read_reasons, write_reports
 from .sharding import RowLog, init_shard, merge_parts, part_path, resume

@@ -15,7 +15,8 @@ import argparse
 import time
 from pathlib import Path
 
-from ..errors import UserError, started
+from ..errors import UserError
+from ..runner import started
 from . import options
 from .sharding import RowLog, init_shard, merge_parts, part_path, resume
 
