@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 from .errors import UserError
 
 __all__ = ["EditOutput", "Inversion", "StyleDiffusionEditor", "UserError"]
-_LAZY = {"EditOutput": ".api", "StyleDiffusionEditor": ".api", "Inversion": ".results"}
+_LAZY = {"EditOutput": ".outputs", "StyleDiffusionEditor": ".api", "Inversion": ".results"}
 
 
 def __getattr__(name: str):

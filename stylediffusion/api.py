@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +26,12 @@ from .defaults import GUIDANCE_SCALE, NUM_DDIM_STEPS, NUM_INNER_STEPS, TAU_C, TA
 from .editing import EditSpec, build_controller, default_edit_type
 from .encoders import check_prompt_length, decode_latent
 from .errors import UserError
-from .image_io import image_grid, load_image, prepare_image, tensor_to_pil
+from .image_io import load_image, prepare_image, tensor_to_pil
 from .methods import MethodContext, get_edit, get_inversion, run_method
 from .methods.registry import check_method_options
 from .models import (DEFAULT_IMAGE_ENCODER, DEFAULT_MODEL, ModelBundle, execution_device, load_models,
                      out_of_memory_as_user_error, resolve_dtype)
+from .outputs import EditOutput
 from .results import Inversion
 from .training import TrainConfig
 
@@ -39,26 +39,6 @@ logger = logging.getLogger("stylediffusion")
 
 # Keyword options of ``invert`` that are training settings (``TrainConfig``) rather than method options.
 _TRAIN_OPTIONS = ("lr", "attention_loss", "attention_weight", "early_stop", "warm_start")
-
-
-@dataclass
-class EditOutput:
-    """What ``StyleDiffusionEditor.edit`` returns: one edited picture per target prompt."""
-
-    images: list[Image.Image]  # the edits, in the order of the targets
-    reconstruction: Image.Image  # the source branch: the inverted image regenerated
-    attention_maps: Image.Image | None  # the source prompt's cross-attention per word (edits that record it)
-    input_image: Image.Image  # what was inverted (for a generation: the source prompt's sample)
-    latents: list[torch.Tensor] = field(default_factory=list)  # (2, C, h, w) per target: [reconstruction, edit]
-    # per target: the averaged mid-low cross-attention maps (prompts, queries, tokens), None where not recorded
-    cross_attention: list[torch.Tensor | None] = field(default_factory=list)
-    specs: list[EditSpec] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def grid(self) -> Image.Image:
-        """input | reconstruction | edit 1 | edit 2 ..., labelled."""
-        labels = ["input", "reconstruction"] + [spec.target for spec in self.specs]
-        return image_grid([self.input_image, self.reconstruction, *self.images], labels)
 
 
 def _resolve_device(device) -> torch.device:

@@ -36,7 +36,6 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .api import EditOutput
 from .attention_control import (
     AttentionController,
     BatchLayout,
@@ -57,6 +56,7 @@ from .methods.attention_edits import (
 from .methods.common import learned_embedding
 from .methods.registry import MethodOption
 from .models import ModelBundle
+from .outputs import EditOutput
 from .results import Inversion
 from .sampling import ddim_inversion, predict
 from .training import embedding_inputs
