@@ -28,7 +28,6 @@ import sys
 import threading
 import time
 import uuid
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +37,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from PIL import Image  # noqa: E402
 
-from . import validate  # noqa: E402
+from . import data_index, optional, validate  # noqa: E402
+from .api import StyleDiffusionEditor  # noqa: E402
+from .arguments import ArgumentParser, add_elite_arguments, count_at_least, elite_options, finite_float  # noqa: E402
 from .defaults import EDIT_TYPES, NUM_DDIM_STEPS, NUM_INNER_STEPS, TAU_C, TAU_S, TAU_U, TAU_V  # noqa: E402
+from .app_style_transfer import style_transfer_section  # noqa: E402
 from .demo_cache import EDITS, BoundedCache, megabytes  # noqa: E402
 from .demo_limits import (  # noqa: E402
     DEFAULT_CACHE_MAX_MB,
@@ -48,7 +50,28 @@ from .demo_limits import (  # noqa: E402
     RequestGuard,
     ServiceLimits,
 )
-from .errors import UserError, one_line  # noqa: E402
+from .demo_page import (  # noqa: E402
+    MAX_FIELD_CHARS,
+    _choice,
+    _field_text,
+    _save_png_atomic,
+    _session,
+    _short,
+    _write_json_atomic,
+    for_display,
+    own_copy,
+    page_errors,
+    page_image,
+)
+from .errors import UserError  # noqa: E402
+from .files import writable_folder  # noqa: E402
+from .image_io import image_grid  # noqa: E402
+from .methods import EDITS as EDIT_METHODS  # noqa: E402  (EDITS here is demo_cache's folder name)
+from .methods import INVERSIONS, get_edit, get_inversion  # noqa: E402
+from .metrics import psnr  # noqa: E402
+from .models import quiet_libraries  # noqa: E402
+from .results import Inversion  # noqa: E402
+from .runner import exit_code, started  # noqa: E402
 
 DEFAULT_CACHE_DIR = Path("checkpoints") / "demo"
 # Test-bed pictures are 32x32: show every picture at the width of its box, pixels kept sharp.
@@ -59,14 +82,8 @@ PAGE_CSS = """
 EDIT_TYPE_CHOICES = ("auto", *EDIT_TYPES)
 # "auto": Replacement when source and target have the same number of words, else Refinement (the CLI's rule).
 _KEY_PATTERN = re.compile(r"^[0-9a-f]{24}$")
-# Modes a PNG stores as they are; an upload in another mode (CMYK, YCbCr, LAB, HSV, F...) is converted
-# once, before it is hashed, so the picture kept for a page reload is the picture that was inverted.
-_PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
-_ALPHA_MODES = {"PA": "RGBA", "RGBa": "RGBA", "La": "LA"}  # the others (CMYK, YCbCr, LAB, HSV, RGBX) -> RGB
 # A session's latest inversion and edit downloads stay in the cache this long after its last request.
 SESSION_HOLD_SECONDS = 600.0
-# No text field is read beyond this many characters (the limits on prompts and targets then apply).
-MAX_FIELD_CHARS = 1_000_000
 
 
 def image_digest(image: Image.Image) -> str:
@@ -88,74 +105,6 @@ def _whole(value) -> int:
         raise UserError("num_inference_steps and num_inner_steps must be whole numbers of at least 1, got "
                         f"{_short(value)}.")
     return int(number)
-
-
-def _short(value, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _field_text(value, what: str, max_chars: int) -> str:
-    """A text field's value: text (None = empty) of at most ``max_chars`` characters, refused unread beyond."""
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise UserError(f"{what} must be text, not {type(value).__name__}.")
-    if len(value) > max_chars:
-        raise UserError(f"{what} is {len(value)} characters long; this page takes at most {max_chars}.")
-    return value
-
-
-def _choice(value, what: str) -> str:
-    """A dropdown's value: a short name (the registry or the list then says whether it is one of theirs)."""
-    if not isinstance(value, str) or len(value) > 100:
-        raise UserError(f"{what} {_short(value)} is not one of the names this page offers.")
-    return value
-
-
-def page_image(value, limits: ServiceLimits) -> Image.Image | None:
-    """The picture of the image field: a PIL image, a file path, or Gradio's file record (``{"path": ...}``,
-    when the page passes its inputs unprocessed). Its size is checked from the header, before any pixel is
-    decoded; what cannot be read is one line; a mode a PNG cannot keep is converted to RGB(A) or 8-bit gray."""
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        value = value.get("path")
-        if value is None:
-            return None
-    if isinstance(value, Image.Image):
-        image = value
-        limits.check_pixels(*image.size)
-    elif isinstance(value, (str, os.PathLike)):
-        try:
-            with warnings.catch_warnings():
-                # Pillow only warns between MAX_IMAGE_PIXELS and twice that; the limit below decides.
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image = Image.open(value)
-                limits.check_pixels(*image.size)
-                image.load()
-        except UserError:
-            raise
-        except Image.DecompressionBombError:
-            raise limits.over("the image", "larger than Pillow decodes (a decompression bomb)",
-                              f"{limits.max_image_pixels} pixels", "--max_image_pixels") from None
-        except (OSError, ValueError, SyntaxError, TypeError, Image.UnidentifiedImageError) as err:
-            raise UserError(f"the uploaded file cannot be read as a picture ({type(err).__name__}): "
-                            "upload a PNG or JPEG image.") from None
-    else:
-        raise UserError(f"the image field holds {type(value).__name__}, not a picture: upload a PNG or JPEG image.")
-    if image.width < 1 or image.height < 1:
-        raise UserError("the image is empty (no pixels): upload a picture.")
-    if image.mode not in _PNG_MODES:
-        from .image_io import _to_8bit
-
-        try:
-            image = _to_8bit(image) if image.mode in ("F", "I;16B", "I;16L", "I;16N") else \
-                image.convert(_ALPHA_MODES.get(image.mode, "RGB"))
-        except (OSError, ValueError) as err:
-            raise UserError(f"an image of mode {image.mode} cannot be converted ({err}): upload a PNG or JPEG "
-                            "image.") from None
-    return image
 
 
 def parse_targets(text: str | None) -> list[str]:
@@ -223,18 +172,6 @@ def parse_reweight(text: str | None) -> dict | None:
         words.append(word.strip())
     validate.reweight_factors(zip(words, values), "re-weighting")
     return {"words": words, "values": values}
-
-
-def _write_json_atomic(path: Path, record: dict) -> None:
-    from .files import atomic_write_text
-
-    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
-
-
-def _save_png_atomic(image: Image.Image, path: Path) -> None:
-    from .image_io import save_atomic
-
-    save_atomic(image, path)
 
 
 @dataclass
@@ -419,8 +356,6 @@ class DemoApp:
             self._loaded.pop(next(iter(self._loaded)))
 
     def _inversion(self, key: str):
-        from . import Inversion
-
         if key not in self._loaded:
             self._remember(key, Inversion.load(self._paths(key)["inversion"]))
         return self._loaded[key]
@@ -430,8 +365,6 @@ class DemoApp:
                num_inference_steps: int = NUM_DDIM_STEPS, num_inner_steps: int = NUM_INNER_STEPS, progress: bool = False,
                session: str | None = None) -> InvertResult:
         """Invert (image, prompt) with these settings, or return the cached inversion made earlier."""
-        from .methods import get_inversion
-
         image = page_image(image, self.limits)
         if image is None:
             raise UserError("no image: upload one or pick an example.")
@@ -478,8 +411,6 @@ class DemoApp:
         """Edit the cached inversion of (image, prompt, settings) towards every target (one per line).
 
         A τ left at None takes the command line's default (``defaults.TAU_*``)."""
-        from .image_io import image_grid
-
         image = page_image(image, self.limits)
         if image is None:
             raise UserError("no image: upload one or pick an example, then press Invert.")
@@ -499,7 +430,6 @@ class DemoApp:
         taus = {name: default if value is None else validate.fraction(value, name)
                 for name, value, default in (("tau_v", tau_v, TAU_V), ("tau_c", tau_c, TAU_C), ("tau_s", tau_s, TAU_S),
                                              ("tau_u", tau_u, TAU_U))}
-        from .methods import get_edit
 
         declared = {o.name for o in get_edit(edit_method, method).options}
         launch_options = {k: v for k, v in self.edit_options.items() if k in declared}
@@ -550,8 +480,6 @@ class DemoApp:
     def examples(self) -> list[list]:
         """[image path, prompt, targets, blend words] rows: the data index's cases (test-bed scenes first
         on the test-bed model), with the index's edits as the suggested targets."""
-        from . import data_index
-
         try:
             images = {}
             for row in data_index.edit_rows(None):
@@ -572,49 +500,13 @@ class DemoApp:
 
 
 def _psnr(a: Image.Image, b: Image.Image) -> float:
-    from .metrics import psnr
-
     return round(float(psnr(a, b)), 2)
 
 
 # ---------------------------------------------------------------------------- the page
-def page_errors(fn):
-    """A UserError becomes the page's one-line message (no traceback), and the server keeps serving."""
-    import functools
-
-    import gradio as gr
-
-    @functools.wraps(fn)  # keeps the signature: Gradio finds the gr.Progress argument through it
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as err:
-            raise gr.Error(one_line(err), print_exception=False) from None
-    return wrapper
-
-
-def for_display(image: Image.Image | None, side: int = 256) -> Image.Image | None:
-    """Small model outputs (the test bed's 32x32) enlarged with nearest pixels, so they are seen as they are."""
-    if image is None or image.width >= side:
-        return image
-    factor = -(-side // image.width)
-    return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
-
-
-def own_copy(image: Image.Image | None) -> Image.Image | None:
-    """The picture tagged with a text chunk unique to this response. Gradio stores a picture it sends under
-    the hash of its bytes and rewrites that file in place each time, so two sessions sent the same
-    picture at once (a cached inversion) could read it while it is rewritten (an empty download)."""
-    if image is None:
-        return None
-    tagged = image.copy()
-    tagged.info["stylediffusion-response"] = uuid.uuid4().hex
-    return tagged
-
-
 def build_ui(app: DemoApp, inversion_methods: list[str], edit_methods: list[str]):
     """The page: Gradio components wired to ``app``'s methods, nothing else."""
-    import gradio as gr
+    gr = optional.load("gradio")
 
     # The inputs arrive unprocessed (preprocess=False below): the image as Gradio's record of the uploaded
     # file, numbers and text as sent. DemoApp's own checks read them, so no input reaches a library's
@@ -716,8 +608,6 @@ def build_ui(app: DemoApp, inversion_methods: list[str], edit_methods: list[str]
                         elem_id="examples")
 
         step1 = [image, prompt, method, steps, inner]
-        from .app_style_transfer import style_transfer_section
-
         transferring = style_transfer_section(app, step1, with_request)
         # One model: inversions and edits share one queue slot ("model"), so requests take turns.
         inverting = invert_button.click(on_invert, step1, [last_key, reconstruction, invert_status],
@@ -735,22 +625,13 @@ def build_ui(app: DemoApp, inversion_methods: list[str], edit_methods: list[str]
     return page
 
 
-def _session(request) -> str | None:
-    """Whose request this is: Gradio's session hash (one per browser tab or client)."""
-    return getattr(request, "session_hash", None) if request is not None else None
-
-
 def method_names() -> tuple[list[str], list[str]]:
     """The registered inversions that start from an image, and the registered edits."""
-    from .methods import EDITS, INVERSIONS, get_inversion
-
     get_inversion("stylediffusion")  # makes sure the registry has filled itself
-    return [name for name in INVERSIONS if name != "generated"], list(EDITS)
+    return [name for name in INVERSIONS if name != "generated"], list(EDIT_METHODS)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import ArgumentParser, count_at_least, finite_float
-
     p = ArgumentParser(prog="python -m stylediffusion.app",
                        description="Web demo: invert an image once, edit it many times.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -761,7 +642,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 for other machines)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--cache_dir", type=Path, default=DEFAULT_CACHE_DIR, help="where inversions and edits are kept")
-    from .cli import add_elite_arguments
 
     add_elite_arguments(p)  # the 'elite' edit's weights and settings, for every session
     # A shared server: what one request may ask for (checked before any work), the disk, who may come in.
@@ -822,15 +702,11 @@ def access_warning(host: str, auth) -> str | None:
 
 
 def make_app(args) -> DemoApp:
-    from . import StyleDiffusionEditor
-    from .files import writable_folder
-
     writable_folder(args.cache_dir, "--cache_dir")
     limits = ServiceLimits(max_steps=args.max_steps, max_inner_steps=args.max_inner_steps,
                            max_targets=args.max_targets, max_image_pixels=args.max_image_pixels,
                            max_prompt_chars=args.max_prompt_chars, max_seconds=args.max_seconds)
     editor = StyleDiffusionEditor.from_pretrained(args.model, image_encoder=args.image_encoder, device=args.device)
-    from .cli import elite_options
 
     return DemoApp(editor, Path(args.cache_dir), edit_options=elite_options(args), limits=limits,
                    cache_max_mb=args.cache_max_mb)
@@ -858,16 +734,10 @@ def serve(app: DemoApp, host: str = "127.0.0.1", port: int = 7860, block: bool =
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .models import quiet_libraries
-    from .runner import exit_code, started
-
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        try:
-            import gradio  # noqa: F401
-        except ImportError as err:
-            raise UserError("the web demo needs Gradio: pip install -e '.[demo]'") from err
+        optional.load("gradio")
         quiet_libraries()
         auth = read_auth(args.auth, args.auth_file)
         page = serve(make_app(args), args.host, args.port, block=False, auth=auth, max_queue=args.max_queue,
