@@ -14,101 +14,29 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import validate
+import torch
+
+from . import data_index, validate
+from .api import StyleDiffusionEditor
+from .arguments import (MAX_SEED, ArgumentParser, _check_image_readable, add_elite_arguments,  # noqa: F401
+                        check_num_steps, count_at_least, elite_options, finite_float, fraction_or_dict,
+                        guidance_float, literal, lr_float, method_options, seed_int, str2bool)
 from .defaults import (EDIT_TYPES, GUIDANCE_SCALE, LEARNING_RATE, NUM_DDIM_STEPS, NUM_INNER_STEPS, TAU_C, TAU_S, TAU_U,
                        TAU_V, VARIANT, VARIANTS)
-from .errors import UserError, one_line
-from .models import quiet_libraries
+from .editing import EditSpec, build_controller, default_edit_type
+from .encoders import check_prompt_length
+from .errors import UserError
+from .files import atomic_write_text, writable_file, writable_folder
+from .identity import checkpoint_name
+from .image_io import image_grid, load_image, save_atomic
+from .methods import default_inversion, describe_methods, get_edit, get_inversion
+from .methods.registry import check_method_options, split_method_options
+from .models import (DEFAULT_IMAGE_ENCODER, DEFAULT_MODEL, DTYPE_NAMES, check_device, load_models, quiet_libraries,
+                     resolve_dtype, tune_backends)
 from .runner import exit_code, started
-
-# torch.manual_seed takes at most 64 bits; seeds are kept to the non-negative half so that every
-# seed means one thing on every platform.
-MAX_SEED = 2**63 - 1
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one ``error:`` line on stderr (exit 2), like every other bad input,
-    instead of the usage block followed by the message."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")
-
-
-def _argtype(check, name: str):
-    """An argparse ``type=`` from a ``validate`` check: its UserError becomes argparse's one-line error."""
-    def parse(text: str):
-        try:
-            return check(text)
-        except UserError as err:
-            raise argparse.ArgumentTypeError(str(err)) from err
-    parse.__name__ = name  # argparse names the type in its messages
-    return parse
-
-
-def _int(text: str, what: str) -> int:
-    try:
-        return int(text)
-    except ValueError as err:
-        raise UserError(f"{what}: {text!r} is not a whole number.") from err
-
-
-def _float(text: str, what: str) -> float:
-    try:
-        return float(text)
-    except ValueError as err:
-        raise UserError(f"{what}: {text!r} is not a number.") from err
-
-
-def count_at_least(minimum: int):
-    """``type=`` for a whole number >= ``minimum`` (steps, iterations, --limit)."""
-    return _argtype(lambda t: validate.number(_int(t, "value"), "value", minimum=minimum, integer=True),
-                    f"int>={minimum}")
-
-
-def finite_float(minimum: float | None = None, maximum: float | None = None, above: float | None = None):
-    """``type=`` for a finite number (NaN and inf refused) in the given range."""
-    return _argtype(lambda t: validate.number(_float(t, "value"), "value", minimum=minimum, maximum=maximum,
-                                              above=above), "finite float")
-
-
-seed_int = _argtype(lambda t: validate.number(_int(t, "seed"), "seed", minimum=0, maximum=MAX_SEED, integer=True),
-                    "seed")
-guidance_float = finite_float(minimum=0.0, maximum=validate.MAX_GUIDANCE)
-lr_float = finite_float(above=0.0)
-
-
-def str2bool(text: str) -> bool:
-    """Parse a boolean word. (``type=bool`` would turn the string "False" into True.)"""
-    value = str(text).strip().lower()
-    if value in ("true", "1", "yes", "y", "on"):
-        return True
-    if value in ("false", "0", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
-
-
-def fraction_or_dict(text: str):
-    """``0.6`` or a per-word dict literal such as ``{'default_': 0.6, 'wooden': 0.2}``."""
-    try:
-        value = validate.literal(text, "value")
-    except UserError as err:
-        raise argparse.ArgumentTypeError(f"expected a number or a dict literal: {err}") from err
-    if isinstance(value, bool) or not isinstance(value, (int, float, dict)):
-        raise argparse.ArgumentTypeError(f"expected a number or a dict literal, got {text!r}")
-    return value  # its range is checked with every other tau by EditSpec.validate
-
-
-def literal(text: str):
-    """A Python literal flag value (parsed as data, length-capped), e.g. ``--eq_params``."""
-    try:
-        return validate.literal(text, "value")
-    except UserError as err:
-        raise argparse.ArgumentTypeError(str(err)) from err
-
+from .style_transfer import STYLE_INVERSIONS, transfer_options
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models import DEFAULT_IMAGE_ENCODER, DEFAULT_MODEL, DTYPE_NAMES
-
     p = ArgumentParser(
         prog="edit_w_ptp_v_clip.py",
         description="StyleDiffusion: prompt-embedding inversion and P2Plus editing of real images.",
@@ -182,48 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# --edit elite's flags, each the method option of the same name (docs/methods.md, ELITE)
-ELITE_FLAGS = ("elite_global", "elite_local", "elite_reference", "elite_mask", "elite_lambda", "elite_placeholder",
-               "elite_word", "elite_projections", "elite_image_encoder")
-
-
-def add_elite_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("--edit elite (SPDInv + ELITE): weights from 'python -m stylediffusion.convert_elite'")
-    g.add_argument("--elite_global", default=None, help="converted global mapper (.safetensors)")
-    g.add_argument("--elite_local", default=None, help="converted local mapper (.safetensors), optional")
-    g.add_argument("--elite_reference", default=None, help="image of the concept (default: the source image)")
-    g.add_argument("--elite_mask", default=None, help="object mask of the reference (white = object), for --elite_local")
-    g.add_argument("--elite_lambda", type=finite_float(minimum=0.0, maximum=20.0), default=None,
-                   help="weight of the local values (0.8)")
-    g.add_argument("--elite_placeholder", default=None, help="the target prompt's placeholder word ('*')")
-    g.add_argument("--elite_word", type=count_at_least(0), default=None, help="which of the five words (0)")
-    g.add_argument("--elite_projections", choices=("elite", "unet"), default=None,
-                   help="target rows' cross-attention keys/values: ELITE's fine-tuned projections or the UNet's")
-    g.add_argument("--elite_image_encoder", default=None, help="CLIP ViT-L/14, hub id or folder "
-                                                              "(openai/clip-vit-large-patch14)")
-
-
-def elite_options(args) -> dict:
-    """The ``--elite_*`` flags that were given, as method options."""
-    return {name: getattr(args, name) for name in ELITE_FLAGS if getattr(args, name, None) is not None}
-
-
-def method_options(pairs: list[str]) -> dict:
-    """``KEY=VALUE`` strings -> dict; values parsed as Python literals where they are (numbers, booleans)."""
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--method_option {pair!r} is not KEY=VALUE.")
-        try:
-            options[key.strip()] = validate.literal(value, f"--method_option {key.strip()}")
-        except UserError:
-            if len(value) > validate.MAX_LITERAL_CHARS:
-                raise
-            options[key.strip()] = value.strip()  # a word, e.g. embedding=key_value
-    return options
-
-
 @dataclass
 class Job:
     """One image with its source prompt, and the edits to make of it (empty when only training)."""
@@ -244,8 +130,6 @@ def _blend_words(value) -> tuple[str, str] | None:
 
 
 def _spec(args, source: str, target: str, row=None):
-    from .editing import EditSpec, default_edit_type
-
     def pick(name, default):
         value = getattr(args, name)
         if value is not None:
@@ -263,8 +147,6 @@ def _spec(args, source: str, target: str, row=None):
 
 
 def resolve_jobs(args) -> list[Job]:
-    from . import data_index
-
     data_dir = args.data_dir or data_index.DEFAULT_DATA_DIR
     if args.inversion == "generated":
         if not args.prompt or (not args.is_train and not args.target):
@@ -298,34 +180,20 @@ def resolve_jobs(args) -> list[Job]:
 
 
 def _device(name: str):
-    from .models import check_device
-
     return check_device(name, "--device")
 
 
 def checkpoint_path(args, job: Job, model_label: str, options: dict | None = None) -> Path:
     """``--checkpoint``, or ``<checkpoint_dir>/<identity.checkpoint_name(...)>``."""
-    from .identity import checkpoint_name
-
     if args.checkpoint is not None:
         return args.checkpoint
     return args.checkpoint_dir / checkpoint_name(job.name, model_label, args.num_ddim_steps, args.num_inner_steps,
                                                  args.inversion, options)
 
 
-def check_num_steps(num_steps: int, scheduler) -> None:
-    """T DDIM steps need T distinct training timesteps of the model's scheduler."""
-    limit = int(scheduler.config.num_train_timesteps)
-    if num_steps > limit:
-        raise UserError(f"--num_ddim_steps {num_steps} is more than the scheduler's {limit} training timesteps: "
-                        f"use at most {limit}.")
-
-
 def check_output_paths(args, jobs: list[Job]) -> None:
     """Where this run writes: refused before any work when a file stands where a folder must be (or the
     other way round) or the place is read-only."""
-    from .files import writable_file, writable_folder
-
     if not args.is_train:
         writable_folder(args.outdir, "--outdir")
     if args.checkpoint is not None:
@@ -338,18 +206,8 @@ def check_output_paths(args, jobs: list[Job]) -> None:
         writable_folder(args.checkpoint_dir, "--checkpoint_dir")
 
 
-def _check_image_readable(path: Path) -> None:
-    from .image_io import load_image
-
-    load_image(path, 8)  # cheap: raises a UserError for a missing or unreadable file before any model loads
-
-
 def load_bundle(args, log=print):
     """Seed, device and the model of a run; T checked against its scheduler."""
-    import torch
-
-    from .models import load_models, resolve_dtype, tune_backends
-
     torch.manual_seed(args.seed)
     device = _device(args.device)
     tune_backends(device)
@@ -368,12 +226,6 @@ def run(args, log=print) -> list[Path]:
         return run_style_transfer(args, log)
     if getattr(args, "content_prompt", None) is not None:
         raise UserError("--content_prompt describes the --content_image of a style transfer: give --content_image too.")
-    from .editing import build_controller
-    from .encoders import check_prompt_length
-    from .image_io import load_image
-    from .api import StyleDiffusionEditor
-    from .methods import default_inversion, get_edit, get_inversion
-    from .methods.registry import check_method_options, split_method_options
 
     # Everything the flags, the index and the files say is checked here, before any model loads and
     # before anything is written or deleted.
@@ -444,11 +296,6 @@ def run(args, log=print) -> list[Path]:
 def run_style_transfer(args, log=print) -> list[Path]:
     """Style-transfer mode: train (or load) the style image's StyleDiffusion inversion as an edit would, then
     transfer it onto --content_image; writes an edit's files (edited.png = the transfer)."""
-    from .api import StyleDiffusionEditor
-    from .image_io import load_image
-    from .methods.registry import check_method_options, default_inversion
-    from .style_transfer import STYLE_INVERSIONS, transfer_options
-
     if args.inversion is None:
         args.inversion = default_inversion(None)
     if args.inversion not in STYLE_INVERSIONS:
@@ -498,9 +345,6 @@ def run_style_transfer(args, log=print) -> list[Path]:
 def save_transfer_outputs(outdir: Path, out, bundle, T: int, content_image: Path, style_image: Path) -> list[Path]:
     """A transfer's files, named as an edit's: edited.png (the transfer), reconstruction.png (the style's own
     reconstruction), grid.png (content | style | transfer) and edit.json."""
-    from .files import atomic_write_text
-    from .image_io import save_atomic
-
     files = {"edited.png": out.images[0], "reconstruction.png": out.reconstruction, "grid.png": out.grid()}
     paths = []
     for name, img in files.items():
@@ -521,9 +365,6 @@ def save_edit_outputs(outdir: Path, out, bundle, T: int, inversion: str = "style
                       edit: str = "p2p") -> list[Path]:
     """The files of one edit (an ``api.EditOutput`` of one target): edited.png, reconstruction.png, grid.png,
     attention_maps.png (edits that record the maps) and edit.json."""
-    from .files import atomic_write_text
-    from .image_io import image_grid, save_atomic
-
     spec, recon, edited = out.specs[0], out.reconstruction, out.images[0]
     tag = " (untrained model)" if bundle.untrained else ""
     files = {
@@ -570,12 +411,9 @@ def package_notes_on_stdout():
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
-        # inside exit_code: these import torch and diffusers, and a Ctrl-C while they load is one line too
         quiet_libraries()
         args = build_parser().parse_args(argv)
         if args.list_methods:
-            from .methods import describe_methods
-
             print(describe_methods())
             return 0
         with package_notes_on_stdout():

@@ -21,7 +21,14 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import save_file
+
+from .arguments import ArgumentParser
+from .elite import config_from_state_dict, metadata, unet_cross_attention_layers
 from .errors import UserError
+from .files import atomic_write, writable_file
 from .models import quiet_libraries
 from .runner import exit_code
 
@@ -30,8 +37,6 @@ MAX_BYTES = 4 * 2**30  # the authors' files are about 0.1 GB (global) and 0.2 GB
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import ArgumentParser
-
     p = ArgumentParser(prog="python -m stylediffusion.convert_elite",
                        description="Convert ELITE's global_mapper.pt / local_mapper.pt (pickled state dicts) into "
                                    "the safetensors files --elite_global / --elite_local read.")
@@ -59,11 +64,6 @@ def source_kind(source: Path, kind: str | None) -> str:
 def expected_layers(unet_config: Path | None) -> dict[str, int]:
     """{authors' layer name: width} of the UNet's cross-attention layers, from its config (built on the meta
     device: no weights are made)."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    from .elite import unet_cross_attention_layers
-
     path = unet_config or DEFAULT_UNET_CONFIG
     try:
         config = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -76,8 +76,6 @@ def expected_layers(unet_config: Path | None) -> dict[str, int]:
 
 def read_pickled_state_dict(source: Path) -> dict:
     """The flat tensor dict of an ELITE ``.pt`` file, read with the restricted unpickler; anything else refused."""
-    import torch
-
     if not source.is_file():
         raise UserError(f"'{source}' {'is a folder' if source.is_dir() else 'does not exist'}: pass the authors' "
                         f"global_mapper.pt or local_mapper.pt.")
@@ -107,11 +105,6 @@ def read_pickled_state_dict(source: Path) -> dict:
 
 def convert(source: Path, destination: Path, kind: str | None = None, unet_config: Path | None = None) -> Path:
     """Check and convert; returns the written path. Every refusal is a UserError and writes nothing."""
-    from safetensors.torch import save_file
-
-    from .elite import config_from_state_dict, metadata
-    from .files import atomic_write, writable_file
-
     if destination.suffix != ".safetensors":
         raise UserError(f"the destination '{destination}' must end in .safetensors.")
     writable_file(destination, "the destination")

@@ -12,6 +12,9 @@ from ..cli import package_notes_on_stdout  # noqa: E402
 from ..errors import UserError  # noqa: E402
 from ..models import quiet_libraries  # noqa: E402
 from ..runner import exit_code  # noqa: E402
+from .pie import main as pie_main  # noqa: E402
+from .report import write_reports  # noqa: E402
+from .reproduce import main as reproduce_main  # noqa: E402
 
 USAGE = """usage: python -m stylediffusion.bench {pie,reproduce,report} [options]
 
@@ -42,16 +45,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def run_command() -> int:
         if command == "pie":
-            from .pie import main as pie_main
-
             pie_main(rest)
         elif command == "reproduce":
-            from .reproduce import main as reproduce_main
-
             reproduce_main(rest)
         elif command == "report":
-            from .report import write_reports
-
             if len(rest) != 1 or rest[0].startswith("-"):
                 raise UserError("report takes one argument, the --outdir of a 'pie' run: "
                                 "python -m stylediffusion.bench report OUTDIR")

@@ -5,14 +5,21 @@ import argparse
 import re
 from pathlib import Path
 
+import torch
+
 from .. import validate
 from ..defaults import EDIT_TYPES, GUIDANCE_SCALE, LEARNING_RATE, NUM_DDIM_STEPS, NUM_INNER_STEPS, VARIANT, VARIANTS
-from ..cli import count_at_least, finite_float, fraction_or_dict, guidance_float, literal, lr_float, seed_int, str2bool
+from ..arguments import (check_num_steps, count_at_least, finite_float, fraction_or_dict, guidance_float, literal,
+                         lr_float, seed_int, str2bool)
+from ..arguments import method_options as parse_pairs
+from ..files import writable_folder
+from ..identity import checkpoint_name
+from ..methods import default_inversion, get_edit, get_inversion
+from ..methods.registry import check_method_options
+from ..models import DEFAULT_MODEL, DTYPE_NAMES, check_device, load_models, resolve_dtype
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    from ..models import DEFAULT_MODEL, DTYPE_NAMES
-
     g = p.add_argument_group("models")
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help="hub id or local diffusers folder; 'testbed' = bundled test-bed model, 'tiny' = untrained")
@@ -72,15 +79,10 @@ def check_method(args) -> dict:
     """Unknown names or combinations, method options they do not take, and an output folder that cannot
     be written fail before any model is loaded; an unnamed inversion becomes the edit's default. Returns
     the checked ``--method_option`` values."""
-    from ..files import writable_folder
-    from ..methods import default_inversion, get_edit, get_inversion
-    from ..methods.registry import check_method_options
-
     if args.inversion is None:
         args.inversion = default_inversion(args.edit)
     get_inversion(args.inversion)
     get_edit(args.edit, args.inversion)
-    from ..cli import method_options as parse_pairs
 
     checked = check_method_options(parse_pairs(args.method_option or []), args.inversion, args.edit)
     writable_folder(args.outdir, "--outdir")
@@ -90,11 +92,6 @@ def check_method(args) -> dict:
 
 
 def load_bundle(args, device: str, log=print):
-    import torch
-
-    from ..cli import check_num_steps
-    from ..models import check_device, load_models, resolve_dtype
-
     device = str(check_device(device, "--device"))
     # No cuDNN autotuning here (tune_backends): it may pick other kernels in each process, and the
     # shards of a run should compute what one process computes (docs/benchmarks.md).
@@ -110,14 +107,10 @@ def load_bundle(args, device: str, log=print):
 def checkpoint_file(folder: Path, name: str, args, bundle, options: dict | None = None) -> Path:
     """Where the inversion of ``name`` lives; ``options``: the inversion's own options when the run's
     --method_option pairs hold others too (a style transfer's ``transfer_*``), default all of them."""
-    from ..identity import checkpoint_name
-
     return Path(folder) / checkpoint_name(name, bundle.label, args.num_ddim_steps, args.num_inner_steps,
                                           args.inversion, method_options(args) if options is None else options)
 
 
 def method_options(args) -> dict:
     """``{"variant": ..., **--method_option pairs}``, parsed as the main CLI parses them."""
-    from ..cli import method_options as parse_pairs
-
     return {"variant": args.variant, **parse_pairs(getattr(args, "method_option", None) or [])}

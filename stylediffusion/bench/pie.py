@@ -20,13 +20,22 @@ import argparse
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from .. import validate
+from .. import metrics as M
+from .. import seq_aligner, validate
+from ..api import StyleDiffusionEditor
+from ..arguments import ArgumentParser, count_at_least, str2bool
+from ..defaults import TAU_C, TAU_S, TAU_U, TAU_V
+from ..editing import EditSpec, build_controller, default_edit_type
 from ..errors import UserError
+from ..files import atomic_write_text
+from ..image_io import load_image, save_atomic
+from ..methods.registry import split_method_options
+from ..metrics import DEFAULT_CLIP, DEFAULT_DINO
 from ..runner import started
 from . import options
 from .report import METRICS, NA, read_reasons as _read_reasons, write_reports
@@ -187,9 +196,6 @@ def _entry(key: str, e, images: Path) -> PieEntry:
 def edit_spec(entry: PieEntry, args):
     """EditSpec of one entry: Replacement when the prompts have as many words, else Refinement; the
     blend words from ``blended_word``; README taus unless overridden by flags."""
-    from ..defaults import TAU_C, TAU_S, TAU_U, TAU_V
-    from ..editing import EditSpec, default_edit_type
-
     def pick(name, default):
         value = getattr(args, name, None)
         return default if value is None else value
@@ -207,10 +213,6 @@ def edit_spec(entry: PieEntry, args):
 def _usable_spec(spec, tokenizer, T: int) -> tuple[object, list[str]]:
     """The spec, or a fallback when its words do not fit the prompts (as in a few PIE-Bench entries
     whose blended word is not literally in the prompt): drop the blend words, then use Refinement."""
-    from dataclasses import replace
-
-    from ..editing import build_controller
-
     notes = []
     candidates = [spec]
     if spec.blend_words:
@@ -234,8 +236,6 @@ def _usable_spec(spec, tokenizer, T: int) -> tuple[object, list[str]]:
 def load_metric_backbones(args, device: str, log=print) -> tuple[dict, dict]:
     """Backbones for ``metrics.evaluate_pair``, loaded once; a missing one is logged and its metrics
     become n/a (with the reason in ``metrics_unavailable.json``) instead of stopping the run."""
-    from .. import metrics as M
-
     backbones, reasons = {}, {}
     uses = {"clip": ("clip_whole", "clip_edited"), "dino": ("structure_distance",)}
     for kind, flag, name in (("clip", "--clip_model", args.clip_model), ("dino", "--dino_model", args.dino_model)):
@@ -255,8 +255,6 @@ def load_metric_backbones(args, device: str, log=print) -> tuple[dict, dict]:
 def _attention_map(maps, spec, tokenizer):
     """The source blend word's averaged mid-low cross-attention map (h, w), for NS-LPIPS, from an edit's
     (prompts, queries, tokens) maps."""
-    from .. import seq_aligner
-
     if maps is None or not spec.blend_words:
         return None
     idx = seq_aligner.word_token_indices(spec.source, spec.blend_words[0], tokenizer)
@@ -275,9 +273,6 @@ def _cell(value) -> str:
 
 # ----------------------------------------------------------------------------- runner
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import ArgumentParser, count_at_least, str2bool
-    from ..metrics import DEFAULT_CLIP, DEFAULT_DINO
-
     p = ArgumentParser(prog="python -m stylediffusion.bench pie",
                                 description="Run an inversion x edit method over PIE-Bench and score it.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -348,18 +343,11 @@ def run(args, log=print) -> dict:
 
 
 def _merge_reasons(path: Path, reasons: dict) -> None:
-    from ..files import atomic_write_text
-
     merged = {**_read_reasons(path), **reasons}
     atomic_write_text(path, json.dumps(merged, indent=2, sort_keys=True) + "\n")
 
 
 def _process(args, mine: list[PieEntry], method: str, shard, part: Path, log) -> dict:
-    from .. import metrics as M
-    from ..api import StyleDiffusionEditor
-    from ..image_io import load_image, save_atomic
-    from ..methods.registry import split_method_options
-
     bundle = options.load_bundle(args, shard.device, log)
     backbones, reasons = load_metric_backbones(args, str(bundle.device), log)
     editor = StyleDiffusionEditor(bundle, progress=args.progress)

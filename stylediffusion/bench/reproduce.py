@@ -15,8 +15,20 @@ import argparse
 import time
 from pathlib import Path
 
+from PIL import Image, ImageDraw
+
+from .. import data_index
+from ..api import StyleDiffusionEditor
+from ..arguments import ArgumentParser, _check_image_readable
+from ..arguments import method_options as parse_pairs
+from ..editing import EditSpec, build_controller
 from ..errors import UserError
+from ..files import writable_folder
+from ..image_io import image_grid, save_atomic
+from ..methods import get_edit
+from ..methods.registry import check_method_options, default_inversion, split_method_options
 from ..runner import started
+from ..style_transfer import STYLE_INVERSIONS, transfer_options
 from . import options
 from .sharding import RowLog, init_shard, merge_parts, part_path, resume
 
@@ -26,8 +38,6 @@ MIN_CELL = 192  # grids of small models are upscaled to at least this many pixel
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import ArgumentParser
-
     p = ArgumentParser(prog="python -m stylediffusion.bench reproduce",
                                 description="Figure-style grids (input | reconstruction | edit) for rows of the "
                                             "data index, and a contact sheet of all of them.",
@@ -51,8 +61,6 @@ def _key(row: dict) -> tuple:
 
 def index_items(idx, data_dir) -> list[tuple[int, int, object]]:
     """(case, k, EditRow) for the selected cases, in index order; k numbers a case's rows from 0."""
-    from .. import data_index
-
     data_dir = Path(data_dir) if data_dir is not None else data_index.DEFAULT_DATA_DIR
     cases = None if idx is None else [_case(c) for c in str(idx).split(",") if c.strip()]
     rows = data_index.edit_rows(None, data_dir)
@@ -79,8 +87,6 @@ def _case(text: str) -> int:
 
 
 def row_spec(row, args):
-    from ..editing import EditSpec
-
     def pick(name):
         value = getattr(args, name, None)
         return getattr(row, name) if value is None else value
@@ -93,10 +99,6 @@ def row_spec(row, args):
 
 def labelled_grid(images, labels, title: str):
     """The three pictures side by side (upscaled to MIN_CELL if smaller), captions below, title above."""
-    from PIL import Image, ImageDraw
-
-    from ..image_io import image_grid
-
     side = max(images[0].size[0], MIN_CELL)
     cells = [im.resize((side, side), Image.NEAREST if im.size[0] < side else Image.LANCZOS) for im in images]
     strip = image_grid(cells, labels, pad=6)
@@ -111,8 +113,6 @@ def labelled_grid(images, labels, title: str):
 
 
 def contact_sheet(paths: list[Path], title: str):
-    from PIL import Image, ImageDraw
-
     grids = [Image.open(p).convert("RGB") for p in paths]
     width = max(g.width for g in grids)
     sheet = Image.new("RGB", (width, 22 + sum(g.height for g in grids)), "white")
@@ -129,12 +129,6 @@ TRANSFER_LABEL = "stylediffusion+style_transfer"
 
 def _check_transfer(args) -> None:
     """Style-transfer rows: the content image readable, the options known, before any model loads."""
-    from ..cli import _check_image_readable
-    from ..cli import method_options as parse_pairs
-    from ..files import writable_folder
-    from ..methods.registry import check_method_options, default_inversion
-    from ..style_transfer import STYLE_INVERSIONS, transfer_options
-
     if args.inversion is None:
         args.inversion = default_inversion(None)
     if args.inversion not in STYLE_INVERSIONS:
@@ -155,7 +149,6 @@ def run(args, log=print) -> dict:
     items = index_items(args.idx, args.data_dir)
     if transfer:  # one transfer per case: its image is the style
         items = [it for it in items if it[1] == 0]
-    from ..methods import get_edit
 
     for spec in (row_spec(r, args) for _, _, r in items):
         spec.validate()
@@ -181,8 +174,6 @@ def run(args, log=print) -> dict:
         rows = merge_parts(manifest, parts, "reproduce", COLUMNS, _key)
         mine_rows = [r for r in rows if r["method"] == method and (Path(args.outdir) / r["grid"]).is_file()]
         if mine_rows:
-            from ..image_io import save_atomic
-
             sheet = out / options.safe_dirname(method) / "contact_sheet.png"
             save_atomic(contact_sheet([out / r["grid"] for r in mine_rows], f"{method}: {len(mine_rows)} edits"),
                         sheet)
@@ -192,11 +183,6 @@ def run(args, log=print) -> dict:
 
 
 def _process(args, mine, method: str, shard, part: Path, log) -> None:
-    from ..api import StyleDiffusionEditor
-    from ..editing import build_controller
-    from ..image_io import save_atomic
-    from ..methods.registry import split_method_options
-
     bundle = options.load_bundle(args, shard.device, log)
     T = args.num_ddim_steps
     for _, _, row in mine:  # word-level problems before any training
@@ -239,10 +225,6 @@ def _process(args, mine, method: str, shard, part: Path, log) -> None:
 
 def _process_transfer(args, mine, method: str, shard, part: Path, log) -> None:
     """Fig. 20-like grids: content | style | transfer, the style trained (or loaded) per case."""
-    from ..api import StyleDiffusionEditor
-    from ..image_io import save_atomic
-    from ..methods.registry import split_method_options
-
     bundle = options.load_bundle(args, shard.device, log)
     editor = StyleDiffusionEditor(bundle, progress=args.progress)
     pairs = options.method_options(args)
