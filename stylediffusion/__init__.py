@@ -8,6 +8,8 @@
 
 __version__ = "0.1.0"
 
+import importlib
+
 from .errors import UserError
 
 __all__ = ["EditOutput", "Inversion", "StyleDiffusionEditor", "UserError"]
@@ -19,8 +21,6 @@ def __getattr__(name: str):
     # lines then answer bad flags without loading them, and a Ctrl-C while they load is caught by the
     # command's own handler (one line, exit 130) instead of printing a traceback.
     if name in _LAZY:
-        import importlib
-
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value
         return value

@@ -19,9 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import UNet2DConditionModel
 from PIL import Image
+from transformers import CLIPVisionModel
 
 from . import families, validate
+from .ddim import make_ddim_scheduler
 from .defaults import GUIDANCE_SCALE, NUM_DDIM_STEPS, NUM_INNER_STEPS, TAU_C, TAU_S, TAU_U, TAU_V
 from .editing import EditSpec, build_controller, default_edit_type
 from .encoders import check_prompt_length, decode_latent
@@ -29,11 +32,13 @@ from .errors import UserError
 from .image_io import load_image, prepare_image, tensor_to_pil
 from .methods import MethodContext, get_edit, get_inversion, run_method
 from .methods.registry import check_method_options
-from .models import (DEFAULT_IMAGE_ENCODER, DEFAULT_MODEL, ModelBundle, execution_device, load_models,
-                     out_of_memory_as_user_error, resolve_dtype)
+from .models import (DEFAULT_IMAGE_ENCODER, DEFAULT_MODEL, ModelBundle, _missing_weights, check_device, execution_device,
+                     load_models, out_of_memory_as_user_error, resolve_dtype)
 from .outputs import EditOutput
 from .results import Inversion
+from .style_transfer import TransferOutput, check_style_inversion, run_style_transfer, transfer_options
 from .training import TrainConfig
+from .visualize import attention_figure
 
 logger = logging.getLogger("stylediffusion")
 
@@ -42,8 +47,6 @@ _TRAIN_OPTIONS = ("lr", "attention_loss", "attention_weight", "early_stop", "war
 
 
 def _resolve_device(device) -> torch.device:
-    from .models import check_device
-
     return check_device(device, "device")
 
 
@@ -120,10 +123,6 @@ class StyleDiffusionEditor:
         offload hooks' execution device (and is offloaded again after each call); a ``torch.compile``d
         UNet is used through the module it wraps.
         """
-        from diffusers import UNet2DConditionModel
-
-        from .ddim import make_ddim_scheduler
-
         missing = [name for name in ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
                    if getattr(pipe, name, None) is None]
         # A torch.compile'd UNet (pipe.unet = torch.compile(pipe.unet)) is used through the module it wraps:
@@ -266,8 +265,6 @@ class StyleDiffusionEditor:
         maps = outputs[0].attention_maps
         figure = None
         if maps is not None:
-            from .visualize import attention_figure
-
             h, w = outputs[0].latents.shape[-2:]
             figure = attention_figure(maps[0], inv.source, self.bundle.tokenizer, (h // 4, w // 4), input_image)
         return EditOutput(images=[tensor_to_pil(p[1]) for p in pixels], reconstruction=tensor_to_pil(pixels[0][0]),
@@ -292,8 +289,6 @@ class StyleDiffusionEditor:
         ``transfer_feature_downscale`` (4), ``transfer_attention_downscale`` (4), ``transfer_value_fraction``
         (1; 0 = the style prompt alone).
         """
-        from .style_transfer import check_style_inversion, run_style_transfer, transfer_options, TransferOutput
-
         check_style_inversion(style_inversion)
         self._check_model(style_inversion)
         guidance_scale = validate.number(guidance_scale, "guidance_scale", minimum=0.0, maximum=validate.MAX_GUIDANCE)
@@ -395,10 +390,6 @@ def _second_text_encoder(pipe) -> dict:
 
 
 def _load_image_encoder(name: str):
-    from transformers import CLIPVisionModel
-
-    from .models import _missing_weights
-
     try:
         return CLIPVisionModel.from_pretrained(name, use_safetensors=True).requires_grad_(False).eval()
     except (OSError, ValueError) as err:

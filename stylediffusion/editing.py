@@ -24,6 +24,7 @@ from .mapping import MappingNetworks
 from .models import ModelBundle
 from .sampling import predict
 from .training import embedding_inputs
+from .validate import edit_spec  # the checks every caller shares (CLI, runners, API)
 
 
 def default_edit_type(source: str, target: str) -> str:
@@ -60,8 +61,6 @@ class EditSpec:
     notes: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
-        from .validate import edit_spec  # the checks every caller shares (CLI, runners, API)
-
         edit_spec(self)
 
 

@@ -22,6 +22,7 @@ from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from PIL import Image
 
 DEFAULT_SIZE = 32
 
@@ -255,8 +256,6 @@ class Scene:
         return int(self.image.shape[0])
 
     def pil(self):
-        from PIL import Image
-
         return Image.fromarray(self.image)
 
     def layout(self) -> List[np.ndarray]:
