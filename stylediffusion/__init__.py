@@ -17,9 +17,9 @@ _LAZY = {"EditOutput": ".outputs", "StyleDiffusionEditor": ".api", "Inversion": 
 
 
 def __getattr__(name: str):
-    # The API (torch, diffusers) is imported on first use, not by ``import stylediffusion``: the command
-    # lines then answer bad flags without loading them, and a Ctrl-C while they load is caught by the
-    # command's own handler (one line, exit 130) instead of printing a traceback.
+    # The API (torch, diffusers) is imported on first use, not by ``import stylediffusion``: an entry point
+    # imports ``stylediffusion.runner`` first and installs its Ctrl-C guard (``guard_start_up``) before
+    # torch loads, so a Ctrl-C while it loads is one line, exit 130, instead of a traceback.
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value

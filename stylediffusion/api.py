@@ -7,7 +7,7 @@
 
 Everything runs through the same internals as the command line (``models``, the methods registry,
 ``editing.EditSpec``). Bad input raises ``UserError`` (a ``ValueError``) with the command line's
-messages; library messages go to ``logging`` (logger ``stylediffusion``); progress bars are tqdm's
+messages; library messages go to ``logging`` (loggers under ``stylediffusion``); progress bars are tqdm's
 and can be switched off per editor or per call.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ from .style_transfer import TransferOutput, check_style_inversion, run_style_tra
 from .training import TrainConfig
 from .visualize import attention_figure
 
-logger = logging.getLogger("stylediffusion")
+logger = logging.getLogger(__name__)
 
 # Keyword options of ``invert`` that are training settings (``TrainConfig``) rather than method options.
 _TRAIN_OPTIONS = ("lr", "attention_loss", "attention_weight", "early_stop", "warm_start")

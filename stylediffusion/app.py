@@ -21,6 +21,7 @@ import argparse
 import errno
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -71,7 +72,9 @@ from .methods import INVERSIONS, get_edit, get_inversion  # noqa: E402
 from .metrics import psnr  # noqa: E402
 from .models import quiet_libraries  # noqa: E402
 from .results import Inversion  # noqa: E402
-from .runner import exit_code, started  # noqa: E402
+from .runner import exit_code, package_notes_on_stdout, started  # noqa: E402
+
+logger = logging.getLogger(__spec__.name)  # run with -m, __name__ is "__main__": the logger stays under stylediffusion
 
 DEFAULT_CACHE_DIR = Path("checkpoints") / "demo"
 # Test-bed pictures are 32x32: show every picture at the width of its box, pixels kept sharp.
@@ -196,7 +199,10 @@ class InvertResult:
 
 
 @dataclass
-class EditResult:
+class PageEdits:
+    """What the page shows for one edit request: the strip, each edit with its target, the attention maps
+    and the downloads."""
+
     strip: Image.Image  # input | reconstruction | edit 1 | ... labelled
     edits: list[tuple[Image.Image, str]]  # each edit with its target prompt
     attention_maps: Image.Image | None
@@ -407,7 +413,7 @@ class DemoApp:
              num_inner_steps: int, targets: str | None, edit_type: str = "auto", tau_v: float | None = None,
              tau_c: float | None = None, tau_s: float | None = None, tau_u: float | None = None,
              blend_words: str | None = None,
-             reweight: str | None = None, edit_method: str = "p2p", session: str | None = None) -> EditResult:
+             reweight: str | None = None, edit_method: str = "p2p", session: str | None = None) -> PageEdits:
         """Edit the cached inversion of (image, prompt, settings) towards every target (one per line).
 
         A τ left at None takes the command line's default (``defaults.TAU_*``)."""
@@ -474,7 +480,7 @@ class DemoApp:
             self._keep(f"{EDITS}/{outdir.name}", write)
         strip = image_grid([entry.image, recon] + [e[1] for e in edits],
                            ["input", "reconstruction"] + [f"edit {k + 1}" for k in range(len(edits))])
-        return EditResult(strip, [(e[1], e[0]) for e in edits], attention, files, time.perf_counter() - t0)
+        return PageEdits(strip, [(e[1], e[0]) for e in edits], attention, files, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ examples
     def examples(self) -> list[list]:
@@ -723,7 +729,7 @@ def serve(app: DemoApp, host: str = "127.0.0.1", port: int = 7860, block: bool =
     """Lay the page out and serve it; ``block=False`` returns the running page (``page.close()`` stops it)."""
     warning = access_warning(host, auth)
     if warning:
-        print(warning, file=sys.stderr, flush=True)
+        logger.warning(warning)
     page = build_ui(app, *method_names())
     page.delete_cache = GRADIO_CACHE_CLEANUP
     page.queue(max_size=max_queue, default_concurrency_limit=1)
@@ -740,8 +746,9 @@ def main(argv: list[str] | None = None) -> int:
         optional.load("gradio")
         quiet_libraries()
         auth = read_auth(args.auth, args.auth_file)
-        page = serve(make_app(args), args.host, args.port, block=False, auth=auth, max_queue=args.max_queue,
-                     max_upload_mb=args.max_upload_mb)
+        with package_notes_on_stdout("stderr", logging.WARNING):  # the access warning, one plain line
+            page = serve(make_app(args), args.host, args.port, block=False, auth=auth, max_queue=args.max_queue,
+                         max_upload_mb=args.max_upload_mb)
         started()  # serving: from here Ctrl-C reaches Gradio, which closes the server (finished inversions stay cached)
         page.block_thread()
         return 0

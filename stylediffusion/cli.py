@@ -10,7 +10,6 @@ import json
 import logging
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +32,10 @@ from .methods import default_inversion, describe_methods, get_edit, get_inversio
 from .methods.registry import check_method_options, split_method_options
 from .models import (DEFAULT_IMAGE_ENCODER, DEFAULT_MODEL, DTYPE_NAMES, check_device, load_models, quiet_libraries,
                      resolve_dtype, tune_backends)
-from .runner import exit_code, started
+from .runner import exit_code, package_notes_on_stdout, started
 from .style_transfer import STYLE_INVERSIONS, transfer_options
+
+logger = logging.getLogger(__spec__.name)  # run with -m, __name__ is "__main__": the logger stays under stylediffusion
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
@@ -206,7 +207,7 @@ def check_output_paths(args, jobs: list[Job]) -> None:
         writable_folder(args.checkpoint_dir, "--checkpoint_dir")
 
 
-def load_bundle(args, log=print):
+def load_bundle(args):
     """Seed, device and the model of a run; T checked against its scheduler."""
     torch.manual_seed(args.seed)
     device = _device(args.device)
@@ -214,16 +215,16 @@ def load_bundle(args, log=print):
     bundle = load_models(args.model, args.image_encoder, device=device, dtype=resolve_dtype(args.dtype, device),
                          seed=args.seed, vae=args.vae, image_size=args.image_size)
     if bundle.family.pooled_row or args.vae:  # say which VAE runs in which dtype where it matters (families.py)
-        log(f"model: {bundle.family.describe(bundle)}")
+        logger.info(f"model: {bundle.family.describe(bundle)}")
     if bundle.untrained:
-        log("note: --model tiny has random, untrained weights: outputs show the mechanics, not real edits.")
+        logger.info("note: --model tiny has random, untrained weights: outputs show the mechanics, not real edits.")
     check_num_steps(args.num_ddim_steps, bundle.scheduler)
     return bundle
 
 
-def run(args, log=print) -> list[Path]:
+def run(args) -> list[Path]:
     if getattr(args, "content_image", None) is not None:
-        return run_style_transfer(args, log)
+        return run_style_transfer(args)
     if getattr(args, "content_prompt", None) is not None:
         raise UserError("--content_prompt describes the --content_image of a style transfer: give --content_image too.")
 
@@ -246,7 +247,7 @@ def run(args, log=print) -> list[Path]:
             spec.validate()
             get_edit(args.edit, args.inversion).check(spec, {**options, **flag_options})
     check_output_paths(args, jobs)
-    bundle = load_bundle(args, log)
+    bundle = load_bundle(args)
     T = args.num_ddim_steps
     for job in jobs:  # word-level problems (too long, unknown blend word, unequal word counts...) before any training
         check_prompt_length(bundle.tokenizer, job.prompt)
@@ -263,24 +264,24 @@ def run(args, log=print) -> list[Path]:
     for job in jobs:
         notes = [] if job.image_path is None else load_image(job.image_path, bundle.image_size)[1]
         for note in notes:
-            log(f"note: {note}")
+            logger.info(f"note: {note}")
         ckpt = checkpoint_path(args, job, bundle.label, options)
         if args.checkpoint is None:  # a name built from data and flags must not leave its folder
             validate.inside(args.checkpoint_dir, ckpt, "the checkpoint")
         if args.retrain and ckpt.is_file():  # only now: every input above has been checked
             ckpt.unlink()
         if args.is_train and ckpt.is_file():
-            log(f"{ckpt} is already trained (use --retrain to train again)")
+            logger.info(f"{ckpt} is already trained (use --retrain to train again)")
             continue
         if not ckpt.is_file() and args.inversion == "stylediffusion":
-            log(f"no trained inversion at {ckpt}: training it first (T={T}, K={args.num_inner_steps})"
+            logger.info(f"no trained inversion at {ckpt}: training it first (T={T}, K={args.num_inner_steps})"
                 if not args.is_train else f"training the inversion (T={T}, K={args.num_inner_steps}) -> {ckpt}")
         t0 = time.perf_counter()
         inverted = editor.invert(job.image_path, job.prompt, method=args.inversion, num_inference_steps=T,
                                  num_inner_steps=args.num_inner_steps, guidance_scale=args.guidance_scale,
                                  checkpoint=ckpt, seed=args.seed, lr=args.lr, attention_loss=args.attention_loss,
                                  early_stop=args.early_stop, **inversion_options)
-        log(f"{args.inversion} inversion ready in {time.perf_counter() - t0:.1f}s"
+        logger.info(f"{args.inversion} inversion ready in {time.perf_counter() - t0:.1f}s"
             + (f" ({ckpt})" if ckpt.is_file() else ""))
         if ckpt.is_file():
             written.append(ckpt)
@@ -288,12 +289,12 @@ def run(args, log=print) -> list[Path]:
             out = editor.edit(inverted, spec, method=args.edit, **edit_options)
             outdir = args.outdir if len(job.edits) == 1 else args.outdir / f"{job.name}_edit{k}"
             written += save_edit_outputs(outdir, out, bundle, T, args.inversion, args.edit)
-            log(f"edit '{spec.source}' -> '{spec.target}' ({args.inversion} + {args.edit}, {spec.edit_type}) "
+            logger.info(f"edit '{spec.source}' -> '{spec.target}' ({args.inversion} + {args.edit}, {spec.edit_type}) "
                 f"in {out.seconds:.1f}s -> {outdir}")
     return written
 
 
-def run_style_transfer(args, log=print) -> list[Path]:
+def run_style_transfer(args) -> list[Path]:
     """Style-transfer mode: train (or load) the style image's StyleDiffusion inversion as an edit would, then
     transfer it onto --content_image; writes an edit's files (edited.png = the transfer)."""
     if args.inversion is None:
@@ -315,30 +316,30 @@ def run_style_transfer(args, log=print) -> list[Path]:
     options = {"variant": args.variant, **check_method_options(
         {k: v for k, v in given.items() if not k.startswith("transfer_")}, args.inversion)}
     check_output_paths(argparse.Namespace(**{**vars(args), "is_train": False}), [job])
-    bundle = load_bundle(args, log)
+    bundle = load_bundle(args)
     T = args.num_ddim_steps
     editor = StyleDiffusionEditor(bundle, progress=args.progress)
     started()
     for path in (job.image_path, args.content_image):  # both are centre-cropped and resized to the model's size
         for note in load_image(path, bundle.image_size)[1]:
-            log(f"note: {note}")
+            logger.info(f"note: {note}")
     ckpt = checkpoint_path(args, job, bundle.label, options)
     if args.checkpoint is None:
         validate.inside(args.checkpoint_dir, ckpt, "the checkpoint")
     if args.retrain and ckpt.is_file():
         ckpt.unlink()
     if not ckpt.is_file():
-        log(f"no trained inversion of the style image at {ckpt}: training it first (T={T}, K={args.num_inner_steps})")
+        logger.info(f"no trained inversion of the style image at {ckpt}: training it first (T={T}, K={args.num_inner_steps})")
     t0 = time.perf_counter()
     inverted = editor.invert(job.image_path, job.prompt, method=args.inversion, num_inference_steps=T,
                              num_inner_steps=args.num_inner_steps, guidance_scale=args.guidance_scale,
                              checkpoint=ckpt, seed=args.seed, lr=args.lr, attention_loss=args.attention_loss,
                              early_stop=args.early_stop, **options)
-    log(f"style inversion ready in {time.perf_counter() - t0:.1f}s ({ckpt})")
+    logger.info(f"style inversion ready in {time.perf_counter() - t0:.1f}s ({ckpt})")
     out = editor.transfer_style(inverted, args.content_image, args.content_prompt,
                                 guidance_scale=args.guidance_scale, **transfer)
     written = [ckpt] + save_transfer_outputs(args.outdir, out, bundle, T, args.content_image, job.image_path)
-    log(f"style transfer of '{job.image_path}' onto '{args.content_image}' in {out.seconds:.1f}s -> {args.outdir}")
+    logger.info(f"style transfer of '{job.image_path}' onto '{args.content_image}' in {out.seconds:.1f}s -> {args.outdir}")
     return written
 
 
@@ -387,36 +388,14 @@ def save_edit_outputs(outdir: Path, out, bundle, T: int, inversion: str = "style
     return paths + [outdir / "edit.json"]
 
 
-class _StdoutHandler(logging.Handler):
-    """The package's notes (logger ``stylediffusion``: resuming or setting aside a partial inversion...)
-    shown on stdout with the command's own lines; stderr stays for the one ``error:`` line. The stream
-    is looked up at each message, so a replaced ``sys.stdout`` (tests) is honoured."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        print(self.format(record), file=sys.stdout)
-
-
-@contextmanager
-def package_notes_on_stdout():
-    logger = logging.getLogger("stylediffusion")
-    handler, level = _StdoutHandler(logging.INFO), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         quiet_libraries()
         args = build_parser().parse_args(argv)
-        if args.list_methods:
-            print(describe_methods())
-            return 0
         with package_notes_on_stdout():
+            if args.list_methods:
+                logger.info(describe_methods())
+                return 0
             run(args)
         return 0
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -30,7 +31,9 @@ from .elite import config_from_state_dict, metadata, unet_cross_attention_layers
 from .errors import UserError
 from .files import atomic_write, writable_file
 from .models import quiet_libraries
-from .runner import exit_code
+from .runner import exit_code, package_notes_on_stdout
+
+logger = logging.getLogger(__spec__.name)  # run with -m, __name__ is "__main__": the logger stays under stylediffusion
 
 DEFAULT_UNET_CONFIG = Path(__file__).parent / "configs" / "sd15" / "unet.json"
 MAX_BYTES = 4 * 2**30  # the authors' files are about 0.1 GB (global) and 0.2 GB (local)
@@ -129,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries()
         args = build_parser().parse_args(argv)
         out = convert(args.source, args.destination, args.kind, args.unet_config)
-        print(f"wrote {out} (ELITE {source_kind(args.source, args.kind)} mapper; pass it as "
-              f"--elite_{source_kind(args.source, args.kind)})")
+        with package_notes_on_stdout():
+            logger.info(f"wrote {out} (ELITE {source_kind(args.source, args.kind)} mapper; pass it as "
+                        f"--elite_{source_kind(args.source, args.kind)})")
         return 0
 
     return exit_code(body, "interrupted: nothing was written.")

@@ -137,7 +137,9 @@ class EditHooks:
 
 
 @dataclass
-class EditResult:
+class EditLatents:
+    """What ``run_edit`` returns: the final latents of both rows and the controller that made them."""
+
     latents: torch.Tensor  # (2, C, h, w): source (reconstruction) and target (edit)
     controller: PromptToPromptController
 
@@ -146,7 +148,7 @@ class EditResult:
 def run_edit(bundle: ModelBundle, schedule: DDIMSchedule, z_T: torch.Tensor, spec: EditSpec,
              mappers: MappingNetworks | None = None, image_features: torch.Tensor | None = None,
              controller: PromptToPromptController | None = None, progress: bool = True,
-             hooks: EditHooks | None = None, embedding: str = "value") -> EditResult:
+             hooks: EditHooks | None = None, embedding: str = "value") -> EditLatents:
     """P2P/P2Plus edit from z*_T. With ``mappers`` the conditional rows use learned value inputs:
     the source row at every step, the target row while i < tau_v*T (then its plain embedding).
     ``hooks`` lets other inversions change the text, the guidance or the latents of each step;
@@ -180,4 +182,4 @@ def run_edit(bundle: ModelBundle, schedule: DDIMSchedule, z_T: torch.Tensor, spe
             if hooks is not None:  # e.g. DirectInversion's offset: added before LocalBlend, as PnPInversion does
                 z = hooks.after_step(i, z)
             z = controller.after_step(z, state)
-    return EditResult(z, controller)
+    return EditLatents(z, controller)

@@ -5,10 +5,12 @@ and exit code 2, Ctrl-C one line and 130. It lives above ``errors`` (the leaf ev
 ``files`` (whose file-system errors it names), so neither imports the other's caller. It imports nothing
 heavy: an entry point calls ``guard_start_up`` before it imports its command (torch, diffusers).
 """
+import logging
 import os
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 
 from .errors import UserError, one_line
 from .files import FILESYSTEM_ERRNOS, filesystem_error
@@ -58,17 +60,50 @@ def exit_code(action, interrupted_message: str) -> int:
     try:
         return action() or 0
     except UserError as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
+        _final_line(f"error: {one_line(err)}")
         return 2
     except OSError as err:
         if err.errno not in FILESYSTEM_ERRNOS:
             raise
-        print(f"error: {one_line(filesystem_error(err, action='use'))}", file=sys.stderr)
+        _final_line(f"error: {one_line(filesystem_error(err, action='use'))}")
         return 2
     except KeyboardInterrupt:
-        print(one_line(interrupted_message), file=sys.stderr)
+        _final_line(one_line(interrupted_message))
         return 130
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
             _startup["active"] = False
+
+
+def _final_line(text: str) -> None:
+    """The command's last word on stderr (the one place the package writes to it itself)."""
+    sys.stderr.write(text + "\n")
+
+
+class _PlainLines(logging.Handler):
+    """Each message as a plain line on ``sys.<stream>``, looked up at each message, so a replaced
+    ``sys.stdout`` (tests) is honoured."""
+
+    def __init__(self, stream: str, level: int):
+        super().__init__(level)
+        self.stream = stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        getattr(sys, self.stream).write(self.format(record) + "\n")
+
+
+@contextmanager
+def package_notes_on_stdout(stream: str = "stdout", level: int = logging.INFO):
+    """The command's lines: every message of the package's loggers (``stylediffusion.*``: the command's own
+    lines, resuming or setting aside a partial inversion...) as plain lines on stdout; stderr stays for the
+    one ``error:`` line. The demo's server passes ``stream="stderr", level=logging.WARNING``."""
+    package = logging.getLogger("stylediffusion")
+    handler, saved = _PlainLines(stream, level), package.level
+    package.addHandler(handler)
+    package.setLevel(level)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(saved)

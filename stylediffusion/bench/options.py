@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from ..identity import checkpoint_name
 from ..methods import default_inversion, get_edit, get_inversion
 from ..methods.registry import check_method_options
 from ..models import DEFAULT_MODEL, DTYPE_NAMES, check_device, load_models, resolve_dtype
+
+logger = logging.getLogger(__name__)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -91,7 +94,7 @@ def check_method(args) -> dict:
     return checked
 
 
-def load_bundle(args, device: str, log=print):
+def load_bundle(args, device: str):
     device = str(check_device(device, "--device"))
     # No cuDNN autotuning here (tune_backends): it may pick other kernels in each process, and the
     # shards of a run should compute what one process computes (docs/benchmarks.md).
@@ -100,7 +103,7 @@ def load_bundle(args, device: str, log=print):
                          seed=args.seed)
     check_num_steps(args.num_ddim_steps, bundle.scheduler)
     if bundle.untrained:
-        log("note: --model tiny has random, untrained weights: numbers show the mechanics, not real edits.")
+        logger.info("note: --model tiny has random, untrained weights: numbers show the mechanics, not real edits.")
     return bundle
 
 

@@ -17,6 +17,7 @@ Outputs (``--outdir OUT``)::
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import re
 import time
@@ -40,6 +41,8 @@ from ..runner import started
 from . import options
 from .report import METRICS, NA, read_reasons as _read_reasons, write_reports
 from .sharding import RowLog, init_shard, merge_parts, part_path, resume
+
+logger = logging.getLogger(__name__)
 
 PIE_SIZE = (512, 512)
 RESULT_COLUMNS = ("id", "editing_type_id", "method", "edit_type", *METRICS, "note", "seconds")
@@ -233,7 +236,7 @@ def _usable_spec(spec, tokenizer, T: int) -> tuple[object, list[str]]:
 
 
 # ----------------------------------------------------------------------------- metrics
-def load_metric_backbones(args, device: str, log=print) -> tuple[dict, dict]:
+def load_metric_backbones(args, device: str) -> tuple[dict, dict]:
     """Backbones for ``metrics.evaluate_pair``, loaded once; a missing one is logged and its metrics
     become n/a (with the reason in ``metrics_unavailable.json``) instead of stopping the run."""
     backbones, reasons = {}, {}
@@ -245,7 +248,7 @@ def load_metric_backbones(args, device: str, log=print) -> tuple[dict, dict]:
         try:
             backbones[kind] = M.load_backbone(kind, name, device)
         except UserError as e:
-            log(f"warning: {e} -> {', '.join(uses[kind])} n/a in this run")
+            logger.info(f"warning: {e} -> {', '.join(uses[kind])} n/a in this run")
             reasons.update({m: str(e) for m in uses[kind]})
     if args.lpips:
         backbones["lpips"] = args.lpips_net
@@ -311,7 +314,7 @@ def _key(row: dict) -> tuple:
     return (row["id"], row["method"])
 
 
-def run(args, log=print) -> dict:
+def run(args) -> dict:
     """Run (or resume) the benchmark; returns ``{"processed": n, "skipped": n, "rank": r, "world": w}``."""
     options.check_method(args)
     entries = load_mapping(args.mapping_file, args.images, args.limit, _split(args.editing_types), _split(args.ids))
@@ -325,11 +328,11 @@ def run(args, log=print) -> dict:
     done = resume(shard, results, parts, "results", RESULT_COLUMNS, _key)
     todo = [e for e in entries if (e.id, method) not in done]
     mine = shard.take(todo)
-    log(f"{shard.tag} {method}: {len(entries)} entries, {len(entries) - len(todo)} already done, "
+    logger.info(f"{shard.tag} {method}: {len(entries)} entries, {len(entries) - len(todo)} already done, "
         f"{len(mine)} of the {len(todo)} remaining on this process ({shard.device})")
     reasons: dict = {}
     if mine:
-        reasons = _process(args, mine, method, shard, part_path(parts, "results", shard.rank), log)
+        reasons = _process(args, mine, method, shard, part_path(parts, "results", shard.rank))
     shard.barrier()
     if shard.is_main:
         rows = merge_parts(results, parts, "results", RESULT_COLUMNS, _key)
@@ -337,7 +340,7 @@ def run(args, log=print) -> dict:
             _merge_reasons(out / "metrics_unavailable.json", {method: reasons})
         if args.report:
             for path in write_reports(out, rows):
-                log(f"wrote {path}")
+                logger.info(f"wrote {path}")
     shard.barrier()
     return {"processed": len(mine), "skipped": len(entries) - len(todo), "rank": shard.rank, "world": shard.world}
 
@@ -347,9 +350,9 @@ def _merge_reasons(path: Path, reasons: dict) -> None:
     atomic_write_text(path, json.dumps(merged, indent=2, sort_keys=True) + "\n")
 
 
-def _process(args, mine: list[PieEntry], method: str, shard, part: Path, log) -> dict:
-    bundle = options.load_bundle(args, shard.device, log)
-    backbones, reasons = load_metric_backbones(args, str(bundle.device), log)
+def _process(args, mine: list[PieEntry], method: str, shard, part: Path) -> dict:
+    bundle = options.load_bundle(args, shard.device)
+    backbones, reasons = load_metric_backbones(args, str(bundle.device))
     editor = StyleDiffusionEditor(bundle, progress=args.progress)
     inversion_options, edit_options = split_method_options(options.method_options(args), args.inversion, args.edit)
     T = args.num_ddim_steps
@@ -369,7 +372,7 @@ def _process(args, mine: list[PieEntry], method: str, shard, part: Path, log) ->
             row.update({k: NA for k in METRICS}, edit_type="", note=f"skipped: {e}",
                        seconds=f"{time.perf_counter() - t0:.3f}")
             writer.append(row)
-            log(f"{shard.tag} {entry.id}: skipped ({e})")
+            logger.info(f"{shard.tag} {entry.id}: skipped ({e})")
             continue
         ckpt = (options.checkpoint_file(args.checkpoint_dir, entry.id, args, bundle)
                 if args.checkpoint_dir is not None else None)
@@ -402,10 +405,10 @@ def _process(args, mine: list[PieEntry], method: str, shard, part: Path, log) ->
         row.update({k: _cell(scores.get(k)) for k in METRICS}, edit_type=spec.edit_type, note="; ".join(notes),
                    seconds=f"{seconds:.3f}")
         writer.append(row)
-        log(f"{shard.tag} {n + 1}/{len(mine)} {entry.id} ({entry.type_dir}) {spec.edit_type} "
+        logger.info(f"{shard.tag} {n + 1}/{len(mine)} {entry.id} ({entry.type_dir}) {spec.edit_type} "
             f"'{spec.target}' in {seconds:.1f}s")
     return reasons
 
 
-def main(argv=None, log=print) -> dict:
-    return run(build_parser().parse_args(argv), log)
+def main(argv=None) -> dict:
+    return run(build_parser().parse_args(argv))

@@ -12,6 +12,7 @@ Each case (image) is inverted once and shared by its rows. Outputs (``--outdir O
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from ..runner import started
 from ..style_transfer import STYLE_INVERSIONS, transfer_options
 from . import options
 from .sharding import RowLog, init_shard, merge_parts, part_path, resume
+
+logger = logging.getLogger(__name__)
 
 COLUMNS = ("case", "k", "method", "source", "target", "edit_type", "blend_words", "tau_v", "tau_c", "tau_s",
            "tau_u", "grid", "seconds")
@@ -140,7 +143,7 @@ def _check_transfer(args) -> None:
     writable_folder(args.outdir, "--outdir")
 
 
-def run(args, log=print) -> dict:
+def run(args) -> dict:
     transfer = getattr(args, "content_image", None) is not None
     if transfer:
         _check_transfer(args)
@@ -164,11 +167,11 @@ def run(args, log=print) -> dict:
     cases = sorted({c for c, _, _ in todo})
     my_cases = shard.take(cases)  # a case's rows stay together: one inversion serves all of them
     mine = [it for it in todo if it[0] in my_cases]
-    log(f"{shard.tag} {method}: {len(items)} index rows, {len(items) - len(todo)} already done, "
+    logger.info(f"{shard.tag} {method}: {len(items)} index rows, {len(items) - len(todo)} already done, "
         f"{len(mine)} rows ({len(my_cases)} cases) on this process ({shard.device})")
     if mine:
         process = _process_transfer if transfer else _process
-        process(args, mine, method, shard, part_path(parts, "reproduce", shard.rank), log)
+        process(args, mine, method, shard, part_path(parts, "reproduce", shard.rank))
     shard.barrier()
     if shard.is_main:
         rows = merge_parts(manifest, parts, "reproduce", COLUMNS, _key)
@@ -177,13 +180,13 @@ def run(args, log=print) -> dict:
             sheet = out / options.safe_dirname(method) / "contact_sheet.png"
             save_atomic(contact_sheet([out / r["grid"] for r in mine_rows], f"{method}: {len(mine_rows)} edits"),
                         sheet)
-            log(f"wrote {sheet}")
+            logger.info(f"wrote {sheet}")
     shard.barrier()
     return {"processed": len(mine), "skipped": len(items) - len(todo), "rank": shard.rank, "world": shard.world}
 
 
-def _process(args, mine, method: str, shard, part: Path, log) -> None:
-    bundle = options.load_bundle(args, shard.device, log)
+def _process(args, mine, method: str, shard, part: Path) -> None:
+    bundle = options.load_bundle(args, shard.device)
     T = args.num_ddim_steps
     for _, _, row in mine:  # word-level problems before any training
         build_controller(row_spec(row, args), bundle.tokenizer, T)
@@ -202,7 +205,7 @@ def _process(args, mine, method: str, shard, part: Path, log) -> None:
                                  lr=args.lr, attention_loss=args.attention_loss, early_stop=args.early_stop,
                                  checkpoint=ckpt, seed=args.seed, **inversion_options)
         inv_seconds = time.perf_counter() - t0
-        log(f"{shard.tag} case {case}: {args.inversion} inversion in {inv_seconds:.1f}s")
+        logger.info(f"{shard.tag} case {case}: {args.inversion} inversion in {inv_seconds:.1f}s")
         for k, row in rows:
             spec = row_spec(row, args)
             t1 = time.perf_counter()
@@ -220,12 +223,12 @@ def _process(args, mine, method: str, shard, part: Path, log) -> None:
                            "edit_type": spec.edit_type, "blend_words": " ".join(spec.blend_words or ()),
                            "tau_v": spec.tau_v, "tau_c": spec.tau_c, "tau_s": spec.tau_s, "tau_u": spec.tau_u,
                            "grid": rel.as_posix(), "seconds": f"{seconds:.3f}"})
-            log(f"{shard.tag} case {case} #{k}: '{spec.target}' -> {rel}")
+            logger.info(f"{shard.tag} case {case} #{k}: '{spec.target}' -> {rel}")
 
 
-def _process_transfer(args, mine, method: str, shard, part: Path, log) -> None:
+def _process_transfer(args, mine, method: str, shard, part: Path) -> None:
     """Fig. 20-like grids: content | style | transfer, the style trained (or loaded) per case."""
-    bundle = options.load_bundle(args, shard.device, log)
+    bundle = options.load_bundle(args, shard.device)
     editor = StyleDiffusionEditor(bundle, progress=args.progress)
     pairs = options.method_options(args)
     transfer = {k: v for k, v in pairs.items() if k.startswith("transfer_")}
@@ -253,8 +256,8 @@ def _process_transfer(args, mine, method: str, shard, part: Path, log) -> None:
                        "target": f"style transfer onto {args.content_image.name}", "edit_type": "", "blend_words": "",
                        "tau_v": "", "tau_c": "", "tau_s": "", "tau_u": "", "grid": rel.as_posix(),
                        "seconds": f"{time.perf_counter() - t0:.3f}"})
-        log(f"{shard.tag} case {case}: style transfer -> {rel}")
+        logger.info(f"{shard.tag} case {case}: style transfer -> {rel}")
 
 
-def main(argv=None, log=print) -> dict:
-    return run(build_parser().parse_args(argv), log)
+def main(argv=None) -> dict:
+    return run(build_parser().parse_args(argv))
