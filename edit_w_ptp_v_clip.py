@@ -7,7 +7,11 @@ Same CLI as ``python -m stylediffusion``; ``--help`` lists every flag.
 """
 import sys
 
-from stylediffusion.cli import main
+from stylediffusion.runner import guard_start_up
+
+if __name__ == "__main__":
+    guard_start_up()  # before the command's imports (torch, diffusers): a Ctrl-C while they load is one line
+from stylediffusion.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -41,7 +41,7 @@ KINDS = ("colour", "shape", "background")
 DEFAULT_METHODS = ("stylediffusion:p2plus", "stylediffusion:p2p", "ddim:p2p", "ddim:word_swap")
 
 
-def edit_spec(ed: world.EditResult, tau_u: float, guidance: float) -> EditSpec:
+def edit_spec(ed: world.SceneEdit, tau_u: float, guidance: float) -> EditSpec:
     src, tgt = ed.source_caption, ed.target_caption
     blend = None
     if ed.kind == "colour":
@@ -53,7 +53,7 @@ def edit_spec(ed: world.EditResult, tau_u: float, guidance: float) -> EditSpec:
                     tau_u=tau_u, blend_words=blend, guidance_scale=guidance)
 
 
-def judge(ed: world.EditResult, edited: np.ndarray) -> tuple[bool, bool, float]:
+def judge(ed: world.SceneEdit, edited: np.ndarray) -> tuple[bool, bool, float]:
     """(success, strict success, background PSNR) read from the pixels of the edit.
 
     success: the edited attribute reads as the target's (colour swap: the object's colour; shape

@@ -8,19 +8,19 @@
 
 __version__ = "0.1.0"
 
+import importlib
+
 from .errors import UserError
 
 __all__ = ["EditOutput", "Inversion", "StyleDiffusionEditor", "UserError"]
-_LAZY = {"EditOutput": ".api", "StyleDiffusionEditor": ".api", "Inversion": ".results"}
+_LAZY = {"EditOutput": ".outputs", "StyleDiffusionEditor": ".api", "Inversion": ".results"}
 
 
 def __getattr__(name: str):
-    # The API (torch, diffusers) is imported on first use, not by ``import stylediffusion``: the command
-    # lines then answer bad flags without loading them, and a Ctrl-C while they load is caught by the
-    # command's own handler (one line, exit 130) instead of printing a traceback.
+    # The API (torch, diffusers) is imported on first use, not by ``import stylediffusion``: an entry point
+    # imports ``stylediffusion.runner`` first and installs its Ctrl-C guard (``guard_start_up``) before
+    # torch loads, so a Ctrl-C while it loads is one line, exit 130, instead of a traceback.
     if name in _LAZY:
-        import importlib
-
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value
         return value

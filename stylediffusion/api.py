@@ -11,8 +11,8 @@ and take ``output_type`` ("pil", "np", "pt", "latent"), ``return_dict``, ``gener
 edit, not a picture) and takes ``generator``. Everything runs through the same internals as the
 command line (``models``, the methods registry, ``editing.EditSpec``). Bad input raises
 ``UserError`` (a ``ValueError``) with the command line's messages; library messages go to
-``logging`` (logger ``stylediffusion``); progress bars are tqdm's and can be switched off per editor
-or per call.
+``logging`` (loggers under ``stylediffusion``); progress bars are tqdm's and can be switched off per
+editor or per call.
 """
 from __future__ import annotations
 
@@ -23,9 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import UNet2DConditionModel
 from PIL import Image
+from transformers import CLIPVisionModel
 
 from . import families, validate
+from .ddim import make_ddim_scheduler
 from .defaults import GUIDANCE_SCALE, NUM_DDIM_STEPS, NUM_INNER_STEPS, TAU_C, TAU_S, TAU_U, TAU_V
 from .editing import EditSpec, build_controller, default_edit_type
 from .encoders import check_prompt_length, decode_latent
@@ -33,14 +36,16 @@ from .errors import UserError
 from .image_io import load_image, prepare_image, tensor_to_pil
 from .methods import INVERSIONS, MethodContext, get_edit, get_inversion, run_method
 from .methods.registry import check_method_options
-from .models import (DEFAULT_IMAGE_ENCODER, DEFAULT_MODEL, ModelBundle, execution_device, load_models,
-                     out_of_memory_as_user_error, resolve_dtype)
+from .models import (DEFAULT_IMAGE_ENCODER, DEFAULT_MODEL, ModelBundle, _missing_weights, check_device, execution_device,
+                     load_models, out_of_memory_as_user_error, resolve_dtype)
 from .outputs import EditOutput, check_output_type, picture, pictures, pil_picture
 from .results import Inversion
 from .specs import entry_points
+from .style_transfer import TransferOutput, check_style_inversion, run_style_transfer, transfer_options
 from .training import TrainConfig
+from .visualize import attention_figure
 
-logger = logging.getLogger("stylediffusion")
+logger = logging.getLogger(__name__)
 
 # Keyword options of ``invert`` that are training settings (``TrainConfig``) rather than method options.
 _TRAIN_OPTIONS = ("lr", "attention_loss", "attention_weight", "early_stop", "warm_start")
@@ -51,8 +56,6 @@ _OLD_CALLBACKS = ("on_step", "callback", "callback_steps")
 
 
 def _resolve_device(device) -> torch.device:
-    from .models import check_device
-
     return check_device(device, "device")
 
 
@@ -148,10 +151,6 @@ class StyleDiffusionEditor:
         offload hooks' execution device (and is offloaded again after each call); a ``torch.compile``d
         UNet is used through the module it wraps.
         """
-        from diffusers import UNet2DConditionModel
-
-        from .ddim import make_ddim_scheduler
-
         missing = [name for name in ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
                    if getattr(pipe, name, None) is None]
         # A torch.compile'd UNet (pipe.unet = torch.compile(pipe.unet)) is used through the module it wraps:
@@ -360,8 +359,6 @@ class StyleDiffusionEditor:
         ``transfer_feature_downscale`` (4), ``transfer_attention_downscale`` (4), ``transfer_value_fraction``
         (1; 0 = the style prompt alone).
         """
-        from .style_transfer import check_style_inversion, run_style_transfer, transfer_options, TransferOutput
-
         check_style_inversion(style_inversion)
         self._check_model(style_inversion)
         output_type = check_output_type(output_type)
@@ -468,8 +465,6 @@ class StyleDiffusionEditor:
         maps = output.attention_maps
         if maps is None:
             return None
-        from .visualize import attention_figure
-
         h, w = output.latents.shape[-2:]
         figure = attention_figure(maps[0], source_prompt, self.bundle.tokenizer, (h // 4, w // 4), input_image)
         return pil_picture(figure, output_type, self.bundle.device)
@@ -574,10 +569,6 @@ def _second_text_encoder(pipe) -> dict:
 
 
 def _load_image_encoder(name: str):
-    from transformers import CLIPVisionModel
-
-    from .models import _missing_weights
-
     try:
         return CLIPVisionModel.from_pretrained(name, use_safetensors=True).requires_grad_(False).eval()
     except (OSError, ValueError) as err:

@@ -21,6 +21,7 @@ import argparse
 import errno
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -28,7 +29,6 @@ import sys
 import threading
 import time
 import uuid
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +39,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from PIL import Image  # noqa: E402
 
-from . import validate  # noqa: E402
+from . import data_index, optional, validate  # noqa: E402
+from .api import StyleDiffusionEditor  # noqa: E402
+from .app_style_transfer import style_transfer_section  # noqa: E402
 from .defaults import EDIT, EDIT_TYPES, INVERSION, NUM_DDIM_STEPS, NUM_INNER_STEPS, TAU_C, TAU_S, TAU_U, TAU_V  # noqa: E402
 from .demo_cache import EDITS, BoundedCache, megabytes  # noqa: E402
 from .demo_limits import (  # noqa: E402
@@ -49,8 +51,32 @@ from .demo_limits import (  # noqa: E402
     RequestGuard,
     ServiceLimits,
 )
-from .errors import UserError, one_line  # noqa: E402
+from .demo_page import (  # noqa: E402
+    MAX_FIELD_CHARS,
+    _choice,
+    _field_text,
+    _save_png_atomic,
+    _session,
+    _short,
+    _write_json_atomic,
+    for_display,
+    own_copy,
+    page_errors,
+    page_image,
+)
+from .errors import UserError  # noqa: E402
+from .files import writable_folder  # noqa: E402
+from .flags import ArgumentParser, add_elite_arguments, add_settings, count_at_least, elite_options, finite_float  # noqa: E402
+from .image_io import image_grid  # noqa: E402
+from .methods import EDITS as EDIT_METHODS  # noqa: E402  (EDITS here is demo_cache's folder name)
+from .methods import INVERSIONS, get_edit, get_inversion  # noqa: E402
+from .metrics import psnr  # noqa: E402
+from .models import quiet_libraries  # noqa: E402
+from .results import Inversion, refuse_old_format  # noqa: E402
+from .runner import exit_code, package_notes_on_stdout, started  # noqa: E402
 from .specs import SETTINGS, entry_points, spelled  # noqa: E402
+
+logger = logging.getLogger(__spec__.name)  # run with -m, __name__ is "__main__": the logger stays under stylediffusion
 
 DEFAULT_CACHE_DIR = Path("checkpoints") / "demo"
 # Test-bed pictures are 32x32: show every picture at the width of its box, pixels kept sharp.
@@ -61,14 +87,8 @@ PAGE_CSS = """
 EDIT_TYPE_CHOICES = ("auto", *EDIT_TYPES)
 # "auto": Replacement when source and target have the same number of words, else Refinement (the CLI's rule).
 _KEY_PATTERN = re.compile(r"^[0-9a-f]{24}$")
-# Modes a PNG stores as they are; an upload in another mode (CMYK, YCbCr, LAB, HSV, F...) is converted
-# once, before it is hashed, so the picture kept for a page reload is the picture that was inverted.
-_PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
-_ALPHA_MODES = {"PA": "RGBA", "RGBa": "RGBA", "La": "LA"}  # the others (CMYK, YCbCr, LAB, HSV, RGBX) -> RGB
 # A session's latest inversion and edit downloads stay in the cache this long after its last request.
 SESSION_HOLD_SECONDS = 600.0
-# No text field is read beyond this many characters (the limits on prompts and targets then apply).
-MAX_FIELD_CHARS = 1_000_000
 
 
 def image_digest(image: Image.Image) -> str:
@@ -90,74 +110,6 @@ def _whole(value) -> int:
         raise UserError(f"{spelled('num_ddim_steps')} and {spelled('num_inner_steps')} must be whole numbers of at "
                         f"least 1, got {_short(value)}.")
     return int(number)
-
-
-def _short(value, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _field_text(value, what: str, max_chars: int) -> str:
-    """A text field's value: text (None = empty) of at most ``max_chars`` characters, refused unread beyond."""
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise UserError(f"{what} must be text, not {type(value).__name__}.")
-    if len(value) > max_chars:
-        raise UserError(f"{what} is {len(value)} characters long; this page takes at most {max_chars}.")
-    return value
-
-
-def _choice(value, what: str) -> str:
-    """A dropdown's value: a short name (the registry or the list then says whether it is one of theirs)."""
-    if not isinstance(value, str) or len(value) > 100:
-        raise UserError(f"{what} {_short(value)} is not one of the names this page offers.")
-    return value
-
-
-def page_image(value, limits: ServiceLimits) -> Image.Image | None:
-    """The picture of the image field: a PIL image, a file path, or Gradio's file record (``{"path": ...}``,
-    when the page passes its inputs unprocessed). Its size is checked from the header, before any pixel is
-    decoded; what cannot be read is one line; a mode a PNG cannot keep is converted to RGB(A) or 8-bit gray."""
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        value = value.get("path")
-        if value is None:
-            return None
-    if isinstance(value, Image.Image):
-        image = value
-        limits.check_pixels(*image.size)
-    elif isinstance(value, (str, os.PathLike)):
-        try:
-            with warnings.catch_warnings():
-                # Pillow only warns between MAX_IMAGE_PIXELS and twice that; the limit below decides.
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image = Image.open(value)
-                limits.check_pixels(*image.size)
-                image.load()
-        except UserError:
-            raise
-        except Image.DecompressionBombError:
-            raise limits.over("the image", "larger than Pillow decodes (a decompression bomb)",
-                              f"{limits.max_image_pixels} pixels", "--max_image_pixels") from None
-        except (OSError, ValueError, SyntaxError, TypeError, Image.UnidentifiedImageError) as err:
-            raise UserError(f"the uploaded file cannot be read as a picture ({type(err).__name__}): "
-                            "upload a PNG or JPEG image.") from None
-    else:
-        raise UserError(f"the image field holds {type(value).__name__}, not a picture: upload a PNG or JPEG image.")
-    if image.width < 1 or image.height < 1:
-        raise UserError("the image is empty (no pixels): upload a picture.")
-    if image.mode not in _PNG_MODES:
-        from .image_io import _to_8bit
-
-        try:
-            image = _to_8bit(image) if image.mode in ("F", "I;16B", "I;16L", "I;16N") else \
-                image.convert(_ALPHA_MODES.get(image.mode, "RGB"))
-        except (OSError, ValueError) as err:
-            raise UserError(f"an image of mode {image.mode} cannot be converted ({err}): upload a PNG or JPEG "
-                            "image.") from None
-    return image
 
 
 def parse_targets(text: str | None) -> list[str]:
@@ -228,18 +180,6 @@ def parse_reweight(text: str | None) -> dict | None:
     return {"words": words, "values": values}
 
 
-def _write_json_atomic(path: Path, record: dict) -> None:
-    from .files import atomic_write_text
-
-    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
-
-
-def _save_png_atomic(image: Image.Image, path: Path) -> None:
-    from .image_io import save_atomic
-
-    save_atomic(image, path)
-
-
 @dataclass
 class InvertResult:
     key: str
@@ -262,7 +202,10 @@ class InvertResult:
 
 
 @dataclass
-class EditResult:
+class PageEdits:
+    """What the page shows for one edit request: the strip, each edit with its target, the attention maps
+    and the downloads."""
+
     strip: Image.Image  # input | reconstruction | edit 1 | ... labelled
     edits: list[tuple[Image.Image, str]]  # each edit with its target prompt
     attention_maps: Image.Image | None
@@ -413,8 +356,6 @@ class DemoApp:
         paths = self._paths(key)
         if not (paths["record"].is_file() and paths["inversion"].is_file()):
             return None
-        from .results import refuse_old_format
-
         try:
             refuse_old_format(paths["inversion"])
         except UserError:  # written by an earlier version: inverted again (and replaced) on request
@@ -441,8 +382,6 @@ class DemoApp:
             self._loaded.pop(next(iter(self._loaded)))
 
     def _inversion(self, key: str):
-        from . import Inversion
-
         if key not in self._loaded:
             self._remember(key, Inversion.load(self._paths(key)["inversion"]))
         return self._loaded[key]
@@ -452,8 +391,6 @@ class DemoApp:
                num_inference_steps: int = NUM_DDIM_STEPS, num_inner_steps: int = NUM_INNER_STEPS, progress: bool = False,
                session: str | None = None) -> InvertResult:
         """Invert (image, prompt) with these settings, or return the cached inversion made earlier."""
-        from .methods import get_inversion
-
         image = page_image(image, self.limits)
         if image is None:
             raise UserError("no image: upload one or pick an example.")
@@ -496,12 +433,10 @@ class DemoApp:
              num_inner_steps: int, targets: str | None, edit_type: str = "auto", tau_v: float | None = None,
              tau_c: float | None = None, tau_s: float | None = None, tau_u: float | None = None,
              blend_words: str | None = None,
-             reweight: str | None = None, edit_method: str = "p2p", session: str | None = None) -> EditResult:
+             reweight: str | None = None, edit_method: str = "p2p", session: str | None = None) -> PageEdits:
         """Edit the cached inversion of (image, prompt, settings) towards every target (one per line).
 
         A τ left at None takes the command line's default (``defaults.TAU_*``)."""
-        from .image_io import image_grid
-
         image = page_image(image, self.limits)
         if image is None:
             raise UserError("no image: upload one or pick an example, then press Invert.")
@@ -521,7 +456,6 @@ class DemoApp:
         taus = {name: default if value is None else validate.fraction(value, spelled(name))
                 for name, value, default in (("tau_v", tau_v, TAU_V), ("tau_c", tau_c, TAU_C), ("tau_s", tau_s, TAU_S),
                                              ("tau_u", tau_u, TAU_U))}
-        from .methods import get_edit
 
         declared = {o.name for o in get_edit(edit_method, method).options}
         launch_options = {k: v for k, v in self.edit_options.items() if k in declared}
@@ -562,14 +496,12 @@ class DemoApp:
             self._keep(f"{EDITS}/{outdir.name}", write)
         strip = image_grid([entry.image, recon] + [e[1] for e in edits],
                            ["input", "reconstruction"] + [f"edit {k + 1}" for k in range(len(edits))])
-        return EditResult(strip, [(e[1], e[0]) for e in edits], attention, files, time.perf_counter() - t0)
+        return PageEdits(strip, [(e[1], e[0]) for e in edits], attention, files, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ examples
     def examples(self) -> list[list]:
         """[image path, prompt, targets, blend words] rows: the data index's cases (test-bed scenes first
         on the test-bed model), with the index's edits as the suggested targets."""
-        from . import data_index
-
         try:
             images = {}
             for row in data_index.edit_rows(None):
@@ -590,51 +522,14 @@ class DemoApp:
 
 
 def _psnr(a: Image.Image, b: Image.Image) -> float:
-    from .metrics import psnr
-
     return round(float(psnr(a, b)), 2)
 
 
 # ---------------------------------------------------------------------------- the page
-def page_errors(fn):
-    """A UserError becomes the page's one-line message (no traceback), and the server keeps serving."""
-    import functools
-
-    import gradio as gr
-
-    @functools.wraps(fn)  # keeps the signature: Gradio finds the gr.Progress argument through it
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as err:
-            raise gr.Error(one_line(err), print_exception=False) from None
-    return wrapper
-
-
-def for_display(image: Image.Image | None, side: int = 256) -> Image.Image | None:
-    """Small model outputs (the test bed's 32x32) enlarged with nearest pixels, so they are seen as they are."""
-    if image is None or image.width >= side:
-        return image
-    factor = -(-side // image.width)
-    return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
-
-
-def own_copy(image: Image.Image | None) -> Image.Image | None:
-    """The picture tagged with a text chunk unique to this response. Gradio stores a picture it sends under
-    the hash of its bytes and rewrites that file in place each time, so two sessions sent the same
-    picture at once (a cached inversion) could read it while it is rewritten (an empty download)."""
-    if image is None:
-        return None
-    tagged = image.copy()
-    tagged.info["stylediffusion-response"] = uuid.uuid4().hex
-    return tagged
-
-
 def with_request(fn):
     """Gradio hands a handler its ``gr.Request`` by the parameter's type; this module's annotations are
     strings (``from __future__ import annotations``) naming a local import, so the type is set here."""
-    import gradio as gr
-
+    gr = optional.load("gradio")
     fn.__annotations__ = {**fn.__annotations__, "request": gr.Request}
     return fn
 
@@ -642,7 +537,7 @@ def with_request(fn):
 def page_handlers(app: DemoApp) -> SimpleNamespace:
     """The page's event handlers (invert, edit, cancel, load): each calls one of ``app``'s methods and turns
     its result into the components' values."""
-    import gradio as gr
+    gr = optional.load("gradio")
 
     # The inputs arrive unprocessed (preprocess=False below): the image as Gradio's record of the uploaded
     # file, numbers and text as sent. DemoApp's own checks read them, so no input reaches a library's
@@ -780,10 +675,7 @@ def wire(page, handlers: SimpleNamespace, last_key, step1: SimpleNamespace, step
 
 def build_ui(app: DemoApp, inversion_methods: list[str], edit_methods: list[str]):
     """The page: Gradio components wired to ``app``'s methods, nothing else."""
-    import gradio as gr
-
-    from .app_style_transfer import style_transfer_section
-
+    gr = optional.load("gradio")
     handlers = page_handlers(app)
     with gr.Blocks(title="StyleDiffusion: invert once, edit many", analytics_enabled=False) as page:
         last_key = gr.BrowserState(None, storage_key="stylediffusion-demo-inversion")
@@ -802,22 +694,13 @@ def build_ui(app: DemoApp, inversion_methods: list[str], edit_methods: list[str]
     return page
 
 
-def _session(request) -> str | None:
-    """Whose request this is: Gradio's session hash (one per browser tab or client)."""
-    return getattr(request, "session_hash", None) if request is not None else None
-
-
 def method_names() -> tuple[list[str], list[str]]:
     """The registered inversions that start from an image, and the registered edits."""
-    from .methods import EDITS, INVERSIONS, get_inversion
-
     get_inversion("stylediffusion")  # makes sure the registry has filled itself
-    return [name for name in INVERSIONS if name != "generated"], list(EDITS)
+    return [name for name in INVERSIONS if name != "generated"], list(EDIT_METHODS)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .flags import ArgumentParser, add_elite_arguments, add_settings, count_at_least, finite_float
-
     p = ArgumentParser(prog="python -m stylediffusion.app",
                        description="Web demo: invert an image once, edit it many times.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -885,15 +768,11 @@ def access_warning(host: str, auth) -> str | None:
 
 
 def make_app(args) -> DemoApp:
-    from . import StyleDiffusionEditor
-    from .files import writable_folder
-
     writable_folder(args.cache_dir, "--cache_dir")
     limits = ServiceLimits(max_steps=args.max_steps, max_inner_steps=args.max_inner_steps,
                            max_targets=args.max_targets, max_image_pixels=args.max_image_pixels,
                            max_prompt_chars=args.max_prompt_chars, max_seconds=args.max_seconds)
     editor = StyleDiffusionEditor.from_pretrained(args.model, image_encoder=args.image_encoder, device=args.device)
-    from .flags import elite_options
 
     return DemoApp(editor, Path(args.cache_dir), edit_options=elite_options(args), limits=limits,
                    cache_max_mb=args.cache_max_mb)
@@ -910,7 +789,7 @@ def serve(app: DemoApp, host: str = "127.0.0.1", port: int = 7860, block: bool =
     """Lay the page out and serve it; ``block=False`` returns the running page (``page.close()`` stops it)."""
     warning = access_warning(host, auth)
     if warning:
-        print(warning, file=sys.stderr, flush=True)
+        logger.warning(warning)
     page = build_ui(app, *method_names())
     page.delete_cache = GRADIO_CACHE_CLEANUP
     page.queue(max_size=max_queue, default_concurrency_limit=1)
@@ -921,19 +800,15 @@ def serve(app: DemoApp, host: str = "127.0.0.1", port: int = 7860, block: bool =
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import exit_code, quiet_libraries, started
-
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        try:
-            import gradio  # noqa: F401
-        except ImportError as err:
-            raise UserError("the web demo needs Gradio: pip install -e '.[demo]'") from err
+        optional.load("gradio")
         quiet_libraries()
         auth = read_auth(args.auth, args.auth_file)
-        page = serve(make_app(args), args.host, args.port, block=False, auth=auth, max_queue=args.max_queue,
-                     max_upload_mb=args.max_upload_mb)
+        with package_notes_on_stdout("stderr", logging.WARNING):  # the access warning, one plain line
+            page = serve(make_app(args), args.host, args.port, block=False, auth=auth, max_queue=args.max_queue,
+                         max_upload_mb=args.max_upload_mb)
         started()  # serving: from here Ctrl-C reaches Gradio, which closes the server (finished inversions stay cached)
         page.block_thread()
         return 0

@@ -11,6 +11,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from . import optional, validate
+from .demo_cache import EDITS
+from .demo_page import (MAX_FIELD_CHARS, _choice, _field_text, _save_png_atomic, _session, _write_json_atomic,
+                        for_display, own_copy, page_errors, page_image)
 from .errors import UserError
 from .specs import asked_from
 from .style_transfer import TRANSFER_OPTIONS
@@ -34,10 +38,6 @@ def transfer(app, image, prompt, method, steps, inner, content_image, content_pr
              feature_fraction=None, attention_fraction=None, session=None) -> TransferResult:
     """Transfer the style of step 1's (cached) inversion onto ``content_image``: the same checks, limits,
     time budget, cancel and bounded cache as ``DemoApp.edit`` (the result is an entry under ``edits/``)."""
-    from . import validate
-    from .app import (EDITS, MAX_FIELD_CHARS, _choice, _field_text, _save_png_atomic, _write_json_atomic,
-                      page_image)
-
     image = page_image(image, app.limits)
     if image is None:
         raise UserError("no style image: upload it in step 1 and press Invert (its inversion is the style).")
@@ -78,9 +78,7 @@ def transfer(app, image, prompt, method, steps, inner, content_image, content_pr
 def style_transfer_section(app, step1: list, with_request):
     """The section's components and wiring; call inside the page's ``gr.Blocks`` (``step1`` = [image, prompt,
     method, steps, inner], the style's inversion inputs). Returns the click event (for the page's cancel)."""
-    import gradio as gr
-
-    from .app import _session, for_display, own_copy, page_errors
+    gr = optional.load("gradio")
 
     @page_errors
     @with_request

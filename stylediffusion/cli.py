@@ -10,18 +10,30 @@ import json
 import logging
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import validate
-from .defaults import MAX_SEED, TAU_C, TAU_S, TAU_U, TAU_V  # noqa: F401 (cli.MAX_SEED)
-from .errors import UserError, exit_code, quiet_libraries, started
-# the shared flag types and builders, also read from here by older callers
-from .flags import (ELITE_FLAGS, ArgumentParser, add_elite_arguments, add_settings, count_at_least,  # noqa: F401
-                    elite_options, finite_float, fraction_or_dict, guidance_float, literal, lr_float, method_options,
-                    seed_int, str2bool)
+import torch
+
+from . import data_index, validate
+from .api import StyleDiffusionEditor
+from .defaults import TAU_C, TAU_S, TAU_U, TAU_V
+from .editing import EditSpec, build_controller, default_edit_type
+from .encoders import check_prompt_length
+from .errors import UserError
+from .files import atomic_write_text, writable_file, writable_folder
+from .flags import ArgumentParser, add_elite_arguments, add_settings, elite_options, method_options, str2bool
+from .identity import checkpoint_name
+from .image_io import check_image_readable, image_grid, load_image, save_atomic
+from .methods import default_inversion, describe_methods, get_edit, get_inversion
+from .methods.registry import check_method_options, split_method_options
+from .models import check_device, load_models, quiet_libraries, resolve_dtype, tune_backends
+from .results import refuse_old_format
+from .runner import exit_code, package_notes_on_stdout, started
 from .specs import asked_from
+from .style_transfer import STYLE_INVERSIONS, transfer_options
+
+logger = logging.getLogger(__spec__.name)  # run with -m, __name__ is "__main__": the logger stays under stylediffusion
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,8 +102,6 @@ def _blend_words(value) -> tuple[str, str] | None:
 
 
 def _spec(args, source: str, target: str, row=None):
-    from .editing import EditSpec, default_edit_type
-
     def pick(name, default):
         value = getattr(args, name)
         if value is not None:
@@ -109,8 +119,6 @@ def _spec(args, source: str, target: str, row=None):
 
 
 def resolve_jobs(args) -> list[Job]:
-    from . import data_index
-
     data_dir = args.data_dir or data_index.DEFAULT_DATA_DIR
     if args.inversion == "generated":
         if not args.prompt or (not args.is_train and not args.target):
@@ -144,34 +152,20 @@ def resolve_jobs(args) -> list[Job]:
 
 
 def _device(name: str):
-    from .models import check_device
-
     return check_device(name, "--device")
 
 
 def checkpoint_path(args, job: Job, model_label: str, options: dict | None = None) -> Path:
     """``--checkpoint``, or ``<checkpoint_dir>/<identity.checkpoint_name(...)>``."""
-    from .identity import checkpoint_name
-
     if args.checkpoint is not None:
         return args.checkpoint
     return args.checkpoint_dir / checkpoint_name(job.name, model_label, args.num_ddim_steps, args.num_inner_steps,
                                                  args.inversion, options)
 
 
-def check_num_steps(num_steps: int, scheduler) -> None:
-    """T DDIM steps need T distinct training timesteps of the model's scheduler."""
-    limit = int(scheduler.config.num_train_timesteps)
-    if num_steps > limit:
-        raise UserError(f"--num_ddim_steps {num_steps} is more than the scheduler's {limit} training timesteps: "
-                        f"use at most {limit}.")
-
-
 def check_output_paths(args, jobs: list[Job]) -> None:
     """Where this run writes: refused before any work when a file stands where a folder must be (or the
     other way round) or the place is read-only."""
-    from .files import writable_file, writable_folder
-
     if not args.is_train:
         writable_folder(args.outdir, "--outdir")
     if args.checkpoint is not None:
@@ -184,28 +178,18 @@ def check_output_paths(args, jobs: list[Job]) -> None:
         writable_folder(args.checkpoint_dir, "--checkpoint_dir")
 
 
-def _check_image_readable(path: Path) -> None:
-    from .image_io import load_image
-
-    load_image(path, 8)  # cheap: raises a UserError for a missing or unreadable file before any model loads
-
-
-def load_bundle(args, log=print):
+def load_bundle(args):
     """Seed, device and the model of a run; T checked against its scheduler."""
-    import torch
-
-    from .models import load_models, resolve_dtype, tune_backends
-
     torch.manual_seed(args.seed)
     device = _device(args.device)
     tune_backends(device)
     bundle = load_models(args.model, args.image_encoder, device=device, dtype=resolve_dtype(args.dtype, device),
                          seed=args.seed, vae=args.vae, image_size=args.image_size)
     if bundle.family.pooled_row or args.vae:  # say which VAE runs in which dtype where it matters (families.py)
-        log(f"model: {bundle.family.describe(bundle)}")
+        logger.info(f"model: {bundle.family.describe(bundle)}")
     if bundle.untrained:
-        log("note: --model tiny has random, untrained weights: outputs show the mechanics, not real edits.")
-    check_num_steps(args.num_ddim_steps, bundle.scheduler)
+        logger.info("note: --model tiny has random, untrained weights: outputs show the mechanics, not real edits.")
+    validate.num_ddim_steps(args.num_ddim_steps, bundle.scheduler)
     return bundle
 
 
@@ -223,9 +207,6 @@ class RunPlan:
 def check_run(args) -> RunPlan:
     """Everything the flags, the index and the files say is checked here, before any model loads and before
     anything is written or deleted; an unnamed --inversion becomes the edit's own."""
-    from .methods import default_inversion, get_edit, get_inversion
-    from .methods.registry import check_method_options, split_method_options
-
     edit = None if args.is_train else args.edit
     if args.inversion is None:
         args.inversion = default_inversion(edit)
@@ -239,7 +220,7 @@ def check_run(args) -> RunPlan:
     flag_options = check_method_options(elite_options(args), args.inversion, edit)
     for job in jobs:
         if job.image_path is not None:
-            _check_image_readable(job.image_path)
+            check_image_readable(job.image_path)
         for spec in job.edits:
             spec.validate()
             get_edit(args.edit, args.inversion).check(spec, {**options, **flag_options})
@@ -250,9 +231,6 @@ def check_run(args) -> RunPlan:
 
 def check_words(jobs: list[Job], tokenizer, num_steps: int) -> None:
     """Word-level problems (too long, unknown blend word, unequal word counts...), before any training."""
-    from .editing import build_controller
-    from .encoders import check_prompt_length
-
     for job in jobs:
         check_prompt_length(tokenizer, job.prompt)
         for spec in job.edits:
@@ -261,34 +239,30 @@ def check_words(jobs: list[Job], tokenizer, num_steps: int) -> None:
 
 
 @asked_from("cli")
-def run(args, log=print) -> list[Path]:
+def run(args) -> list[Path]:
     """Train, or edit (training first where needed), every job the flags name; returns the files written."""
     if getattr(args, "content_image", None) is not None:
-        return run_style_transfer(args, log)
+        return run_style_transfer(args)
     if getattr(args, "content_prompt", None) is not None:
         raise UserError("--content_prompt describes the --content_image of a style transfer: give --content_image too.")
-    from .api import StyleDiffusionEditor
-
     plan = check_run(args)
-    bundle = load_bundle(args, log)
+    bundle = load_bundle(args)
     check_words(plan.jobs, bundle.tokenizer, args.num_ddim_steps)
     editor = StyleDiffusionEditor(bundle, progress=args.progress)
-    started()  # from here on files are written: Ctrl-C keeps what is finished (see errors.exit_code)
+    started()  # from here on files are written: Ctrl-C keeps what is finished (see runner.exit_code)
     written: list[Path] = []
     for job in plan.jobs:
-        written += run_job(args, plan, job, editor, log)
+        written += run_job(args, plan, job, editor)
     return written
 
 
-def log_image_notes(path: Path | None, image_size: int, log) -> None:
+def log_image_notes(path: Path | None, image_size: int) -> None:
     """What loading the image changed (converted, centre-cropped, resized)."""
-    from .image_io import load_image
-
     for note in [] if path is None else load_image(path, image_size)[1]:
-        log(f"note: {note}")
+        logger.info(f"note: {note}")
 
 
-def job_checkpoint(args, job: Job, model_label: str, options: dict, log) -> Path | None:
+def job_checkpoint(args, job: Job, model_label: str, options: dict) -> Path | None:
     """The job's inversion file (deleted first with --retrain); None when --is_train finds it trained."""
     T = args.num_ddim_steps
     ckpt = checkpoint_path(args, job, model_label, options)
@@ -297,13 +271,11 @@ def job_checkpoint(args, job: Job, model_label: str, options: dict, log) -> Path
     if args.retrain and ckpt.is_file():  # only now: every input above has been checked
         ckpt.unlink()
     if args.is_train and ckpt.is_file():
-        from .results import refuse_old_format
-
         refuse_old_format(ckpt)  # an old file is not "already trained": it cannot be read
-        log(f"{ckpt} is already trained (use --retrain to train again)")
+        logger.info(f"{ckpt} is already trained (use --retrain to train again)")
         return None
     if not ckpt.is_file() and args.inversion == "stylediffusion":
-        log(f"no trained inversion at {ckpt}: training it first (T={T}, K={args.num_inner_steps})"
+        logger.info(f"no trained inversion at {ckpt}: training it first (T={T}, K={args.num_inner_steps})"
             if not args.is_train else f"training the inversion (T={T}, K={args.num_inner_steps}) -> {ckpt}")
     return ckpt
 
@@ -316,29 +288,29 @@ def invert_job(args, editor, job: Job, ckpt: Path, options: dict):
                          **options)
 
 
-def run_job(args, plan: RunPlan, job: Job, editor, log) -> list[Path]:
+def run_job(args, plan: RunPlan, job: Job, editor) -> list[Path]:
     """One image: its notes, its inversion, then each of its edits; returns the files written."""
     bundle = editor.bundle
-    log_image_notes(job.image_path, bundle.image_size, log)
-    ckpt = job_checkpoint(args, job, bundle.label, plan.options, log)
+    log_image_notes(job.image_path, bundle.image_size)
+    ckpt = job_checkpoint(args, job, bundle.label, plan.options)
     if ckpt is None:
         return []
     t0 = time.perf_counter()
     inverted = invert_job(args, editor, job, ckpt, plan.inversion_options)
-    log(f"{args.inversion} inversion ready in {time.perf_counter() - t0:.1f}s"
+    logger.info(f"{args.inversion} inversion ready in {time.perf_counter() - t0:.1f}s"
         + (f" ({ckpt})" if ckpt.is_file() else ""))
     written = [ckpt] if ckpt.is_file() else []
     for k, spec in enumerate(job.edits):
         outdir = args.outdir if len(job.edits) == 1 else args.outdir / f"{job.name}_edit{k}"
-        written += edit_job(args, editor, inverted, spec, plan.edit_options, outdir, log)
+        written += edit_job(args, editor, inverted, spec, plan.edit_options, outdir)
     return written
 
 
-def edit_job(args, editor, inverted, spec, options: dict, outdir: Path, log) -> list[Path]:
+def edit_job(args, editor, inverted, spec, options: dict, outdir: Path) -> list[Path]:
     """One edit of an inversion, its files written to ``outdir``."""
     out = editor.edit(inverted, spec, method=args.edit, **options)
     written = save_edit_outputs(outdir, out, editor.bundle, args.num_ddim_steps, args.inversion, args.edit)
-    log(f"edit '{spec.source}' -> '{spec.target}' ({args.inversion} + {args.edit}, {spec.edit_type}) "
+    logger.info(f"edit '{spec.source}' -> '{spec.target}' ({args.inversion} + {args.edit}, {spec.edit_type}) "
         f"in {out.seconds:.1f}s -> {outdir}")
     return written
 
@@ -346,9 +318,6 @@ def edit_job(args, editor, inverted, spec, options: dict, outdir: Path, log) -> 
 def check_style_transfer(args) -> tuple[Job, dict, dict]:
     """A style transfer's flags and files, checked before any model loads: the style image's job, the
     inversion's options (they name its checkpoint) and the ``transfer_*`` options."""
-    from .methods.registry import check_method_options, default_inversion
-    from .style_transfer import STYLE_INVERSIONS, transfer_options
-
     if args.inversion is None:
         args.inversion = default_inversion(None)
     if args.inversion not in STYLE_INVERSIONS:
@@ -359,10 +328,10 @@ def check_style_transfer(args) -> tuple[Job, dict, dict]:
                         "--image_path with its --prompt).")
     if args.content_prompt is not None:
         validate.prompt(args.content_prompt, "--content_prompt")
-    _check_image_readable(args.content_image)
+    check_image_readable(args.content_image)
     style_args = argparse.Namespace(**{**vars(args), "is_train": True})
     job = resolve_jobs(style_args)[0]
-    _check_image_readable(job.image_path)
+    check_image_readable(job.image_path)
     pairs = method_options(args.method_option)
     transfer = transfer_options({k: v for k, v in pairs.items() if k.startswith("transfer_")})
     options = {"variant": args.variant, **check_method_options(
@@ -372,41 +341,36 @@ def check_style_transfer(args) -> tuple[Job, dict, dict]:
 
 
 @asked_from("cli")
-def run_style_transfer(args, log=print) -> list[Path]:
+def run_style_transfer(args) -> list[Path]:
     """Style-transfer mode: train (or load) the style image's StyleDiffusion inversion as an edit would, then
     transfer it onto --content_image; writes an edit's files (edited.png = the transfer)."""
-    from .api import StyleDiffusionEditor
-
     job, options, transfer = check_style_transfer(args)
-    bundle = load_bundle(args, log)
+    bundle = load_bundle(args)
     T = args.num_ddim_steps
     editor = StyleDiffusionEditor(bundle, progress=args.progress)
     started()
     for path in (job.image_path, args.content_image):  # both are centre-cropped and resized to the model's size
-        log_image_notes(path, bundle.image_size, log)
+        log_image_notes(path, bundle.image_size)
     ckpt = checkpoint_path(args, job, bundle.label, options)
     if args.checkpoint is None:
         validate.inside(args.checkpoint_dir, ckpt, "the checkpoint")
     if args.retrain and ckpt.is_file():
         ckpt.unlink()
     if not ckpt.is_file():
-        log(f"no trained inversion of the style image at {ckpt}: training it first (T={T}, K={args.num_inner_steps})")
+        logger.info(f"no trained inversion of the style image at {ckpt}: training it first (T={T}, K={args.num_inner_steps})")
     t0 = time.perf_counter()
     inverted = invert_job(args, editor, job, ckpt, options)
-    log(f"style inversion ready in {time.perf_counter() - t0:.1f}s ({ckpt})")
+    logger.info(f"style inversion ready in {time.perf_counter() - t0:.1f}s ({ckpt})")
     out = editor.transfer_style(inverted, args.content_image, args.content_prompt,
                                 guidance_scale=args.guidance_scale, **transfer)
     written = [ckpt] + save_transfer_outputs(args.outdir, out, bundle, T, args.content_image, job.image_path)
-    log(f"style transfer of '{job.image_path}' onto '{args.content_image}' in {out.seconds:.1f}s -> {args.outdir}")
+    logger.info(f"style transfer of '{job.image_path}' onto '{args.content_image}' in {out.seconds:.1f}s -> {args.outdir}")
     return written
 
 
 def save_transfer_outputs(outdir: Path, out, bundle, T: int, content_image: Path, style_image: Path) -> list[Path]:
     """A transfer's files, named as an edit's: edited.png (the transfer), reconstruction.png (the style's own
     reconstruction), grid.png (content | style | transfer) and edit.json."""
-    from .files import atomic_write_text
-    from .image_io import save_atomic
-
     files = {"edited.png": out.images[0], "reconstruction.png": out.reconstruction, "grid.png": out.grid()}
     paths = []
     for name, img in files.items():
@@ -427,9 +391,6 @@ def save_edit_outputs(outdir: Path, out, bundle, T: int, inversion: str = "style
                       edit: str = "p2p") -> list[Path]:
     """The files of one edit (an ``api.EditOutput`` of one target): edited.png, reconstruction.png, grid.png,
     attention_maps.png (edits that record the maps) and edit.json."""
-    from .files import atomic_write_text
-    from .image_io import image_grid, save_atomic
-
     spec, recon, edited = out.specs[0], out.reconstruction, out.images[0]
     tag = " (untrained model)" if bundle.untrained else ""
     files = {
@@ -452,44 +413,20 @@ def save_edit_outputs(outdir: Path, out, bundle, T: int, inversion: str = "style
     return paths + [outdir / "edit.json"]
 
 
-class _StdoutHandler(logging.Handler):
-    """The package's notes (logger ``stylediffusion``: resuming or setting aside a partial inversion...)
-    shown on stdout with the command's own lines; stderr stays for the one ``error:`` line. The stream
-    is looked up at each message, so a replaced ``sys.stdout`` (tests) is honoured."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        print(self.format(record), file=sys.stdout)
-
-
-@contextmanager
-def package_notes_on_stdout():
-    logger = logging.getLogger("stylediffusion")
-    handler, level = _StdoutHandler(logging.INFO), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
-        # inside exit_code: these import torch and diffusers, and a Ctrl-C while they load is one line too
         quiet_libraries()
         args = build_parser().parse_args(argv)
-        if args.list_methods:
-            from .methods import describe_methods
-
-            print(describe_methods())
-            return 0
         with package_notes_on_stdout():
+            if args.list_methods:
+                logger.info(describe_methods())
+                return 0
             run(args)
         return 0
 
     return exit_code(body, "interrupted: nothing half-written is kept; a partially trained inversion resumes "
                            "on the next run.")
+
 
 if __name__ == "__main__":
     sys.exit(main())

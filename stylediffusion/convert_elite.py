@@ -18,18 +18,28 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import sys
 from pathlib import Path
 
-from .errors import UserError, exit_code, quiet_libraries
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import save_file
+
+from .flags import ArgumentParser
+from .elite import config_from_state_dict, metadata, unet_cross_attention_layers
+from .errors import UserError
+from .files import atomic_write, writable_file
+from .models import quiet_libraries
+from .runner import exit_code, package_notes_on_stdout
+
+logger = logging.getLogger(__spec__.name)  # run with -m, __name__ is "__main__": the logger stays under stylediffusion
 
 DEFAULT_UNET_CONFIG = Path(__file__).parent / "configs" / "sd15" / "unet.json"
 MAX_BYTES = 4 * 2**30  # the authors' files are about 0.1 GB (global) and 0.2 GB (local)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import ArgumentParser
-
     p = ArgumentParser(prog="python -m stylediffusion.convert_elite",
                        description="Convert ELITE's global_mapper.pt / local_mapper.pt (pickled state dicts) into "
                                    "the safetensors files --elite_global / --elite_local read.")
@@ -57,11 +67,6 @@ def source_kind(source: Path, kind: str | None) -> str:
 def expected_layers(unet_config: Path | None) -> dict[str, int]:
     """{authors' layer name: width} of the UNet's cross-attention layers, from its config (built on the meta
     device: no weights are made)."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    from .elite import unet_cross_attention_layers
-
     path = unet_config or DEFAULT_UNET_CONFIG
     try:
         config = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -74,8 +79,6 @@ def expected_layers(unet_config: Path | None) -> dict[str, int]:
 
 def read_pickled_state_dict(source: Path) -> dict:
     """The flat tensor dict of an ELITE ``.pt`` file, read with the restricted unpickler; anything else refused."""
-    import torch
-
     if not source.is_file():
         raise UserError(f"'{source}' {'is a folder' if source.is_dir() else 'does not exist'}: pass the authors' "
                         f"global_mapper.pt or local_mapper.pt.")
@@ -105,11 +108,6 @@ def read_pickled_state_dict(source: Path) -> dict:
 
 def convert(source: Path, destination: Path, kind: str | None = None, unet_config: Path | None = None) -> Path:
     """Check and convert; returns the written path. Every refusal is a UserError and writes nothing."""
-    from safetensors.torch import save_file
-
-    from .elite import config_from_state_dict, metadata
-    from .files import atomic_write, writable_file
-
     if destination.suffix != ".safetensors":
         raise UserError(f"the destination '{destination}' must end in .safetensors.")
     writable_file(destination, "the destination")
@@ -134,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries()
         args = build_parser().parse_args(argv)
         out = convert(args.source, args.destination, args.kind, args.unet_config)
-        print(f"wrote {out} (ELITE {source_kind(args.source, args.kind)} mapper; pass it as "
-              f"--elite_{source_kind(args.source, args.kind)})")
+        with package_notes_on_stdout():
+            logger.info(f"wrote {out} (ELITE {source_kind(args.source, args.kind)} mapper; pass it as "
+                        f"--elite_{source_kind(args.source, args.kind)})")
         return 0
 
     return exit_code(body, "interrupted: nothing was written.")

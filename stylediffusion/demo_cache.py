@@ -10,6 +10,7 @@ session holds (``pin``); other files in the folder are never touched.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -137,8 +138,6 @@ class BoundedCache:
 
 def megabytes(value: float) -> int:
     """``--cache_max_mb`` in bytes (a positive, finite number of MB)."""
-    import math
-
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
         raise UserError(f"--cache_max_mb must be a positive number of megabytes, not {value!r}.")
     return int(value * 1024 * 1024)

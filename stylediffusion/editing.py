@@ -26,6 +26,7 @@ from .models import ModelBundle
 from .sampling import predict
 from .specs import spelled
 from .training import embedding_inputs
+from .validate import edit_spec  # the checks every caller shares (CLI, runners, API)
 
 
 def default_edit_type(source: str, target: str) -> str:
@@ -62,8 +63,6 @@ class EditSpec:
     notes: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
-        from .validate import edit_spec  # the checks every caller shares (CLI, runners, API)
-
         edit_spec(self)
 
 
@@ -148,7 +147,9 @@ class EditHooks:
 
 
 @dataclass
-class EditResult:
+class EditLatents:
+    """What ``run_edit`` returns: the final latents of both rows and the controller that made them."""
+
     latents: torch.Tensor  # (2, C, h, w): source (reconstruction) and target (edit)
     controller: PromptToPromptController
 
@@ -158,7 +159,7 @@ def run_edit(bundle: ModelBundle, schedule: DDIMSchedule, z_T: torch.Tensor, spe
              mappers: MappingNetworks | None = None, image_features: torch.Tensor | None = None,
              controller: PromptToPromptController | None = None, progress: bool = True,
              hooks: EditHooks | None = None, embedding: str = "value",
-             step_callback: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> EditResult:
+             step_callback: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> EditLatents:
     """P2P/P2Plus edit from z*_T. With ``mappers`` the conditional rows use learned value inputs:
     the source row at every step, the target row while i < tau_v*T (then its plain embedding).
     ``hooks`` lets other inversions change the text, the guidance or the latents of each step;
@@ -197,4 +198,4 @@ def run_edit(bundle: ModelBundle, schedule: DDIMSchedule, z_T: torch.Tensor, spe
             z = controller.after_step(z, state)
             if step_callback is not None:
                 z = step_callback(i, z)
-    return EditResult(z, controller)
+    return EditLatents(z, controller)

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers import DiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from .errors import UserError
 
@@ -173,8 +175,6 @@ def force_zeros_for_empty_prompt(model: str) -> bool:
         if Path(model).is_dir():
             config = json.loads((Path(model) / "model_index.json").read_text())
         else:
-            from diffusers import DiffusionPipeline
-
             config = DiffusionPipeline.load_config(model)
     except (OSError, ValueError):
         return True
@@ -186,8 +186,6 @@ def load_second_text_encoder(model: str, load_component, prefer_half: bool) -> d
 
     ``load_component`` is models._load_component (safetensors only, fp16 variant where that is all).
     """
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
-
     local = Path(model)
     if local.is_dir() and "text_encoder_2" not in folder_components(model) and not (local / "text_encoder_2").is_dir():
         return {}
@@ -201,8 +199,6 @@ def load_second_text_encoder(model: str, load_component, prefer_half: bool) -> d
 
 
 def _hub_unet_config(model: str) -> dict:
-    from diffusers import UNet2DConditionModel
-
     try:
         return dict(UNet2DConditionModel.load_config(model, subfolder="unet"))
     except (OSError, ValueError):

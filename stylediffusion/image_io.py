@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
+from .files import atomic_write
 
 
 def load_image(path: str | Path, size: int) -> tuple[torch.Tensor, list[str]]:
@@ -36,6 +37,11 @@ def load_image(path: str | Path, size: int) -> tuple[torch.Tensor, list[str]]:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise UserError(f"image '{path}' cannot be read as a picture ({err}): pass a PNG or JPEG file.") from err
     return prepare_image(img, size, path.name)
+
+
+def check_image_readable(path: str | Path) -> None:
+    """A missing or unreadable file raises its UserError cheaply (an 8-pixel load), before any model loads."""
+    load_image(path, 8)
 
 
 def prepare_image(img: Image.Image, size: int, name: str = "image") -> tuple[torch.Tensor, list[str]]:
@@ -100,8 +106,6 @@ def image_sha256(x: torch.Tensor) -> str:
 
 def image_grid(images: list[Image.Image], labels: list[str] | None = None, pad: int = 4) -> Image.Image:
     """Side-by-side strip of equally sized images with optional captions under each."""
-    from PIL import ImageDraw
-
     w, h = images[0].size
     if w < 128:  # small models' outputs: enlarge (nearest) so that a person can see them and read the labels
         factor = -(-128 // w)
@@ -120,7 +124,5 @@ def image_grid(images: list[Image.Image], labels: list[str] | None = None, pad: 
 
 def save_atomic(img: Image.Image, path: Path) -> None:
     """Write a picture so that a crash never leaves a half-written file under the final name."""
-    from .files import atomic_write
-
     fmt = path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG"
     atomic_write(path, lambda tmp: img.save(tmp, format=fmt))

@@ -40,7 +40,7 @@ def mapping_config(bundle: ModelBundle, features: torch.Tensor, text: torch.Tens
 
 def train_inversion(bundle: ModelBundle, image: torch.Tensor, prompt: str, num_steps: int, cfg: TrainConfig,
                     checkpoint: Path | None = None, variant: str = VARIANT, resume: bool = True,
-                    progress: bool = True, log=None, options: dict | None = None) -> Inversion:
+                    progress: bool = True, options: dict | None = None) -> Inversion:
     """Invert and train M_0..M_{T-1}; the result is returned in memory.
 
     With a ``checkpoint`` path the result is also saved there (``Inversion.save``), and training is
@@ -49,7 +49,6 @@ def train_inversion(bundle: ModelBundle, image: torch.Tensor, prompt: str, num_s
     training is complete. Without one nothing is written. ``options``: the method options the
     inversion records (``Inversion.options``).
     """
-    log = log or logger.info  # a library reports through logging; the command line passes its own
     schedule = DDIMSchedule(bundle.scheduler, num_steps)
     ident = identity(bundle, image, prompt, num_steps)
     z0 = encode_latent(bundle, image)
@@ -70,13 +69,13 @@ def train_inversion(bundle: ModelBundle, image: torch.Tensor, prompt: str, num_s
                 start = meta["trained_steps"]
                 _load_trained_mappers(mappers, tensors, start, partial)
                 pivot = tensors["extras.pivot"]
-                log(f"resuming training from {partial} at DDIM step {start}/{num_steps}")
+                logger.info(f"resuming training from {partial} at DDIM step {start}/{num_steps}")
             else:
-                log(f"ignoring {partial}: it was made for another image, prompt, model or setting")
+                logger.info(f"ignoring {partial}: it was made for another image, prompt, model or setting")
         except UserError as err:  # a damaged partial must not block training: it is overwritten as we go
             start, pivot = 0, None
             mappers = MappingNetworks(mappers.cfg, num_steps)
-            log(f"note: ignoring {partial} and training from the first step: {err}")
+            logger.info(f"note: ignoring {partial} and training from the first step: {err}")
 
     t0 = time.perf_counter()
     trajectory = ddim_inversion(bundle, schedule, z0, cond, record_maps=cfg.attention_loss, progress=progress)

@@ -25,7 +25,9 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers import CLIPModel, CLIPTokenizer, ViTModel
 
+from stylediffusion import optional
 from stylediffusion.clip_preprocess import CLIP_MEAN, CLIP_STD, clip_pixel_values  # noqa: F401 (CLIP_* re-exported)
 from stylediffusion.errors import UserError
 
@@ -96,11 +98,7 @@ def _pair(a: Any, b: Any, mask: Any = None) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _torchmetrics_functional():
-    try:
-        import torchmetrics.functional.image as tmf
-    except ImportError as e:  # optional dependency
-        raise UserError("torchmetrics is not installed: pip install 'stylediffusion[metrics]'") from e
-    return tmf
+    return optional.load("torchmetrics.functional.image")
 
 
 # ----------------------------------------------------------------------------- pixel metrics
@@ -131,9 +129,7 @@ def ssim(a: Any, b: Any, mask: Any = None) -> float:
 # ----------------------------------------------------------------------------- LPIPS
 @functools.lru_cache(maxsize=4)
 def _lpips_module(net: str, device: str):
-    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
-
-    m = LearnedPerceptualImagePatchSimilarity(net_type=net, normalize=True).to(device)
+    m = optional.load("torchmetrics.image.lpip").LearnedPerceptualImagePatchSimilarity(net_type=net, normalize=True).to(device)
     return _freeze(m)
 
 
@@ -190,16 +186,12 @@ def _freeze(module):
 
 
 def _bundled_clip_tokenizer():
-    from transformers import CLIPTokenizer
-
     return CLIPTokenizer(str(_TOKENIZER_DIR / "vocab.json"), str(_TOKENIZER_DIR / "merges.txt"))
 
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(kind: str, name_or_path: str, device: str):
     if kind == "clip":
-        from transformers import CLIPModel, CLIPTokenizer
-
         model = CLIPModel.from_pretrained(name_or_path)
         try:  # offline, from_pretrained may return an *empty* tokenizer rather than raising
             tok = CLIPTokenizer.from_pretrained(name_or_path)
@@ -208,7 +200,6 @@ def _load_cached(kind: str, name_or_path: str, device: str):
         except (OSError, ValueError):
             tok = _bundled_clip_tokenizer()  # OpenAI CLIP's BPE, shared by all OpenAI CLIP models
         return ClipBackbone(_freeze(model.to(device)), tok)
-    from transformers import ViTModel
 
     return _freeze(ViTModel.from_pretrained(name_or_path, add_pooling_layer=False).to(device))
 

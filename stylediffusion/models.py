@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import diffusers.utils.logging as diffusers_logging
+import huggingface_hub.utils as hub_utils
+import huggingface_hub.utils.logging as hub_logging
 import torch
+import transformers.utils.logging as transformers_logging
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModel
 
@@ -247,17 +252,24 @@ def _load_component(cls, model: str, subfolder: str | None, prefer_half: bool, *
         return cls.from_pretrained(model, variant="fp16", **kwargs)
 
 
+def quiet_libraries() -> None:
+    """Silence the progress bars ("Loading weights") and warnings of diffusers, transformers and
+    huggingface_hub through their own logging settings, so that an ``error:`` line is the only line a
+    failed run writes to stderr. The project's own progress bars (``--progress``) are unaffected."""
+    hub_utils.disable_progress_bars()
+    for lib in (diffusers_logging, transformers_logging):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    # Python warnings raised from inside these libraries (deprecations of their own API).
+    warnings.filterwarnings("ignore", module=r"(diffusers|transformers|huggingface_hub|accelerate)(\.|$)")
+
+
 @contextmanager
 def _quiet_loading():
     """Silence the libraries' load-time chatter while components load: progress bars, the report that
     a CLIPVisionModel read from a whole CLIP checkpoint leaves the text tower's weights unused, and
     huggingface_hub's "Could not reach the Hub ... using cached commit hash" when a hub id is read from
     the cache offline. Their errors still raise, and are turned into one line below."""
-    import diffusers.utils.logging as diffusers_logging
-    import huggingface_hub.utils as hub_utils
-    import huggingface_hub.utils.logging as hub_logging
-    import transformers.utils.logging as transformers_logging
-
     saved = [(mod, mod.get_verbosity(), mod.is_progress_bar_enabled()) for mod in
              (diffusers_logging, transformers_logging)]
     hub_verbosity, hub_bars = hub_logging.get_verbosity(), not hub_utils.are_progress_bars_disabled()

@@ -16,14 +16,14 @@ Conventions used throughout:
 
 from __future__ import annotations
 
-import math
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Union
 
 import torch
 
 from .errors import UserError
+from .validate import reweight_pairs as _pairs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -214,37 +214,6 @@ def refinement_mapper(
             alphas[j] = 0.0
         mapper[j] = prev
     return mapper, alphas
-
-
-def _pairs(words_and_factors: object) -> list[tuple[WordRef, float]]:
-    """Normalise ``{"words": [...], "values": [...]}``, ``{word: factor}`` or ``(words, factors)``."""
-    if isinstance(words_and_factors, Mapping) and set(words_and_factors) == {"words", "values"}:
-        ws, fs = words_and_factors["words"], words_and_factors["values"]
-    elif isinstance(words_and_factors, Mapping):
-        ws, fs = list(words_and_factors.keys()), list(words_and_factors.values())
-    elif isinstance(words_and_factors, (list, tuple)) and len(words_and_factors) == 2:
-        ws, fs = words_and_factors
-    else:
-        raise UserError(
-            f"Reweighting parameters {words_and_factors!r} are not understood; pass "
-            '{"words": [...], "values": [...]}, {word: factor} or a (words, factors) pair.'
-        )
-    ws = [ws] if isinstance(ws, (str, int)) else list(ws)
-    fs = [fs] * len(ws) if isinstance(fs, (int, float)) else list(fs)
-    if len(ws) != len(fs):
-        raise UserError(
-            f"Got {len(ws)} words but {len(fs)} factors to reweight them by; give one factor per word."
-        )
-    out = []
-    for w, f in zip(ws, fs):
-        try:
-            value = float(f)
-        except (TypeError, ValueError):
-            value = math.nan
-        if not math.isfinite(value):
-            raise UserError(f"The reweighting factor for {w!r} must be a finite number, not {f!r}.")
-        out.append((w, value))
-    return out
 
 
 def reweight_vector(

@@ -13,9 +13,13 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import logging
 from pathlib import Path
 
 from .files import atomic_write_text
+from .runner import package_notes_on_stdout
+
+logger = logging.getLogger(__spec__.name)  # run with -m, __name__ is "__main__": the logger stays under stylediffusion
 
 # CLIP keeps the first 49,152 - 256 - 2 = 48,894 merges so that the vocabulary is 49,408 long.
 NUM_MERGES = 49152 - 256 - 2
@@ -51,7 +55,7 @@ def write_tokenizer_files(bpe_gz: Path, out_dir: Path = ASSET_DIR) -> None:
     vocab, merges = build_vocab_and_merges(lines)
     atomic_write_text(out_dir / "vocab.json", json.dumps(vocab, ensure_ascii=False))
     atomic_write_text(out_dir / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
-    print(f"wrote {len(vocab)} tokens and {len(merges)} merges to {out_dir}")
+    logger.info(f"wrote {len(vocab)} tokens and {len(merges)} merges to {out_dir}")
 
 
 def main() -> None:
@@ -59,7 +63,8 @@ def main() -> None:
     parser.add_argument("bpe_gz", type=Path, help="path to bpe_simple_vocab_16e6.txt.gz")
     parser.add_argument("--out_dir", type=Path, default=ASSET_DIR)
     args = parser.parse_args()
-    write_tokenizer_files(args.bpe_gz, args.out_dir)
+    with package_notes_on_stdout():
+        write_tokenizer_files(args.bpe_gz, args.out_dir)
 
 
 if __name__ == "__main__":

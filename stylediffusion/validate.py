@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import math
 import unicodedata
+from collections.abc import Mapping
 from pathlib import Path
 
 from .defaults import EDIT_TYPES, MAX_GUIDANCE  # noqa: F401 (MAX_GUIDANCE: read as validate.MAX_GUIDANCE)
@@ -126,16 +127,45 @@ def reweight_factors(pairs, what: str | None = None) -> None:
         number(factor, f"{what} factor of {word!r}", minimum=-MAX_REWEIGHT, maximum=MAX_REWEIGHT)
 
 
+def reweight_pairs(words_and_factors: object) -> list[tuple[str | int, float]]:
+    """Normalise ``{"words": [...], "values": [...]}``, ``{word: factor}`` or ``(words, factors)`` (the one reader
+    of the re-weighting forms; ``seq_aligner`` reads them through it)."""
+    if isinstance(words_and_factors, Mapping) and set(words_and_factors) == {"words", "values"}:
+        ws, fs = words_and_factors["words"], words_and_factors["values"]
+    elif isinstance(words_and_factors, Mapping):
+        ws, fs = list(words_and_factors.keys()), list(words_and_factors.values())
+    elif isinstance(words_and_factors, (list, tuple)) and len(words_and_factors) == 2:
+        ws, fs = words_and_factors
+    else:
+        raise UserError(
+            f"Reweighting parameters {words_and_factors!r} are not understood; pass "
+            '{"words": [...], "values": [...]}, {word: factor} or a (words, factors) pair.'
+        )
+    ws = [ws] if isinstance(ws, (str, int)) else list(ws)
+    fs = [fs] * len(ws) if isinstance(fs, (int, float)) else list(fs)
+    if len(ws) != len(fs):
+        raise UserError(
+            f"Got {len(ws)} words but {len(fs)} factors to reweight them by; give one factor per word."
+        )
+    out = []
+    for w, f in zip(ws, fs):
+        try:
+            value = float(f)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value):
+            raise UserError(f"The reweighting factor for {w!r} must be a finite number, not {f!r}.")
+        out.append((w, value))
+    return out
+
+
 def eq_params(value, what: str | None = None) -> None:
     """Re-weighting parameters: the forms ``seq_aligner`` reads, with finite factors within ±MAX_REWEIGHT."""
     if value is None:
         return
     what = _bare(what or spelled("eq_params"))
-    # seq_aligner's parser is the one reader of the re-weighting forms (words as text or indices)
-    from .seq_aligner import _pairs
-
     _eq_params_shape(value, what)
-    pairs = _pairs(value)
+    pairs = reweight_pairs(value)  # the one reader of the re-weighting forms (words as text or indices)
     for word, _ in pairs:
         if isinstance(word, bool) or not isinstance(word, (str, int)) or (isinstance(word, str) and not word.strip()):
             raise UserError(f"{what}: {_short(word)} is not a word of the target prompt.")
@@ -200,3 +230,11 @@ def _is(what: str, value) -> str:
 def _short(value, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "...'"
+
+
+def num_ddim_steps(num_steps: int, scheduler) -> None:
+    """T DDIM steps need T distinct training timesteps of the model's scheduler."""
+    limit = int(scheduler.config.num_train_timesteps)
+    if num_steps > limit:
+        raise UserError(f"{given('num_ddim_steps', num_steps)} is more than the scheduler's {limit} training "
+                        f"timesteps: use at most {limit}.")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from PIL import Image
 
 from . import seq_aligner
@@ -23,13 +25,11 @@ def word_attention_maps(maps: torch.Tensor, prompt: str, tokenizer, grid_hw: tup
 def attention_figure(maps: torch.Tensor, prompt: str, tokenizer, grid_hw: tuple[int, int],
                      image: Image.Image) -> Image.Image:
     """One panel per word: the image with that word's cross-attention overlaid, titled by the word."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     per_word = word_attention_maps(maps, prompt, tokenizer, grid_hw)
-    fig, axes = plt.subplots(1, len(per_word), figsize=(2.2 * len(per_word), 2.5), squeeze=False, dpi=100)
+    # matplotlib's Agg canvas without pyplot: no global backend switch, no figure left open
+    fig = Figure(figsize=(2.2 * len(per_word), 2.5), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(per_word), squeeze=False)
     size = image.size[::-1]
     for ax, (word, m) in zip(axes[0], per_word):
         up = F.interpolate(torch.from_numpy(m)[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
@@ -40,6 +40,4 @@ def attention_figure(maps: torch.Tensor, prompt: str, tokenizer, grid_hw: tuple[
     fig.suptitle("source prompt cross-attention (mid-low layers, averaged over steps)", fontsize=9)
     fig.tight_layout()
     fig.canvas.draw()  # rendered in memory: the caller decides whether and where it is written
-    figure = Image.fromarray(np.asarray(fig.canvas.buffer_rgba()).copy())
-    plt.close(fig)
-    return figure
+    return Image.fromarray(np.asarray(fig.canvas.buffer_rgba()).copy())

@@ -91,7 +91,7 @@ def pie_args(pie_data, backbones, outdir):
 @pytest.fixture(scope="module")
 def single_run(pie_data, backbones, tmp_path_factory):
     out = tmp_path_factory.mktemp("pie_out")
-    stats = pie.main(pie_args(pie_data, backbones, out), log=lambda *_: None)
+    stats = pie.main(pie_args(pie_data, backbones, out))
     return out, stats
 
 
@@ -198,7 +198,7 @@ def test_pie_run_outputs_and_resume(single_run, pie_data, backbones):
     before = (out / "results.csv").read_text()
     img = out / "stylediffusion+p2p" / "0_random" / "000000000000.png"
     mtime = img.stat().st_mtime_ns
-    again = pie.main(pie_args(pie_data, backbones, out), log=lambda *_: None)
+    again = pie.main(pie_args(pie_data, backbones, out))
     assert again["processed"] == 0 and again["skipped"] == 4
     assert (out / "results.csv").read_text() == before and img.stat().st_mtime_ns == mtime
     assert bench_main(["report", str(out)]) == 0
@@ -232,7 +232,7 @@ def test_two_process_accelerate_run_matches_single_process(single_run, pie_data,
 def test_reproduce_grids_contact_sheet_and_resume(tmp_path):
     args = ["--idx", "1", "--outdir", str(tmp_path), "--model", "tiny", "--num_ddim_steps", "2",
             "--num_inner_steps", "1", "--device", "cpu", "--inversion", "ddim"]
-    stats = reproduce.main(args, log=lambda *_: None)
+    stats = reproduce.main(args)
     assert stats["processed"] == 2
     rows = read_csv(tmp_path / "reproduce.csv")
     assert [(r["case"], r["k"], r["edit_type"]) for r in rows] == [("1", "0", "Replacement"), ("1", "1", "Refinement")]
@@ -241,9 +241,9 @@ def test_reproduce_grids_contact_sheet_and_resume(tmp_path):
         assert grid.width > 3 * reproduce.MIN_CELL
     sheet = Image.open(tmp_path / "ddim+p2p" / "contact_sheet.png")
     assert sheet.height > 2 * reproduce.MIN_CELL
-    assert reproduce.main(args, log=lambda *_: None)["processed"] == 0
+    assert reproduce.main(args)["processed"] == 0
     with pytest.raises(UserError, match="--idx 99"):
-        reproduce.main(["--idx", "99", *args[2:]], log=lambda *_: None)
+        reproduce.main(["--idx", "99", *args[2:]])
 
 
 def test_interrupted_run_keeps_finished_rows_and_resumes(single_run, pie_data, backbones, tmp_path, monkeypatch):
@@ -260,12 +260,12 @@ def test_interrupted_run_keeps_finished_rows_and_resumes(single_run, pie_data, b
     monkeypatch.setattr(StyleDiffusionEditor, "edit", interrupted)  # the runner edits through the API
     out = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
-        pie.main(pie_args(pie_data, backbones, out), log=lambda *_: None)
+        pie.main(pie_args(pie_data, backbones, out))
     part = sharding.part_path(out / "parts", "results", 0)
     assert [r["id"] for r in sharding.read_rows(part)] == sorted(ENTRIES)[:2]
     assert not list(out.rglob(f"{sorted(ENTRIES)[2]}.png"))  # nothing of the image in progress
     monkeypatch.setattr(StyleDiffusionEditor, "edit", real)
-    stats = pie.main(pie_args(pie_data, backbones, out), log=lambda *_: None)
+    stats = pie.main(pie_args(pie_data, backbones, out))
     assert stats["processed"] == 2 and stats["skipped"] == 2
     assert without_timing(read_csv(out / "results.csv")) == without_timing(read_csv(single_run[0] / "results.csv"))
 

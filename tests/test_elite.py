@@ -366,13 +366,13 @@ def test_bench_reproduce_runs_elite(setup, tmp_path):
             "--num_ddim_steps", "3", "--device", "cpu", "--method_option", "spdinv_rounds=1",
             "--method_option", f"elite_global={setup['global']}",
             "--method_option", f"elite_image_encoder={setup['encoder']}"]
-    stats = reproduce.main(args, log=lambda *_: None)
+    stats = reproduce.main(args)
     assert stats["processed"] == 1
     assert (tmp_path / "runs" / "spdinv+elite" / "case0_edit0.png").is_file()
     (data / "stylediffusion_editing.csv").write_text(
         header + f"0,{SOURCE},images/cat.png,a photo of a dog,,,0.5,0.4,0.6,0.0,Replacement\n")
     with pytest.raises(UserError, match="no placeholder"):  # refused before any model loads
-        reproduce.main(["--outdir", str(tmp_path / "runs2"), *args[2:]], log=lambda *_: None)
+        reproduce.main(["--outdir", str(tmp_path / "runs2"), *args[2:]])
     assert not (tmp_path / "runs2" / "spdinv+elite").exists()
 
 

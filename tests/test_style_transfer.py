@@ -178,15 +178,15 @@ def test_bench_reproduce_writes_content_style_transfer_grids(tmp_path):
 
     args = ["--idx", "10", "--outdir", str(tmp_path), "--model", "tiny", "--num_ddim_steps", "2",
             "--num_inner_steps", "1", "--device", "cpu", "--content_image", str(CONTENT)]
-    assert reproduce.main(args, log=lambda *_: None)["processed"] == 1
+    assert reproduce.main(args)["processed"] == 1
     grid = Image.open(tmp_path / reproduce.TRANSFER_LABEL / "case10_transfer.png")
     assert grid.width > 3 * reproduce.MIN_CELL
-    assert reproduce.main(args, log=lambda *_: None)["processed"] == 0  # resumed: nothing left
+    assert reproduce.main(args)["processed"] == 0  # resumed: nothing left
     trained = sorted((tmp_path / "checkpoints").glob("*.safetensors"))
     other = ["--outdir", str(tmp_path / "other"), "--method_option", "transfer_feature_fraction=0.5"]
-    assert reproduce.main([*args[:2], *other, *args[4:]], log=lambda *_: None)["processed"] == 1
+    assert reproduce.main([*args[:2], *other, *args[4:]])["processed"] == 1
     assert sorted((tmp_path / "other" / "checkpoints").glob("*.safetensors"))[0].name == trained[0].name  # same style
     with pytest.raises(UserError, match="missing.png"):
-        reproduce.main([*args[:-1], str(tmp_path / "missing.png")], log=lambda *_: None)
+        reproduce.main([*args[:-1], str(tmp_path / "missing.png")])
     with pytest.raises(UserError, match="needs --inversion stylediffusion"):
-        reproduce.main([*args, "--inversion", "ddim"], log=lambda *_: None)
+        reproduce.main([*args, "--inversion", "ddim"])

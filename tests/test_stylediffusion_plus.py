@@ -130,7 +130,7 @@ def test_bench_reproduce_and_pie_take_it(tmp_path):
 
     args = ["--idx", "1", "--outdir", str(tmp_path / "rep"), "--model", "tiny", "--num_ddim_steps", "2",
             "--num_inner_steps", "1", "--device", "cpu", "--inversion", NAME]
-    assert reproduce.main(args, log=lambda *_: None)["processed"] == 2
+    assert reproduce.main(args)["processed"] == 2
     assert (tmp_path / "rep" / f"{NAME}+p2p" / "contact_sheet.png").is_file()
     from tests.test_bench import make_pie
 
@@ -141,7 +141,7 @@ def test_bench_reproduce_and_pie_take_it(tmp_path):
     stats = pie.main(["--mapping_file", str(mapping), "--images", str(images), "--outdir", str(tmp_path / "pie_out"),
                       "--model", "tiny", "--num_ddim_steps", "2", "--num_inner_steps", "1", "--device", "cpu",
                       "--inversion", NAME, "--clip_model", "none", "--dino_model", "none", "--lpips", "False",
-                      "--report", "False"], log=lambda *_: None)
+                      "--report", "False"])
     assert stats["processed"] == 1
     rows = list(csv.DictReader((tmp_path / "pie_out" / "results.csv").open()))
     assert len(rows) == 1 and NAME in rows[0]["method"] and math.isfinite(float(rows[0]["psnr"]))

@@ -1,4 +1,6 @@
 """StyleDiffusion training: schedule, frozen weights, reconstruction quality, checkpoints and resume."""
+import logging
+
 import pytest
 import torch
 
@@ -104,7 +106,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny, image, trained, tmp_path):
         load_inversion(tiny, bad, image, PROMPT, 10)
 
 
-def test_interrupted_training_resumes_to_the_same_result(tiny, image, tmp_path, monkeypatch):
+def test_interrupted_training_resumes_to_the_same_result(tiny, image, tmp_path, monkeypatch, caplog):
     import stylediffusion.results as results_module  # Inversion.save writes every inversion file
 
     cfg = TrainConfig(num_inner_steps=3)
@@ -127,10 +129,10 @@ def test_interrupted_training_resumes_to_the_same_result(tiny, image, tmp_path, 
         train_inversion(tiny, image, PROMPT, 6, cfg, target, progress=False)
     assert not target.exists()  # no final file from an interrupted run
     monkeypatch.setattr(results_module, "save_checkpoint", real_save)
-    logs = []
     torch.manual_seed(123)  # a different RNG state must not matter: M_3 warm-starts from M_2
-    resumed = train_inversion(tiny, image, PROMPT, 6, cfg, target, progress=False, log=logs.append)
-    assert any("resuming" in line and "3/6" in line for line in logs)
+    with caplog.at_level(logging.INFO, logger="stylediffusion.inversion"):
+        resumed = train_inversion(tiny, image, PROMPT, 6, cfg, target, progress=False)
+    assert any("resuming" in line and "3/6" in line for line in caplog.messages)
     for a, b in zip(full.mappers.state_dict().values(), resumed.mappers.state_dict().values()):
         assert torch.equal(a, b)
     assert not target.with_name("resumed.partial.safetensors").exists()

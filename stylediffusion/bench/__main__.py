@@ -1,11 +1,22 @@
 """``python -m stylediffusion.bench {pie,reproduce,report} ...`` (also under ``accelerate launch -m``)."""
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
-from ..cli import package_notes_on_stdout
-from ..errors import UserError, exit_code, quiet_libraries
+from ..runner import guard_start_up
+
+if __name__ == "__main__":
+    guard_start_up()  # before the command's imports (torch, diffusers): a Ctrl-C while they load is one line
+from ..errors import UserError  # noqa: E402
+from ..models import quiet_libraries  # noqa: E402
+from ..runner import exit_code, package_notes_on_stdout  # noqa: E402
+from .pie import main as pie_main  # noqa: E402
+from .report import write_reports  # noqa: E402
+from .reproduce import main as reproduce_main  # noqa: E402
+
+logger = logging.getLogger(__spec__.name)  # run with -m, __name__ is "__main__": the logger stays under stylediffusion
 
 USAGE = """usage: python -m stylediffusion.bench {pie,reproduce,report} [options]
 
@@ -19,40 +30,32 @@ Multi-process: accelerate launch --num_processes N -m stylediffusion.bench pie .
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0
-    if not argv or argv[0] not in ("pie", "reproduce", "report"):
-        got = f"unknown command {argv[0]!r}" if argv else "no command given"
-        print(f"error: {got}: use pie, reproduce or report (see python -m stylediffusion.bench --help)",
-              file=sys.stderr)
-        return 2
-    command, rest = argv[0], argv[1:]
+    command, rest = (argv[0], argv[1:]) if argv else (None, [])
 
     def body() -> int:
-        quiet_libraries()
         with package_notes_on_stdout():
+            if command in ("-h", "--help"):
+                logger.info(USAGE)
+                return 0
+            if command not in ("pie", "reproduce", "report"):
+                got = f"unknown command {command!r}" if argv else "no command given"
+                raise UserError(f"{got}: use pie, reproduce or report (see python -m stylediffusion.bench --help)")
+            quiet_libraries()
             return run_command()
 
     def run_command() -> int:
         if command == "pie":
-            from .pie import main as pie_main
-
             pie_main(rest)
         elif command == "reproduce":
-            from .reproduce import main as reproduce_main
-
             reproduce_main(rest)
         elif command == "report":
-            from .report import write_reports
-
             if len(rest) != 1 or rest[0].startswith("-"):
                 raise UserError("report takes one argument, the --outdir of a 'pie' run: "
                                 "python -m stylediffusion.bench report OUTDIR")
             if not (Path(rest[0]) / "results.csv").is_file():
                 raise UserError(f"'{rest[0]}' holds no results.csv: pass the --outdir of a 'pie' run.")
             for path in write_reports(Path(rest[0])):
-                print(f"wrote {path}")
+                logger.info(f"wrote {path}")
         return 0
 
     return exit_code(body, "interrupted: finished items are kept; rerun the same command to resume.")

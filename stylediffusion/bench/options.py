@@ -2,12 +2,22 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 from pathlib import Path
 
+import torch
+
 from .. import validate
+from ..files import writable_folder
 from ..flags import add_settings, finite_float
 from ..flags import method_options as parse_pairs
+from ..identity import checkpoint_name
+from ..methods import default_inversion, get_edit, get_inversion
+from ..methods.registry import check_method_options
+from ..models import check_device, load_models, resolve_dtype
+
+logger = logging.getLogger(__name__)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -50,10 +60,6 @@ def check_method(args) -> dict:
     """Unknown names or combinations, method options they do not take, and an output folder that cannot
     be written fail before any model is loaded; an unnamed inversion becomes the edit's default. Returns
     the checked ``--method_option`` values."""
-    from ..files import writable_folder
-    from ..methods import default_inversion, get_edit, get_inversion
-    from ..methods.registry import check_method_options
-
     if args.inversion is None:
         args.inversion = default_inversion(args.edit)
     get_inversion(args.inversion)
@@ -65,29 +71,22 @@ def check_method(args) -> dict:
     return checked
 
 
-def load_bundle(args, device: str, log=print):
-    import torch
-
-    from ..cli import check_num_steps
-    from ..models import check_device, load_models, resolve_dtype
-
+def load_bundle(args, device: str):
     device = str(check_device(device, "--device"))
     # No cuDNN autotuning here (tune_backends): it may pick other kernels in each process, and the
     # shards of a run should compute what one process computes (docs/benchmarks.md).
     torch.backends.cudnn.benchmark = False
     bundle = load_models(args.model, args.image_encoder, device=device, dtype=resolve_dtype(args.dtype, device),
                          seed=args.seed)
-    check_num_steps(args.num_ddim_steps, bundle.scheduler)
+    validate.num_ddim_steps(args.num_ddim_steps, bundle.scheduler)
     if bundle.untrained:
-        log("note: --model tiny has random, untrained weights: numbers show the mechanics, not real edits.")
+        logger.info("note: --model tiny has random, untrained weights: numbers show the mechanics, not real edits.")
     return bundle
 
 
 def checkpoint_file(folder: Path, name: str, args, bundle, options: dict | None = None) -> Path:
     """Where the inversion of ``name`` lives; ``options``: the inversion's own options when the run's
     --method_option pairs hold others too (a style transfer's ``transfer_*``), default all of them."""
-    from ..identity import checkpoint_name
-
     return Path(folder) / checkpoint_name(name, bundle.label, args.num_ddim_steps, args.num_inner_steps,
                                           args.inversion, method_options(args) if options is None else options)
 

@@ -17,20 +17,33 @@ Outputs (``--outdir OUT``)::
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from .. import validate
-from ..errors import UserError, started
+from .. import metrics as M
+from .. import seq_aligner, validate
+from ..api import StyleDiffusionEditor
+from ..defaults import TAU_C, TAU_S, TAU_U, TAU_V
+from ..editing import EditSpec, build_controller, default_edit_type
+from ..errors import UserError
+from ..files import atomic_write_text
+from ..flags import ArgumentParser, count_at_least, str2bool
+from ..image_io import load_image, save_atomic
+from ..methods.registry import split_method_options
+from ..metrics import DEFAULT_CLIP, DEFAULT_DINO
+from ..runner import started
 from ..specs import asked_from
 from . import options
 from .report import METRICS, NA, read_reasons as _read_reasons, write_reports
 from .sharding import RowLog, init_shard, merge_parts, part_path, resume
+
+logger = logging.getLogger(__name__)
 
 PIE_SIZE = (512, 512)
 RESULT_COLUMNS = ("id", "editing_type_id", "method", "edit_type", *METRICS, "note", "seconds")
@@ -187,9 +200,6 @@ def _entry(key: str, e, images: Path) -> PieEntry:
 def edit_spec(entry: PieEntry, args):
     """EditSpec of one entry: Replacement when the prompts have as many words, else Refinement; the
     blend words from ``blended_word``; README taus unless overridden by flags."""
-    from ..defaults import TAU_C, TAU_S, TAU_U, TAU_V
-    from ..editing import EditSpec, default_edit_type
-
     def pick(name, default):
         value = getattr(args, name, None)
         return default if value is None else value
@@ -207,10 +217,6 @@ def edit_spec(entry: PieEntry, args):
 def _usable_spec(spec, tokenizer, T: int) -> tuple[object, list[str]]:
     """The spec, or a fallback when its words do not fit the prompts (as in a few PIE-Bench entries
     whose blended word is not literally in the prompt): drop the blend words, then use Refinement."""
-    from dataclasses import replace
-
-    from ..editing import build_controller
-
     notes = []
     candidates = [spec]
     if spec.blend_words:
@@ -231,11 +237,9 @@ def _usable_spec(spec, tokenizer, T: int) -> tuple[object, list[str]]:
 
 
 # ----------------------------------------------------------------------------- metrics
-def load_metric_backbones(args, device: str, log=print) -> tuple[dict, dict]:
+def load_metric_backbones(args, device: str) -> tuple[dict, dict]:
     """Backbones for ``metrics.evaluate_pair``, loaded once; a missing one is logged and its metrics
     become n/a (with the reason in ``metrics_unavailable.json``) instead of stopping the run."""
-    from .. import metrics as M
-
     backbones, reasons = {}, {}
     uses = {"clip": ("clip_whole", "clip_edited"), "dino": ("structure_distance",)}
     for kind, flag, name in (("clip", "--clip_model", args.clip_model), ("dino", "--dino_model", args.dino_model)):
@@ -245,7 +249,7 @@ def load_metric_backbones(args, device: str, log=print) -> tuple[dict, dict]:
         try:
             backbones[kind] = M.load_backbone(kind, name, device)
         except UserError as e:
-            log(f"warning: {e} -> {', '.join(uses[kind])} n/a in this run")
+            logger.info(f"warning: {e} -> {', '.join(uses[kind])} n/a in this run")
             reasons.update({m: str(e) for m in uses[kind]})
     if args.lpips:
         backbones["lpips"] = args.lpips_net
@@ -255,8 +259,6 @@ def load_metric_backbones(args, device: str, log=print) -> tuple[dict, dict]:
 def _attention_map(maps, spec, tokenizer):
     """The source blend word's averaged mid-low cross-attention map (h, w), for NS-LPIPS, from an edit's
     (prompts, queries, tokens) maps."""
-    from .. import seq_aligner
-
     if maps is None or not spec.blend_words:
         return None
     idx = seq_aligner.word_token_indices(spec.source, spec.blend_words[0], tokenizer)
@@ -275,9 +277,6 @@ def _cell(value) -> str:
 
 # ----------------------------------------------------------------------------- runner
 def build_parser() -> argparse.ArgumentParser:
-    from ..flags import ArgumentParser, count_at_least, str2bool
-    from ..metrics import DEFAULT_CLIP, DEFAULT_DINO
-
     p = ArgumentParser(prog="python -m stylediffusion.bench pie",
                                 description="Run an inversion x edit method over PIE-Bench and score it.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -317,7 +316,7 @@ def _key(row: dict) -> tuple:
 
 
 @asked_from("cli")
-def run(args, log=print) -> dict:
+def run(args) -> dict:
     """Run (or resume) the benchmark; returns ``{"processed": n, "skipped": n, "rank": r, "world": w}``."""
     options.check_method(args)
     entries = load_mapping(args.mapping_file, args.images, args.limit, _split(args.editing_types), _split(args.ids))
@@ -331,11 +330,11 @@ def run(args, log=print) -> dict:
     done = resume(shard, results, parts, "results", RESULT_COLUMNS, _key)
     todo = [e for e in entries if (e.id, method) not in done]
     mine = shard.take(todo)
-    log(f"{shard.tag} {method}: {len(entries)} entries, {len(entries) - len(todo)} already done, "
+    logger.info(f"{shard.tag} {method}: {len(entries)} entries, {len(entries) - len(todo)} already done, "
         f"{len(mine)} of the {len(todo)} remaining on this process ({shard.device})")
     reasons: dict = {}
     if mine:
-        reasons = _process(args, mine, method, shard, part_path(parts, "results", shard.rank), log)
+        reasons = _process(args, mine, method, shard, part_path(parts, "results", shard.rank))
     shard.barrier()
     if shard.is_main:
         rows = merge_parts(results, parts, "results", RESULT_COLUMNS, _key)
@@ -343,26 +342,19 @@ def run(args, log=print) -> dict:
             _merge_reasons(out / "metrics_unavailable.json", {method: reasons})
         if args.report:
             for path in write_reports(out, rows):
-                log(f"wrote {path}")
+                logger.info(f"wrote {path}")
     shard.barrier()
     return {"processed": len(mine), "skipped": len(entries) - len(todo), "rank": shard.rank, "world": shard.world}
 
 
 def _merge_reasons(path: Path, reasons: dict) -> None:
-    from ..files import atomic_write_text
-
     merged = {**_read_reasons(path), **reasons}
     atomic_write_text(path, json.dumps(merged, indent=2, sort_keys=True) + "\n")
 
 
-def _process(args, mine: list[PieEntry], method: str, shard, part: Path, log) -> dict:
-    from .. import metrics as M
-    from ..api import StyleDiffusionEditor
-    from ..image_io import load_image, save_atomic
-    from ..methods.registry import split_method_options
-
-    bundle = options.load_bundle(args, shard.device, log)
-    backbones, reasons = load_metric_backbones(args, str(bundle.device), log)
+def _process(args, mine: list[PieEntry], method: str, shard, part: Path) -> dict:
+    bundle = options.load_bundle(args, shard.device)
+    backbones, reasons = load_metric_backbones(args, str(bundle.device))
     editor = StyleDiffusionEditor(bundle, progress=args.progress)
     inversion_options, edit_options = split_method_options(options.method_options(args), args.inversion, args.edit)
     T = args.num_ddim_steps
@@ -382,7 +374,7 @@ def _process(args, mine: list[PieEntry], method: str, shard, part: Path, log) ->
             row.update({k: NA for k in METRICS}, edit_type="", note=f"skipped: {e}",
                        seconds=f"{time.perf_counter() - t0:.3f}")
             writer.append(row)
-            log(f"{shard.tag} {entry.id}: skipped ({e})")
+            logger.info(f"{shard.tag} {entry.id}: skipped ({e})")
             continue
         ckpt = (options.checkpoint_file(args.checkpoint_dir, entry.id, args, bundle)
                 if args.checkpoint_dir is not None else None)
@@ -415,10 +407,10 @@ def _process(args, mine: list[PieEntry], method: str, shard, part: Path, log) ->
         row.update({k: _cell(scores.get(k)) for k in METRICS}, edit_type=spec.edit_type, note="; ".join(notes),
                    seconds=f"{seconds:.3f}")
         writer.append(row)
-        log(f"{shard.tag} {n + 1}/{len(mine)} {entry.id} ({entry.type_dir}) {spec.edit_type} "
+        logger.info(f"{shard.tag} {n + 1}/{len(mine)} {entry.id} ({entry.type_dir}) {spec.edit_type} "
             f"'{spec.target}' in {seconds:.1f}s")
     return reasons
 
 
-def main(argv=None, log=print) -> dict:
-    return run(build_parser().parse_args(argv), log)
+def main(argv=None) -> dict:
+    return run(build_parser().parse_args(argv))

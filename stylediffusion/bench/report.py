@@ -6,6 +6,9 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
 from ..files import atomic_write, atomic_write_text
 from .sharding import read_rows, write_csv_atomic
 
@@ -104,9 +107,6 @@ def summary_markdown(summary: Sequence[dict], notes: Sequence[str] = ()) -> str:
 
 def boxplots(rows: Sequence[dict], path: Path) -> Path:
     """Box plots per method of structure distance, PSNR and LPIPS (matplotlib Agg, no pyplot)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     methods = sorted({r["method"] for r in rows})
     panels = (("structure_distance", "Structure distance ×10³ ↓", 1e3), ("psnr", "PSNR (background) ↑", 1.0),
               ("lpips", "LPIPS (background) ×10³ ↓", 1e3))

@@ -12,13 +12,29 @@ Each case (image) is inverted once and shared by its rows. Outputs (``--outdir O
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 
-from ..errors import UserError, started
+from PIL import Image, ImageDraw
+
+from .. import data_index
+from ..api import StyleDiffusionEditor
+from ..editing import EditSpec, build_controller
+from ..errors import UserError
+from ..files import writable_folder
+from ..flags import ArgumentParser
+from ..flags import method_options as parse_pairs
+from ..image_io import check_image_readable, image_grid, save_atomic
+from ..methods import get_edit
+from ..methods.registry import check_method_options, default_inversion, split_method_options
+from ..runner import started
 from ..specs import asked_from
+from ..style_transfer import STYLE_INVERSIONS, transfer_options
 from . import options
 from .sharding import RowLog, init_shard, merge_parts, part_path, resume
+
+logger = logging.getLogger(__name__)
 
 COLUMNS = ("case", "k", "method", "source", "target", "edit_type", "blend_words", "tau_v", "tau_c", "tau_s",
            "tau_u", "grid", "seconds")
@@ -26,8 +42,6 @@ MIN_CELL = 192  # grids of small models are upscaled to at least this many pixel
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..flags import ArgumentParser
-
     p = ArgumentParser(prog="python -m stylediffusion.bench reproduce",
                                 description="Figure-style grids (input | reconstruction | edit) for rows of the "
                                             "data index, and a contact sheet of all of them.",
@@ -51,8 +65,6 @@ def _key(row: dict) -> tuple:
 
 def index_items(idx, data_dir) -> list[tuple[int, int, object]]:
     """(case, k, EditRow) for the selected cases, in index order; k numbers a case's rows from 0."""
-    from .. import data_index
-
     data_dir = Path(data_dir) if data_dir is not None else data_index.DEFAULT_DATA_DIR
     cases = None if idx is None else [_case(c) for c in str(idx).split(",") if c.strip()]
     rows = data_index.edit_rows(None, data_dir)
@@ -79,8 +91,6 @@ def _case(text: str) -> int:
 
 
 def row_spec(row, args):
-    from ..editing import EditSpec
-
     def pick(name):
         value = getattr(args, name, None)
         return getattr(row, name) if value is None else value
@@ -93,10 +103,6 @@ def row_spec(row, args):
 
 def labelled_grid(images, labels, title: str):
     """The three pictures side by side (upscaled to MIN_CELL if smaller), captions below, title above."""
-    from PIL import Image, ImageDraw
-
-    from ..image_io import image_grid
-
     side = max(images[0].size[0], MIN_CELL)
     cells = [im.resize((side, side), Image.NEAREST if im.size[0] < side else Image.LANCZOS) for im in images]
     strip = image_grid(cells, labels, pad=6)
@@ -111,8 +117,6 @@ def labelled_grid(images, labels, title: str):
 
 
 def contact_sheet(paths: list[Path], title: str):
-    from PIL import Image, ImageDraw
-
     grids = [Image.open(p).convert("RGB") for p in paths]
     width = max(g.width for g in grids)
     sheet = Image.new("RGB", (width, 22 + sum(g.height for g in grids)), "white")
@@ -129,17 +133,11 @@ TRANSFER_LABEL = "stylediffusion+style_transfer"
 
 def _check_transfer(args) -> None:
     """Style-transfer rows: the content image readable, the options known, before any model loads."""
-    from ..cli import _check_image_readable
-    from ..cli import method_options as parse_pairs
-    from ..files import writable_folder
-    from ..methods.registry import check_method_options, default_inversion
-    from ..style_transfer import STYLE_INVERSIONS, transfer_options
-
     if args.inversion is None:
         args.inversion = default_inversion(None)
     if args.inversion not in STYLE_INVERSIONS:
         raise UserError(f"style transfer needs --inversion stylediffusion, not {args.inversion!r}.")
-    _check_image_readable(args.content_image)
+    check_image_readable(args.content_image)
     pairs = parse_pairs(args.method_option or [])
     transfer_options({k: v for k, v in pairs.items() if k.startswith("transfer_")})
     check_method_options({k: v for k, v in pairs.items() if not k.startswith("transfer_")}, args.inversion)
@@ -147,7 +145,7 @@ def _check_transfer(args) -> None:
 
 
 @asked_from("cli")
-def run(args, log=print) -> dict:
+def run(args) -> dict:
     transfer = getattr(args, "content_image", None) is not None
     if transfer:
         _check_transfer(args)
@@ -156,7 +154,6 @@ def run(args, log=print) -> dict:
     items = index_items(args.idx, args.data_dir)
     if transfer:  # one transfer per case: its image is the style
         items = [it for it in items if it[1] == 0]
-    from ..methods import get_edit
 
     for spec in (row_spec(r, args) for _, _, r in items):
         spec.validate()
@@ -172,33 +169,26 @@ def run(args, log=print) -> dict:
     cases = sorted({c for c, _, _ in todo})
     my_cases = shard.take(cases)  # a case's rows stay together: one inversion serves all of them
     mine = [it for it in todo if it[0] in my_cases]
-    log(f"{shard.tag} {method}: {len(items)} index rows, {len(items) - len(todo)} already done, "
+    logger.info(f"{shard.tag} {method}: {len(items)} index rows, {len(items) - len(todo)} already done, "
         f"{len(mine)} rows ({len(my_cases)} cases) on this process ({shard.device})")
     if mine:
         process = _process_transfer if transfer else _process
-        process(args, mine, method, shard, part_path(parts, "reproduce", shard.rank), log)
+        process(args, mine, method, shard, part_path(parts, "reproduce", shard.rank))
     shard.barrier()
     if shard.is_main:
         rows = merge_parts(manifest, parts, "reproduce", COLUMNS, _key)
         mine_rows = [r for r in rows if r["method"] == method and (Path(args.outdir) / r["grid"]).is_file()]
         if mine_rows:
-            from ..image_io import save_atomic
-
             sheet = out / options.safe_dirname(method) / "contact_sheet.png"
             save_atomic(contact_sheet([out / r["grid"] for r in mine_rows], f"{method}: {len(mine_rows)} edits"),
                         sheet)
-            log(f"wrote {sheet}")
+            logger.info(f"wrote {sheet}")
     shard.barrier()
     return {"processed": len(mine), "skipped": len(items) - len(todo), "rank": shard.rank, "world": shard.world}
 
 
-def _process(args, mine, method: str, shard, part: Path, log) -> None:
-    from ..api import StyleDiffusionEditor
-    from ..editing import build_controller
-    from ..image_io import save_atomic
-    from ..methods.registry import split_method_options
-
-    bundle = options.load_bundle(args, shard.device, log)
+def _process(args, mine, method: str, shard, part: Path) -> None:
+    bundle = options.load_bundle(args, shard.device)
     T = args.num_ddim_steps
     for _, _, row in mine:  # word-level problems before any training
         build_controller(row_spec(row, args), bundle.tokenizer, T)
@@ -217,7 +207,7 @@ def _process(args, mine, method: str, shard, part: Path, log) -> None:
                                  lr=args.lr, attention_loss=args.attention_loss, early_stop=args.early_stop,
                                  checkpoint=ckpt, seed=args.seed, **inversion_options)
         inv_seconds = time.perf_counter() - t0
-        log(f"{shard.tag} case {case}: {args.inversion} inversion in {inv_seconds:.1f}s")
+        logger.info(f"{shard.tag} case {case}: {args.inversion} inversion in {inv_seconds:.1f}s")
         for k, row in rows:
             spec = row_spec(row, args)
             t1 = time.perf_counter()
@@ -235,16 +225,12 @@ def _process(args, mine, method: str, shard, part: Path, log) -> None:
                            "edit_type": spec.edit_type, "blend_words": " ".join(spec.blend_words or ()),
                            "tau_v": spec.tau_v, "tau_c": spec.tau_c, "tau_s": spec.tau_s, "tau_u": spec.tau_u,
                            "grid": rel.as_posix(), "seconds": f"{seconds:.3f}"})
-            log(f"{shard.tag} case {case} #{k}: '{spec.target}' -> {rel}")
+            logger.info(f"{shard.tag} case {case} #{k}: '{spec.target}' -> {rel}")
 
 
-def _process_transfer(args, mine, method: str, shard, part: Path, log) -> None:
+def _process_transfer(args, mine, method: str, shard, part: Path) -> None:
     """Fig. 20-like grids: content | style | transfer, the style trained (or loaded) per case."""
-    from ..api import StyleDiffusionEditor
-    from ..image_io import save_atomic
-    from ..methods.registry import split_method_options
-
-    bundle = options.load_bundle(args, shard.device, log)
+    bundle = options.load_bundle(args, shard.device)
     editor = StyleDiffusionEditor(bundle, progress=args.progress)
     pairs = options.method_options(args)
     transfer = {k: v for k, v in pairs.items() if k.startswith("transfer_")}
@@ -272,8 +258,8 @@ def _process_transfer(args, mine, method: str, shard, part: Path, log) -> None:
                        "target": f"style transfer onto {args.content_image.name}", "edit_type": "", "blend_words": "",
                        "tau_v": "", "tau_c": "", "tau_s": "", "tau_u": "", "grid": rel.as_posix(),
                        "seconds": f"{time.perf_counter() - t0:.3f}"})
-        log(f"{shard.tag} case {case}: style transfer -> {rel}")
+        logger.info(f"{shard.tag} case {case}: style transfer -> {rel}")
 
 
-def main(argv=None, log=print) -> dict:
-    return run(build_parser().parse_args(argv), log)
+def main(argv=None) -> dict:
+    return run(build_parser().parse_args(argv))

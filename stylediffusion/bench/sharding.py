@@ -23,6 +23,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+import torch
+from accelerate import PartialState
+
+from ..files import atomic_write
+
 
 @dataclass
 class Shard:
@@ -58,13 +63,7 @@ def init_shard(device: str = "auto", timeout_hours: float = 48.0) -> Shard:
     ``timeout_hours`` bounds the final barrier, where fast ranks wait for slow ones (PIE-Bench
     shards take hours; torch's default of 30 minutes would abort the run).
     """
-    import torch
-
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    try:
-        from accelerate import PartialState
-    except ImportError:  # accelerate is a dependency, but a bare single process needs nothing of it
-        return Shard(0, 1, "cpu" if cpu else (device if device != "auto" else "cuda"))
     state = PartialState(cpu=cpu, timeout=timedelta(hours=timeout_hours))
     dev = str(state.device) if device == "auto" or state.num_processes > 1 else device
     if dev == "cpu:0":
@@ -116,8 +115,6 @@ class RowLog:
 
 
 def write_csv_atomic(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> None:
-    from ..files import atomic_write
-
     def write(tmp: Path) -> None:
         with tmp.open("w", encoding="utf-8", newline="") as f:
             f.write(_csv_line(columns))

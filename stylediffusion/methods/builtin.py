@@ -35,7 +35,7 @@ def stylediffusion_inversion(ctx: MethodContext) -> Inversion:
                              settings={"variant": variant, "train_config": cfg.to_dict()}, options=ctx.options)
     else:  # without a checkpoint path the trained networks live only in memory
         inv = train_inversion(b, ctx.image, ctx.source, ctx.num_steps, cfg, ctx.checkpoint, variant=variant,
-                              progress=ctx.progress, log=logger.info, options=ctx.options)
+                              progress=ctx.progress, options=ctx.options)
     return inv
 
 

@@ -17,7 +17,13 @@ Diffusion v1, only tiny:
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Dict
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModel
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 TOKENIZER_DIR = os.path.join(ASSETS, "clip_tokenizer")
@@ -94,20 +100,14 @@ SCHEDULER_CONFIG: Dict[str, Any] = dict(
 
 
 def build_vae():
-    from diffusers import AutoencoderKL
-
     return AutoencoderKL(**VAE_CONFIG)
 
 
 def build_unet():
-    from diffusers import UNet2DConditionModel
-
     return UNet2DConditionModel(**UNET_CONFIG)
 
 
 def build_text_encoder():
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     return CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
 
 
@@ -116,13 +116,10 @@ def truncate_text_encoder(text_encoder, n_layers: int):
     position embeddings and final layer norm unchanged).  With 0 layers a word's encoding is its own
     embedding plus its position's, whatever words come before it: colour and shape words stay apart,
     so a (colour, shape) pair never seen in training is made of encodings that were."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     config = CLIPTextConfig.from_dict({**text_encoder.config.to_dict(), "num_hidden_layers": n_layers})
     if n_layers > text_encoder.config.num_hidden_layers or n_layers < 0:
         raise ValueError(f"cannot keep {n_layers} of {text_encoder.config.num_hidden_layers} layers")
     out = CLIPTextModel(config)
-    import re
 
     layer = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
     keep = {k: v for k, v in text_encoder.state_dict().items()
@@ -132,14 +129,10 @@ def truncate_text_encoder(text_encoder, n_layers: int):
 
 
 def build_vision_encoder():
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
     return CLIPVisionModel(CLIPVisionConfig(**VISION_CONFIG))
 
 
 def build_tokenizer():
-    from transformers import CLIPTokenizer
-
     return CLIPTokenizer(
         os.path.join(TOKENIZER_DIR, "vocab.json"),
         os.path.join(TOKENIZER_DIR, "merges.txt"),
@@ -148,23 +141,16 @@ def build_tokenizer():
 
 
 def build_scheduler():
-    from diffusers import DDIMScheduler
-
     return DDIMScheduler(**SCHEDULER_CONFIG)
 
 
 def images_to_tensor(images):
     """uint8 (N,H,W,3) numpy -> float tensor (N,3,H,W) in [-1, 1]."""
-    import numpy as np
-    import torch
-
     arr = np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2))
     return torch.from_numpy(arr).float().div_(127.5).sub_(1.0)
 
 
 def tensor_to_images(x):
     """float tensor (N,3,H,W) in [-1, 1] -> uint8 (N,H,W,3) numpy."""
-    import numpy as np
-
     x = ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().byte().cpu().numpy()
     return np.ascontiguousarray(x.transpose(0, 2, 3, 1))

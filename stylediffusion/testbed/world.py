@@ -22,6 +22,7 @@ from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from PIL import Image
 
 DEFAULT_SIZE = 32
 
@@ -255,8 +256,6 @@ class Scene:
         return int(self.image.shape[0])
 
     def pil(self):
-        from PIL import Image
-
         return Image.fromarray(self.image)
 
     def layout(self) -> List[np.ndarray]:
@@ -264,7 +263,9 @@ class Scene:
 
 
 @dataclass
-class EditResult:
+class SceneEdit:
+    """One edit of a scene with its exact ground truth: the source and target scenes and what changed."""
+
     kind: str  # "colour" | "shape" | "background"
     source: Scene
     target: Scene
@@ -416,7 +417,7 @@ def edit(
     rng: Optional[np.random.Generator] = None,
     index: int = 0,
     to: Optional[str] = None,
-) -> EditResult:
+) -> SceneEdit:
     """Ground-truth edit of ``scene``: everything else (layout, sizes, other
     objects, background) stays exactly the same.
 
@@ -453,7 +454,7 @@ def edit(
     else:
         raise ValueError("kind must be 'colour', 'shape' or 'background'")
     target = make_scene(specs, bg, scene.size, scene.background.offset)
-    return EditResult(kind=kind, source=scene, target=target, index=index, old=old, new=new)
+    return SceneEdit(kind=kind, source=scene, target=target, index=index, old=old, new=new)
 
 
 def fixed_scene(colour: str, shape: str, background: str = "black", size_word: Optional[str] = None,
