@@ -204,7 +204,9 @@ def test_examples_put_the_test_bed_scenes_first_with_the_index_edits(editor, tmp
     examples = DemoApp(editor, tmp_path).examples()
     path, prompt, targets, blend = examples[0]
     assert Path(path).name == "testbed_red_triangle.png" and prompt == PROMPT
-    assert targets.splitlines() == [BLUE, CIRCLE] and blend.splitlines() == ["triangle triangle", "triangle circle"]
+    assert targets.splitlines() == ["a large green triangle on a gray background",  # case 10 of the index
+                                    "a large red square on a gray background"]
+    assert blend.splitlines() == ["triangle triangle", "triangle square"]
     for _, _, targets, blend in examples:  # a blend cell always fits its targets
         assert not blend or len(blend.splitlines()) == len(targets.splitlines())
 

@@ -26,7 +26,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCENE = ROOT / "data" / "images" / "testbed_red_triangle.png"
 PROMPT = "a large red triangle on a gray background"
-TARGETS = ["a large blue triangle on a gray background", "a large red circle on a gray background"]
+TARGETS = ["a large green triangle on a gray background", "a large red square on a gray background"]  # case 10's edits
 # Small T and K keep the test fast; the screenshot for docs/demo.png is taken at the defaults (T=30, K=100).
 UPDATE_SCREENSHOT = os.environ.get("STYLEDIFFUSION_UPDATE_SCREENSHOT") == "1"
 T, K = (30, 100) if UPDATE_SCREENSHOT else (4, 2)
@@ -131,7 +131,7 @@ def test_invert_then_edit_in_a_real_browser(server, tmp_path):
 
             # Step 2: two targets at once give a row of two edits.
             page.locator("#targets textarea").fill("\n".join(TARGETS))
-            page.locator("#blend textarea").fill("triangle triangle\ntriangle circle")
+            page.locator("#blend textarea").fill("triangle triangle\ntriangle square")
             page.locator("#edit").click()
             expect(page.locator("#edit-status")).to_contain_text("2 edits")
             expect(page.locator("#strip img")).to_be_visible()
@@ -169,7 +169,7 @@ def test_invert_then_edit_in_a_real_browser(server, tmp_path):
             phase("second session")
 
             # Both sessions edit at once, each to its own target: each gets its own result.
-            for tab, target, blend in ((page, TARGETS[0], "triangle triangle"), (other, TARGETS[1], "triangle circle")):
+            for tab, target, blend in ((page, TARGETS[0], "triangle triangle"), (other, TARGETS[1], "triangle square")):
                 tab.locator("#targets textarea").fill(target)
                 tab.locator("#blend textarea").fill(blend)
             page.locator("#edit").click()
