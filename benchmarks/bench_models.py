@@ -24,8 +24,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # noqa: E402
-from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig,  # noqa: E402
-                          CLIPVisionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModel  # noqa: E402
 
 from stylediffusion.models import ModelBundle, load_models, sd_tokenizer  # noqa: E402
 from stylediffusion.training import inner_steps  # noqa: E402
@@ -87,7 +86,9 @@ def sdxl_components(device: torch.device, seed: int = 0, resolution: int = 1024)
                 text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, zero_empty_prompt=True)
 
 
-def build_bundle(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0, resolution: int = 512) -> ModelBundle:
+def build_bundle(
+    size: str, device: torch.device, dtype: torch.dtype, seed: int = 0, resolution: int = 512
+) -> ModelBundle:
     if size in ("tiny", "testbed"):
         return load_models(size, device=device, dtype=dtype, seed=seed)
     parts = sdxl_components(device, seed, resolution) if size == "sdxl" else sd15_components(device, seed, resolution)
@@ -124,10 +125,16 @@ def resolve_resolution(size: str, resolution: int | None) -> int:
 
 def run_metadata(device: torch.device, size: str, resolution: int) -> dict:
     """Date, machine and library versions: the header of every result file."""
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "size": size, "resolution": resolution}
+    meta = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "size": size,
+        "resolution": resolution,
+    }
     try:
         import diffusers
         import transformers
@@ -176,8 +183,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="image size for --size sd15 (default 512) and sdxl (default 1024)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps T (default 30; 10 with --quick)")
     p.add_argument("--inner_steps", type=int, default=None, help="K (default 100, i.e. 1015 iterations at T=30)")
-    p.add_argument("--iters", type=int, default=None,
-                   help="total training iterations: picks the smallest K whose schedule reaches it (overrides --inner_steps)")
+    p.add_argument(
+        "--iters",
+        type=int,
+        default=None,
+        help="total training iterations: picks the smallest K whose schedule reaches it (overrides --inner_steps)",
+    )
     p.add_argument("--quick", action="store_true", help="T=10, K=10 (72 training iterations) unless given")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: leave as is)")

@@ -94,7 +94,7 @@ def add_per_layer_image_encoder(bundle: ModelBundle, image: torch.Tensor) -> lis
             clip_image_features(bundle, image)
         return None
 
-    for name, module in bundle.unet.named_modules():
+    for _name, module in bundle.unet.named_modules():
         if getattr(module, "is_cross_attention", False) and hasattr(module, "processor"):
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     return handles

@@ -42,7 +42,9 @@ SOURCE, TARGET = "a red triangle", "a blue triangle"
 def check_dtype(device) -> dict:
     capability = torch.cuda.get_device_capability(device)
     auto = resolve_dtype("auto", device)
-    ok = auto == (torch.bfloat16 if capability[0] >= 8 else torch.float16) and native_bf16(device) == (capability[0] >= 8)
+    ok = auto == (torch.bfloat16 if capability[0] >= 8 else torch.float16) and native_bf16(device) == (
+        capability[0] >= 8
+    )
     return {"ok": ok, "capability": list(capability), "name": torch.cuda.get_device_name(device),
             "auto_dtype": str(auto), "is_bf16_supported": torch.cuda.is_bf16_supported()}
 
@@ -74,16 +76,20 @@ def check_syncs(device) -> dict:
         cond = encode_prompts(b, [SOURCE])
         traj = ddim_inversion(b, schedule, z0, cond, progress=False)  # warm-up (first calls allocate)
         spec = EditSpec(SOURCE, TARGET, tau_u=0.5, blend_words=("triangle", "triangle"))
-        out[f"inversion_T{T}"] = count_syncs(lambda: ddim_inversion(b, schedule, z0, cond, progress=False))
-        out[f"edit_T{T}"] = count_syncs(lambda: run_edit(b, schedule, traj.z_T, spec, progress=False))
+        def invert(schedule=schedule, cond=cond):
+            return ddim_inversion(b, schedule, z0, cond, progress=False)
+
+        def edit(schedule=schedule, traj=traj, spec=spec):
+            return run_edit(b, schedule, traj.z_T, spec, progress=False)
+
+        out[f"inversion_T{T}"], out[f"edit_T{T}"] = count_syncs(invert), count_syncs(edit)
     out["ok"] = out["inversion_T5"] == out["inversion_T10"] and out["edit_T5"] == out["edit_T10"]
     return out
 
 
 def sd15_pipe(device, resolution: int):
-    from diffusers import StableDiffusionPipeline
-
     from bench_models import sd15_components
+    from diffusers import StableDiffusionPipeline
 
     parts = sd15_components(torch.device("cpu"), 0, resolution)
     image_encoder = parts.pop("image_encoder")
@@ -148,8 +154,24 @@ sys.exit(main(sys.argv[2:]))
 def check_out_of_memory(resolution_model: str) -> dict:
     import os
 
-    args = ["--model", resolution_model, "--image_path", str(SCENE), "--prompt", SOURCE, "--target", TARGET,
-            "--num_ddim_steps", "4", "--num_inner_steps", "2", "--outdir", "/tmp/cuda_checks_oom", "--progress", "False"]
+    args = [
+        "--model",
+        resolution_model,
+        "--image_path",
+        str(SCENE),
+        "--prompt",
+        SOURCE,
+        "--target",
+        TARGET,
+        "--num_ddim_steps",
+        "4",
+        "--num_inner_steps",
+        "2",
+        "--outdir",
+        "/tmp/cuda_checks_oom",
+        "--progress",
+        "False",
+    ]
     proc = subprocess.run([sys.executable, "-c", OOM_RUN, "0.00001", *args], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
     lines = proc.stderr.strip().splitlines()
@@ -214,7 +236,9 @@ def main(argv=None) -> int:
         except Exception as err:
             results[name] = {"ok": False, "error": f"{type(err).__name__}: {err}"[:500]}
         results[name]["seconds"] = round(time.perf_counter() - t0, 1)
-        print(f"check {name}: {'ok' if results[name]['ok'] else 'FAILED'} {json.dumps(results[name])[:600]}", flush=True)
+        print(
+            f"check {name}: {'ok' if results[name]['ok'] else 'FAILED'} {json.dumps(results[name])[:600]}", flush=True
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -66,11 +66,26 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.bench_models import (DTYPES, add_run_arguments, build_bundle, default_size,  # noqa: E402
-                                     resolve_device, resolve_resolution, resolve_schedule, run_metadata,
-                                     schedule_iterations, write_json)
-from benchmarks.cost_modes import (ExplicitEverywhere, Mode, add_per_layer_image_encoder, fast_mode,  # noqa: E402
-                                   recorder_for, reference_mode)
+from benchmarks.bench_models import (  # noqa: E402
+    DTYPES,
+    add_run_arguments,
+    build_bundle,
+    default_size,
+    resolve_device,
+    resolve_resolution,
+    resolve_schedule,
+    run_metadata,
+    schedule_iterations,
+    write_json,
+)
+from benchmarks.cost_modes import (  # noqa: E402
+    ExplicitEverywhere,
+    Mode,
+    add_per_layer_image_encoder,
+    fast_mode,
+    recorder_for,
+    reference_mode,
+)
 from ptp_utils import COND, UNCOND, BatchLayout, controlled, install_attention_control  # noqa: E402
 from stylediffusion.ddim import DDIMSchedule, guided  # noqa: E402
 from stylediffusion.editing import EditSpec, build_controller, run_edit, value_steps_for  # noqa: E402
@@ -92,10 +107,9 @@ TARGETS = {"speedup_train_edit_min": 5.0, "fast_total_seconds_max": 10.0, "fast_
 
 def compile_regions(unet) -> int:
     """Regional torch.compile: ResNet blocks and feed-forwards (no Python attention state inside)."""
+    import torch._dynamo.config as dynamo_config
     from diffusers.models.attention import FeedForward
     from diffusers.models.resnet import ResnetBlock2D
-
-    import torch._dynamo.config as dynamo_config
 
     # ~40 compiled regions share a few code objects: let every shape/module variant keep its graph
     for name in ("recompile_limit", "cache_size_limit"):
@@ -115,7 +129,9 @@ class UnetCounter:
     def __init__(self, unet, image_encoder=None):
         self.reset()
         self.handle = unet.register_forward_pre_hook(self._hook)
-        self.image_handle = image_encoder.register_forward_pre_hook(self._image_hook) if image_encoder is not None else None
+        self.image_handle = (
+            image_encoder.register_forward_pre_hook(self._image_hook) if image_encoder is not None else None
+        )
 
     def reset(self):
         self.calls = self.rows_forward = self.rows_backward = self.image_encoder_calls = 0
@@ -197,8 +213,12 @@ def prepare_inputs(bundle: ModelBundle, seed: int) -> Inputs:
     g = torch.Generator().manual_seed(seed)
     size = bundle.image_size
     # a smooth random image (timing does not depend on the content)
-    image = torch.nn.functional.interpolate(torch.rand(1, 3, size // 8, size // 8, generator=g) * 2 - 1, size=(size, size),
-                                            mode="bilinear", align_corners=False).to(bundle.device)
+    image = torch.nn.functional.interpolate(
+        torch.rand(1, 3, size // 8, size // 8, generator=g) * 2 - 1,
+        size=(size, size),
+        mode="bilinear",
+        align_corners=False,
+    ).to(bundle.device)
     return Inputs(image, encode_latent(bundle, image), encode_prompts(bundle, [SOURCE_PROMPT]),
                   encode_prompts(bundle, [""]), clip_image_features(bundle, image))
 
@@ -383,7 +403,11 @@ def ratio_table(results: dict) -> str:
     ref, fast = results["modes"]["reference"], results["modes"]["fast"]
 
     def secs(m, key):
-        return m["phases"][key]["seconds"] if key in PHASES else m["train_edit_seconds" if key == "train+edit" else "total_seconds"]
+        return (
+            m["phases"][key]["seconds"]
+            if key in PHASES
+            else m["train_edit_seconds" if key == "train+edit" else "total_seconds"]
+        )
 
     cpu = results.get("ratios_cpu_time")
     if cpu is None:
@@ -403,11 +427,19 @@ def check_targets(results: dict) -> dict:
                   and results["num_ddim_steps"] == 30 and results["num_inner_steps"] == 100)
     peak = fast["phases"]["training"]["peak_memory_bytes"]
     checks = {
-        "speedup_train_edit": (results["ratios"]["train+edit"], results["ratios"]["train+edit"] >= TARGETS["speedup_train_edit_min"]),
+        "speedup_train_edit": (
+            results["ratios"]["train+edit"],
+            results["ratios"]["train+edit"] >= TARGETS["speedup_train_edit_min"],
+        ),
         "fast_total_seconds": (fast["total_seconds"], fast["total_seconds"] <= TARGETS["fast_total_seconds_max"]),
-        "fast_edit_seconds": (fast["phases"]["edit"]["seconds"], fast["phases"]["edit"]["seconds"] <= TARGETS["fast_edit_seconds_max"]),
-        "fast_training_peak_gb": (None if peak is None else peak / 1e9,
-                                  None if peak is None else peak / 1e9 <= TARGETS["fast_training_peak_gb_max"]),
+        "fast_edit_seconds": (
+            fast["phases"]["edit"]["seconds"],
+            fast["phases"]["edit"]["seconds"] <= TARGETS["fast_edit_seconds_max"],
+        ),
+        "fast_training_peak_gb": (
+            None if peak is None else peak / 1e9,
+            None if peak is None else peak / 1e9 <= TARGETS["fast_training_peak_gb_max"],
+        ),
     }
     return {"applicable": applicable, "targets": TARGETS,
             "checks": {k: {"value": v, "met": ok} for k, (v, ok) in checks.items()}}
@@ -443,7 +475,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def select_modes(args, device: torch.device) -> dict[str, Mode]:
     """The --modes to run, in the order given."""
-    modes = {"reference": reference_mode(), "fast": fast_mode(device, args.fast_dtype, args.compile, args.channels_last)}
+    modes = {
+        "reference": reference_mode(),
+        "fast": fast_mode(device, args.fast_dtype, args.compile, args.channels_last),
+    }
     return {name: modes[name] for name in args.modes}
 
 

@@ -74,8 +74,10 @@ def mapper_gradient(bundle: ModelBundle, image: torch.Tensor, prompt: str, resid
 
 def compare(model: str, device: torch.device, residuals: tuple[float, ...], latent_elements: int) -> list[dict]:
     image_name, prompt = SUBJECTS.get(model, DEFAULT_SUBJECT)
-    bundles = {name: load_models(model, device=device, dtype=dtype)
-               for name, dtype in (("float32", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16))}
+    bundles = {
+        name: load_models(model, device=device, dtype=dtype)
+        for name, dtype in (("float32", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16))
+    }
     image = load_image(ROOT / "data" / "images" / image_name, bundles["float32"].image_size)[0].to(device)
     rows = []
     for r in residuals:

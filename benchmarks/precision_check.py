@@ -26,9 +26,18 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.bench_models import (DTYPES, add_run_arguments, build_bundle, default_size, resolve_device,  # noqa: E402
-                                     resolve_resolution, resolve_schedule, run_metadata, schedule_iterations,
-                                     write_json)
+from benchmarks.bench_models import (  # noqa: E402
+    DTYPES,
+    add_run_arguments,
+    build_bundle,
+    default_size,
+    resolve_device,
+    resolve_resolution,
+    resolve_schedule,
+    run_metadata,
+    schedule_iterations,
+    write_json,
+)
 from benchmarks.cost_modes import ExplicitEverywhere, recorder_for  # noqa: E402
 from ptp_utils import BatchLayout, controlled, install_attention_control  # noqa: E402
 from stylediffusion import sampling as sd_sampling  # noqa: E402
@@ -69,7 +78,9 @@ def reconstruct(bundle, schedule, z_T, mappers, features, cond, uncond, guidance
     text = torch.cat([uncond, cond])
     for i in range(schedule.num_steps):
         values = torch.cat([uncond, mappers[i](features, cond)])
-        eps_u, eps_c = predict(bundle, schedule, torch.cat([z, z]), i, text, BatchLayout.guided(1), values=values).chunk(2)
+        eps_u, eps_c = predict(
+            bundle, schedule, torch.cat([z, z]), i, text, BatchLayout.guided(1), values=values
+        ).chunk(2)
         z = schedule.sample_step(guided(eps_u, eps_c, guidance_scale), z, i)
     return z
 
@@ -80,8 +91,12 @@ def load_test_image(size: int, seed: int, name: str = "chelsea.jpg") -> torch.Te
         from stylediffusion.image_io import load_image
         return load_image(path, size)[0]
     g = torch.Generator().manual_seed(seed)
-    return torch.nn.functional.interpolate(torch.rand(1, 3, size // 8, size // 8, generator=g) * 2 - 1, size=(size, size),
-                                           mode="bilinear", align_corners=False)
+    return torch.nn.functional.interpolate(
+        torch.rand(1, 3, size // 8, size // 8, generator=g) * 2 - 1,
+        size=(size, size),
+        mode="bilinear",
+        align_corners=False,
+    )
 
 
 def autocast_unet(bundle: ModelBundle, dtype: torch.dtype) -> None:
@@ -166,8 +181,18 @@ def check_precision(size: str, device: torch.device, num_steps: int, num_inner_s
         except Exception as err:  # e.g. fp16 overflow in a random model: report it, keep the other variants
             failed[name] = f"{type(err).__name__}: {err}"
     dtypes = tuple(d for d in dtypes if d not in failed)
-    out = {"size": size, "image": subject[0], "prompt": subject[1], "device": str(device), "num_ddim_steps": num_steps, "num_inner_steps": num_inner_steps,
-           "tolerance_db": tolerance_db, "runs": {}, "deltas": {}, "failed": failed}
+    out = {
+        "size": size,
+        "image": subject[0],
+        "prompt": subject[1],
+        "device": str(device),
+        "num_ddim_steps": num_steps,
+        "num_inner_steps": num_inner_steps,
+        "tolerance_db": tolerance_db,
+        "runs": {},
+        "deltas": {},
+        "failed": failed,
+    }
     z_recs = {name: run.pop("z_rec") for name, run in runs.items()}
     ref = z_recs["float32"]
     for name, run in runs.items():
@@ -186,9 +211,11 @@ def check_precision(size: str, device: torch.device, num_steps: int, num_inner_s
 
 
 def precision_table(result: dict) -> str:
-    lines = ["| dtype | iterations | PSNR vs input image (dB) | delta (dB) | PSNR vs decoded z0 (dB) | delta (dB) | "
-             "PSNR latent (dB) | same M_i, fp32 sampling: PSNR vs decoded z0 (dB) | plain DDIM PSNR vs decoded z0 (dB) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| dtype | iterations | PSNR vs input image (dB) | delta (dB) | PSNR vs decoded z0 (dB) | delta (dB) | "
+        "PSNR latent (dB) | same M_i, fp32 sampling: PSNR vs decoded z0 (dB) | plain DDIM PSNR vs decoded z0 (dB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, run in result["runs"].items():
         delta = result["deltas"].get(name, {})
         lines.append(f"| {name} | {run['iterations']} | {run['psnr_input_image_db']:.3f} | "

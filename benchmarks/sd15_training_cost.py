@@ -127,7 +127,9 @@ def estimate(mode: cost_modes.Mode, resolution: int = 512, num_steps: int = 30, 
     if mode.unet_weight_grads:
         bundle.unet.requires_grad_(True)
     weights = sum(p.nbytes for name in ("unet", "vae", *encoders) for p in getattr(bundle, name).parameters())
-    weight_grads = sum(p.nbytes for p in bundle.unet.parameters()) if mode.unet_weight_grads else 0  # grads in the weights' dtype
+    weight_grads = (
+        sum(p.nbytes for p in bundle.unet.parameters()) if mode.unet_weight_grads else 0
+    )  # grads in the weights' dtype
     parameters = {p.untyped_storage()._cdata for name in ("unet", "vae", *encoders)
                   for p in getattr(bundle, name).parameters()}
 
@@ -144,7 +146,9 @@ def estimate(mode: cost_modes.Mode, resolution: int = 512, num_steps: int = 30, 
 
     # the reference maps the attention loss compares with: record them once (no grad)
     state = install_attention_control(bundle.unet)
-    recorder = (cost_modes.ExplicitRecorder if mode.explicit_attention else training.CrossAttentionRecorder)(keep_grad=True)
+    recorder = (cost_modes.ExplicitRecorder if mode.explicit_attention else training.CrossAttentionRecorder)(
+        keep_grad=True
+    )
     with torch.no_grad(), controlled(state, recorder):
         predict(bundle, schedule, z, step, cond, BatchLayout.single())
     reference = [m.detach() for m in recorder.maps.get(step, [])]
@@ -160,8 +164,20 @@ def estimate(mode: cost_modes.Mode, resolution: int = 512, num_steps: int = 30, 
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack), \
             (fused if fused is not None else contextlib.nullcontext()), controlled(state, explicit):
         # one inner iteration of the training loop, on shapes (its loss, then its backward pass)
-        loss = training.iteration_loss(bundle, schedule, z, step, eps_u, mapper(features, cond), cond, torch.empty_like(z),
-                                       reference, state, recorder, cfg)
+        loss = training.iteration_loss(
+            bundle,
+            schedule,
+            z,
+            step,
+            eps_u,
+            mapper(features, cond),
+            cond,
+            torch.empty_like(z),
+            reference,
+            state,
+            recorder,
+            cfg,
+        )
         loss.backward()
     flops = count_flops(bundle, mode, schedule, z, step, eps_u, mapper, features, cond, reference, state, recorder, cfg)
     iterations = bench_models.schedule_iterations(num_steps, num_inner_steps)
@@ -179,7 +195,9 @@ def estimate(mode: cost_modes.Mode, resolution: int = 512, num_steps: int = 30, 
             "largest_saved": saved.largest(), "flops": flops, "train_iterations": iterations, "phase_flops": phases}
 
 
-def count_flops(bundle, mode, schedule, z, step, eps_u, mapper, features, cond, reference, state, recorder, cfg) -> dict:
+def count_flops(
+    bundle, mode, schedule, z, step, eps_u, mapper, features, cond, reference, state, recorder, cfg
+) -> dict:
     """FLOPs of one training iteration and of one UNet call with / without learned values (one row)."""
     explicit = cost_modes.ExplicitEverywhere() if mode.explicit_attention else None
     image = torch.empty(1, 3, bundle.image_size, bundle.image_size, device=META)
@@ -210,8 +228,12 @@ def count_flops(bundle, mode, schedule, z, step, eps_u, mapper, features, cond, 
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", choices=("sd15", "sdxl"), default="sd15",
-                   help="sd15: SD v1.5 (stylediffusion/configs/sd15); sdxl: SDXL base 1.0 (stylediffusion/configs/sdxl)")
+    p.add_argument(
+        "--size",
+        choices=("sd15", "sdxl"),
+        default="sd15",
+        help="sd15: SD v1.5 (stylediffusion/configs/sd15); sdxl: SDXL base 1.0 (stylediffusion/configs/sdxl)",
+    )
     p.add_argument("--resolution", type=int, default=None, help="default 512 (sd15), 1024 (sdxl)")
     p.add_argument("--fast_dtype", choices=tuple(bench_models.DTYPES), default="bfloat16")
     p.add_argument("--tflops", type=float, default=800.0,
@@ -246,9 +268,12 @@ def main(argv=None) -> list[dict]:
               f"{f['train_iteration'] / 1e12:.3f} | {ph['inversion'] / 1e12:.0f} | {ph['training'] / 1e12:.0f} | "
               f"{ph['edit'] / 1e12:.0f} | {(ph['training'] + ph['edit']) / 1e12:.0f} |")
     ref, fast = (r["phase_flops"] for r in rows)
-    print(f"reference / fast FLOPs, train+edit: {(ref['training'] + ref['edit']) / (fast['training'] + fast['edit']):.2f}x; "
-          f"fast mode at {args.tflops:g} TFLOP/s: inversion {fast['inversion'] / args.tflops / 1e12:.2f} s, training "
-          f"{fast['training'] / args.tflops / 1e12:.2f} s, edit {fast['edit'] / args.tflops / 1e12:.2f} s (a floor)")
+    ratio = (ref['training'] + ref['edit']) / (fast['training'] + fast['edit'])
+    print(
+        f"reference / fast FLOPs, train+edit: {ratio:.2f}x; "
+        f"fast mode at {args.tflops:g} TFLOP/s: inversion {fast['inversion'] / args.tflops / 1e12:.2f} s, training "
+        f"{fast['training'] / args.tflops / 1e12:.2f} s, edit {fast['edit'] / args.tflops / 1e12:.2f} s (a floor)"
+    )
     return rows
 
 

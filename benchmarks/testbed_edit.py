@@ -92,9 +92,13 @@ def main(argv=None) -> None:
                         "GPUs with bf16 units run by default)")
     p.add_argument("--n", type=int, default=50, help="held-out scenes")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
-                   help="inversion:edit pairs; edit 'p2plus' = p2p with tau_u 0.5; method options may follow as "
-                        "inversion:edit:name=value,name=value (e.g. stylediffusion_plus:p2plus:sdplus_target_values=aligned)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(DEFAULT_METHODS),
+        help="inversion:edit pairs; edit 'p2plus' = p2p with tau_u 0.5; method options may follow as "
+        "inversion:edit:name=value,name=value (e.g. stylediffusion_plus:p2plus:sdplus_target_values=aligned)",
+    )
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     p.add_argument("--num_ddim_steps", type=int, default=NUM_DDIM_STEPS)
     p.add_argument("--num_inner_steps", type=int, default=20)
@@ -129,9 +133,15 @@ def main(argv=None) -> None:
         for inv, ed_name, options, label in pairs:
             t0 = time.perf_counter()
             if inv not in inverted_cache:
-                inverted = editor.invert(scene.pil(), scene.caption, method=inv, num_inference_steps=args.num_ddim_steps,
-                                         num_inner_steps=args.num_inner_steps, guidance_scale=args.guidance_scale,
-                                         seed=0)
+                inverted = editor.invert(
+                    scene.pil(),
+                    scene.caption,
+                    method=inv,
+                    num_inference_steps=args.num_ddim_steps,
+                    num_inner_steps=args.num_inner_steps,
+                    guidance_scale=args.guidance_scale,
+                    seed=0,
+                )
                 inverted_cache[inv] = (inverted, time.perf_counter() - t0)
             inverted, inv_seconds = inverted_cache[inv]
             for ed in edits:
@@ -140,10 +150,20 @@ def main(argv=None) -> None:
                 recon = np.asarray(out.reconstruction)
                 edited = np.asarray(out.images[0])
                 ok, strict, bg = judge(ed, edited)
-                scene_rows.append({"scene": s_idx, "kind": ed.kind, "method": label, "source": ed.source_caption,
-                             "target": ed.target_caption, "success": int(ok), "strict_success": int(strict), "background_psnr": round(bg, 3),
-                             "reconstruction_psnr": round(psnr(recon, scene.image), 3),
-                             "seconds": round(inv_seconds + out.seconds, 3)})
+                scene_rows.append(
+                    {
+                        "scene": s_idx,
+                        "kind": ed.kind,
+                        "method": label,
+                        "source": ed.source_caption,
+                        "target": ed.target_caption,
+                        "success": int(ok),
+                        "strict_success": int(strict),
+                        "background_psnr": round(bg, 3),
+                        "reconstruction_psnr": round(psnr(recon, scene.image), 3),
+                        "seconds": round(inv_seconds + out.seconds, 3),
+                    }
+                )
                 if s_idx < 4:
                     samples[(label, ed.kind)].append((scene.pil(), out.images[0], ed.target.pil()))
         append_csv_rows(log_path, COLUMNS, scene_rows)
@@ -207,7 +227,7 @@ def write_outputs(args, rows) -> None:
 def write_samples(args, samples) -> None:
     """Input | edit | ground truth for the first scenes, one strip per method and edit kind."""
     strips = []
-    for (method, kind), items in samples.items():
+    for (_method, _kind), items in samples.items():
         flat = [im for triple in items for im in triple]
         strips.append(image_grid([im.resize((64, 64)) for im in flat]))
     if strips:

@@ -30,13 +30,13 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.testbed_reports import write_summary_table  # noqa: E402
 from stylediffusion import StyleDiffusionEditor  # noqa: E402
-from stylediffusion.encoders import encode_latent, encode_prompts  # noqa: E402
-from stylediffusion.files import append_csv_rows, atomic_write_text  # noqa: E402
-from stylediffusion.metrics import psnr, ssim  # noqa: E402
-from stylediffusion.methods import get_inversion  # noqa: E402
-from stylediffusion.sampling import ddim_inversion  # noqa: E402
 from stylediffusion.ddim import DDIMSchedule  # noqa: E402
 from stylediffusion.defaults import GUIDANCE_SCALE, NUM_INNER_STEPS  # noqa: E402
+from stylediffusion.encoders import encode_latent, encode_prompts  # noqa: E402
+from stylediffusion.files import append_csv_rows, atomic_write_text  # noqa: E402
+from stylediffusion.methods import get_inversion  # noqa: E402
+from stylediffusion.metrics import psnr, ssim  # noqa: E402
+from stylediffusion.sampling import ddim_inversion  # noqa: E402
 from stylediffusion.testbed import world  # noqa: E402
 
 COLUMNS = ["scene", "objects", "sizes", "method", "psnr", "ssim", "wall_seconds", "cpu_seconds", "unet_forward_no_grad",
@@ -142,7 +142,7 @@ def main(argv=None) -> None:
                                                 progress=False).latents
             drift = []
 
-            def on_step_end(editor, i, t, callback_kwargs, drift=drift):
+            def on_step_end(editor, i, t, callback_kwargs, drift=drift, trajectory=trajectory):
                 z = callback_kwargs["latents"]
                 drift.append(float((z[:1] - trajectory[T - i - 1]).pow(2).mean()))
                 return callback_kwargs

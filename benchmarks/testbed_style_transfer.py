@@ -152,8 +152,11 @@ def main(argv=None) -> None:
         rows += pair_rows
         if k < 8:
             strips.append([content.pil(), style.pil(), *images.values(), truth.pil()])
-        print(f"pair {k + 1}/{len(pairs)}: " + ", ".join(f"{r['method']} L{r['layout']} C{r['colour']} B{r['background']}"
-                                                         for r in pair_rows), flush=True)
+        print(
+            f"pair {k + 1}/{len(pairs)}: "
+            + ", ".join(f"{r['method']} L{r['layout']} C{r['colour']} B{r['background']}" for r in pair_rows),
+            flush=True,
+        )
     if strips:
         save_sample_sheet(sample_strips(strips), args.outdir / "samples.png")
         atomic_write_text(args.outdir / "samples.txt", "each row of samples.png: content, style, "
@@ -186,7 +189,8 @@ def write_summary(args, rows, options) -> None:
     for m in METHODS:
         mine = [r for r in rows if r["method"] == m]
         held = [r for r in mine if int(r["heldout"])]
-        rate = lambda rs, key: 100 * np.mean([int(r[key]) for r in rs]) if rs else float("nan")
+        def rate(rs, key):
+            return 100 * np.mean([int(r[key]) for r in rs]) if rs else float("nan")
         lines.append(f"| {m} | {rate(mine, 'layout'):.0f} % ({rate(mine, 'shape'):.0f} / {rate(mine, 'position'):.0f}) "
                      f"| {rate(mine, 'colour'):.0f} % | {rate(mine, 'background'):.0f} % | "
                      f"{rate(held, 'layout'):.0f} / {rate(held, 'colour'):.0f} / {rate(held, 'background'):.0f} % |")

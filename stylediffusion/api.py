@@ -36,8 +36,17 @@ from .errors import UserError
 from .image_io import load_image, prepare_image, tensor_to_pil
 from .methods import INVERSIONS, MethodContext, get_edit, get_inversion, run_method
 from .methods.registry import check_method_options
-from .models import (DEFAULT_IMAGE_ENCODER, DEFAULT_MODEL, ModelBundle, _missing_weights, check_device, execution_device,
-                     load_models, out_of_memory_as_user_error, resolve_dtype)
+from .models import (
+    DEFAULT_IMAGE_ENCODER,
+    DEFAULT_MODEL,
+    ModelBundle,
+    _missing_weights,
+    check_device,
+    execution_device,
+    load_models,
+    out_of_memory_as_user_error,
+    resolve_dtype,
+)
 from .outputs import EditOutput, check_output_type, picture, pictures, pil_picture
 from .results import Inversion
 from .specs import entry_points
@@ -135,7 +144,9 @@ class StyleDiffusionEditor:
         bundle = load_models(str(pretrained_model_name_or_path), image_encoder, device=device,
                              dtype=_resolve_dtype(torch_dtype, device), seed=seed, vae=vae, image_size=image_size)
         if bundle.untrained:
-            logger.warning("the 'tiny' model has random, untrained weights: outputs show the mechanics, not real edits.")
+            logger.warning(
+                "the 'tiny' model has random, untrained weights: outputs show the mechanics, not real edits."
+            )
         return cls(bundle, progress=progress)
 
     @classmethod
@@ -192,10 +203,22 @@ class StyleDiffusionEditor:
         return cls(bundle, progress=progress, _borrowed=True, _pipe=pipe)
 
     # ------------------------------------------------------------------ the two calls
-    def invert(self, image, prompt: str, method: str = "stylediffusion", num_inference_steps: int = NUM_DDIM_STEPS,
-               num_inner_steps: int = NUM_INNER_STEPS, guidance_scale: float = GUIDANCE_SCALE, progress: bool | None = None,
-               checkpoint: str | Path | None = None, seed: int | None = None, generator=None,
-               callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), **options) -> Inversion:
+    def invert(
+        self,
+        image,
+        prompt: str,
+        method: str = "stylediffusion",
+        num_inference_steps: int = NUM_DDIM_STEPS,
+        num_inner_steps: int = NUM_INNER_STEPS,
+        guidance_scale: float = GUIDANCE_SCALE,
+        progress: bool | None = None,
+        checkpoint: str | Path | None = None,
+        seed: int | None = None,
+        generator=None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs=("latents",),
+        **options,
+    ) -> Inversion:
         """Invert ``image`` (a PIL image, a file path, or an array) described by ``prompt``.
 
         Returns the ``Inversion`` itself (not a ``BaseOutput``): a value to ``save``, ``load`` and pass to
@@ -207,9 +230,10 @@ class StyleDiffusionEditor:
         ``embedding="key"``, ``nulltext_iterations=10``...; docs/methods.md). ``checkpoint``: a file
         where an optimising inversion is saved and resumed from, the command line's and
         ``Inversion.save``'s one format (None = in memory only). The global random state is left
-        alone. What the method draws (the mapping networks' initial weights, ``generated``'s z_T) comes from ``generator`` (a ``torch.Generator``,
-        which advances by what was drawn, or an int seed; a CPU generator seeded with s draws what
-        ``seed=s`` does), else from ``seed`` (default 0) and the method's seed option.
+        alone. What the method draws (the mapping networks' initial weights, ``generated``'s z_T)
+        comes from ``generator`` (a ``torch.Generator``, which advances by what was drawn, or an int
+        seed; a CPU generator seeded with s draws what ``seed=s`` does), else from ``seed`` (default 0)
+        and the method's seed option.
         ``callback_on_step_end(editor, step_index, timestep, callback_kwargs)`` (diffusers' signature)
         is called after each denoising step of inversions that have them (``generated``).
         """
@@ -256,11 +280,27 @@ class StyleDiffusionEditor:
             inv = inversion_method.invert(ctx)
         return inv.record_origin(self.bundle, pixels, prompt, num_inference_steps, options)
 
-    def edit(self, inversion: Inversion, target: str | EditSpec | list, tau_v: float = TAU_V, tau_c: float | dict = TAU_C,
-             tau_s: float = TAU_S, tau_u: float = TAU_U, blend_words=None, edit_type: str | None = None,
-             eq_params: dict | None = None, method: str = "p2p", generator=None, guidance_scale: float = GUIDANCE_SCALE,
-             progress: bool | None = None, output_type: str = "pil", return_dict: bool = True,
-             callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), **options):
+    def edit(
+        self,
+        inversion: Inversion,
+        target: str | EditSpec | list,
+        tau_v: float = TAU_V,
+        tau_c: float | dict = TAU_C,
+        tau_s: float = TAU_S,
+        tau_u: float = TAU_U,
+        blend_words=None,
+        edit_type: str | None = None,
+        eq_params: dict | None = None,
+        method: str = "p2p",
+        generator=None,
+        guidance_scale: float = GUIDANCE_SCALE,
+        progress: bool | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs=("latents",),
+        **options,
+    ):
         """Edit an inversion into one target prompt or several (one output image each).
 
         A target may also be an ``editing.EditSpec`` (with its own τ, edit type, blend words...; its
@@ -342,9 +382,18 @@ class StyleDiffusionEditor:
                          seconds=sum(out.seconds.get("edit", 0.0) for out in outputs))
         return out if return_dict else (out.images, out.reconstruction, out.attention_maps)
 
-    def transfer_style(self, style_inversion: Inversion, content_image, content_prompt: str | None = None,
-                       guidance_scale: float = GUIDANCE_SCALE, progress: bool | None = None, style_reconstruction: bool = True,
-                       output_type: str = "pil", return_dict: bool = True, **options):
+    def transfer_style(
+        self,
+        style_inversion: Inversion,
+        content_image,
+        content_prompt: str | None = None,
+        guidance_scale: float = GUIDANCE_SCALE,
+        progress: bool | None = None,
+        style_reconstruction: bool = True,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        **options,
+    ):
         """Style transfer (the paper's §5.2.7): the content image's structure in the style of the image
         ``style_inversion`` was made from (a StyleDiffusion inversion: its learned values are the style).
 
@@ -517,9 +566,11 @@ def _refuse_old_callbacks(options: dict) -> None:
     """The per-step callback of older versions (``on_step=``) and diffusers' removed one: one line each."""
     for name in _OLD_CALLBACKS:
         if name in options:
-            raise UserError(f"{name}= is no longer taken: pass callback_on_step_end=fn, called as fn(editor, "
-                            f"step_index, timestep, callback_kwargs) at the end of every denoising step and returning "
-                            f"callback_kwargs (diffusers' signature; callback_kwargs['latents'] are the step's latents).")
+            raise UserError(
+                f"{name}= is no longer taken: pass callback_on_step_end=fn, called as fn(editor, "
+                f"step_index, timestep, callback_kwargs) at the end of every denoising step and returning "
+                f"callback_kwargs (diffusers' signature; callback_kwargs['latents'] are the step's latents)."
+            )
 
 
 def _generator(generator) -> torch.Generator | None:

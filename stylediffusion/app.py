@@ -214,7 +214,9 @@ class PageEdits:
 
     def summary(self) -> str:
         n = len(self.edits)
-        return f"{n} edit{'s' if n > 1 else ''} in {self.seconds:.1f} s" + (f" ({self.seconds / n:.1f} s each)." if n > 1 else ".")
+        return f"{n} edit{'s' if n > 1 else ''} in {self.seconds:.1f} s" + (
+            f" ({self.seconds / n:.1f} s each)." if n > 1 else "."
+        )
 
 
 @entry_points("page")  # its messages name the page's fields by their labels
@@ -387,9 +389,16 @@ class DemoApp:
         return self._loaded[key]
 
     # ------------------------------------------------------------------ step 1
-    def invert(self, image: Image.Image | None, prompt: str | None, method: str = "stylediffusion",
-               num_inference_steps: int = NUM_DDIM_STEPS, num_inner_steps: int = NUM_INNER_STEPS, progress: bool = False,
-               session: str | None = None) -> InvertResult:
+    def invert(
+        self,
+        image: Image.Image | None,
+        prompt: str | None,
+        method: str = "stylediffusion",
+        num_inference_steps: int = NUM_DDIM_STEPS,
+        num_inner_steps: int = NUM_INNER_STEPS,
+        progress: bool = False,
+        session: str | None = None,
+    ) -> InvertResult:
         """Invert (image, prompt) with these settings, or return the cached inversion made earlier."""
         image = page_image(image, self.limits)
         if image is None:
@@ -482,7 +491,7 @@ class DemoApp:
             files = []
 
             def write():
-                for k, (target, picture, spec, seconds) in enumerate(edits):
+                for k, (_target, picture, spec, seconds) in enumerate(edits):
                     report = {"inversion": method, "edit": edit_method, "source": spec.source, "target": spec.target,
                               "edit_type": spec.edit_type, "tau_v": spec.tau_v, "tau_c": spec.tau_c,
                               "tau_s": spec.tau_s, "tau_u": spec.tau_u, "blend_words": spec.blend_words,

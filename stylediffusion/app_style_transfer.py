@@ -13,8 +13,18 @@ from PIL import Image
 
 from . import optional, validate
 from .demo_cache import EDITS
-from .demo_page import (MAX_FIELD_CHARS, _choice, _field_text, _save_png_atomic, _session, _write_json_atomic,
-                        for_display, own_copy, page_errors, page_image)
+from .demo_page import (
+    MAX_FIELD_CHARS,
+    _choice,
+    _field_text,
+    _save_png_atomic,
+    _session,
+    _write_json_atomic,
+    for_display,
+    own_copy,
+    page_errors,
+    page_image,
+)
 from .errors import UserError
 from .specs import asked_from
 from .style_transfer import TRANSFER_OPTIONS

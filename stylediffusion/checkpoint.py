@@ -74,10 +74,14 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta = json.loads(header["stylediffusion"])
     except (KeyError, json.JSONDecodeError) as err:
-        raise UserError(f"checkpoint '{path}' has no StyleDiffusion metadata: it was not written by this toolkit.") from err
+        raise UserError(
+            f"checkpoint '{path}' has no StyleDiffusion metadata: it was not written by this toolkit."
+        ) from err
     except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
-        raise UserError(f"checkpoint '{path}' is corrupt or truncated ({type(err).__name__}: {err}); "
-                        f"delete it and train again with --is_train True.") from err
+        raise UserError(
+            f"checkpoint '{path}' is corrupt or truncated ({type(err).__name__}: {err}); "
+            f"delete it and train again with --is_train True."
+        ) from err
     if not isinstance(meta, dict):
         raise UserError(f"checkpoint '{path}' has metadata of the wrong shape ({type(meta).__name__}, not an "
                         f"object): it was not written by this toolkit.")
@@ -107,7 +111,8 @@ def validate_inversion(tensors: dict[str, torch.Tensor], meta: dict, path: str |
     for key, kind in _INVERSION_FIELDS.items():
         value = meta.get(key)
         if isinstance(value, bool) or not isinstance(value, kind):
-            raise bad(f"metadata '{key}' is {value!r}, not {'a number' if kind is int else 'an object' if kind is dict else 'text'}")
+            wanted = "a number" if kind is int else "an object" if kind is dict else "text"
+            raise bad(f"metadata '{key}' is {value!r}, not {wanted}")
     if meta["variant"] not in VARIANTS:
         raise bad(f"unknown variant {meta['variant']!r} (known: {', '.join(VARIANTS)})")
     mapping = meta["mapping_config"]

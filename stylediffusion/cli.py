@@ -56,29 +56,44 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vae", default=None,
                    help="a VAE hub id or folder in place of the model's (e.g. madebyollin/sdxl-vae-fp16-fix), run in "
                         "--dtype; without it the model's own VAE runs in float32 (SDXL's overflows in float16)")
-    g.add_argument("--image_size", type=int, default=None,
-                   help="pixels to run at (default: the model's: 512 for SD 1.x, 1024 for SDXL); images are resized to it")
+    g.add_argument(
+        "--image_size",
+        type=int,
+        default=None,
+        help="pixels to run at (default: the model's: 512 for SD 1.x, 1024 for SDXL); images are resized to it",
+    )
     add_settings(g, "device", "dtype", "seed")
 
     g = p.add_argument_group("inversion (training)")
     add_settings(g, "num_ddim_steps", "num_inner_steps", "guidance_scale", "lr", "variant", "attention_loss",
                  "early_stop")
-    g.add_argument("--checkpoint", type=Path, default=None, help="inversion file (default: <checkpoint_dir>/<case>_<model>_T<T>.safetensors)")
+    g.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="inversion file (default: <checkpoint_dir>/<case>_<model>_T<T>.safetensors)",
+    )
     g.add_argument("--checkpoint_dir", type=Path, default=Path("checkpoints"))
     g.add_argument("--retrain", action="store_true", help="train again even if a matching checkpoint exists")
 
-    g = p.add_argument_group("editing (Prompt-to-Prompt + P2Plus); unset values come from the index row or the README defaults")
+    g = p.add_argument_group(
+        "editing (Prompt-to-Prompt + P2Plus); unset values come from the index row or the README defaults"
+    )
     add_settings(g, "edit_type", "tau_v", "tau_c", "tau_s", "tau_u", "blend_word", "eq_params", "inversion", "edit",
                  "method_option")
     g.add_argument("--list_methods", action="store_true", help="list the registered inversions and edits, and exit")
     add_settings(g, "progress")
     add_elite_arguments(p)
 
-    g = p.add_argument_group("style transfer (the paper's §5.2.7): --image_path/--prompt (or --idx) are the STYLE image")
+    g = p.add_argument_group(
+        "style transfer (the paper's §5.2.7): --image_path/--prompt (or --idx) are the STYLE image"
+    )
     g.add_argument("--content_image", type=Path, default=None,
                    help="style-transfer mode: the image whose structure is kept (no --target needed); options as "
                         "--method_option transfer_feature_fraction=0.8 ... (docs/method.md)")
-    g.add_argument("--content_prompt", default=None, help="caption of the content image (default: the empty prompt, as PnP)")
+    g.add_argument(
+        "--content_prompt", default=None, help="caption of the content image (default: the empty prompt, as PnP)"
+    )
     return p
 
 
@@ -357,14 +372,18 @@ def run_style_transfer(args) -> list[Path]:
     if args.retrain and ckpt.is_file():
         ckpt.unlink()
     if not ckpt.is_file():
-        logger.info(f"no trained inversion of the style image at {ckpt}: training it first (T={T}, K={args.num_inner_steps})")
+        logger.info(
+            f"no trained inversion of the style image at {ckpt}: training it first (T={T}, K={args.num_inner_steps})"
+        )
     t0 = time.perf_counter()
     inverted = invert_job(args, editor, job, ckpt, options)
     logger.info(f"style inversion ready in {time.perf_counter() - t0:.1f}s ({ckpt})")
     out = editor.transfer_style(inverted, args.content_image, args.content_prompt,
                                 guidance_scale=args.guidance_scale, **transfer)
     written = [ckpt] + save_transfer_outputs(args.outdir, out, bundle, T, args.content_image, job.image_path)
-    logger.info(f"style transfer of '{job.image_path}' onto '{args.content_image}' in {out.seconds:.1f}s -> {args.outdir}")
+    logger.info(
+        f"style transfer of '{job.image_path}' onto '{args.content_image}' in {out.seconds:.1f}s -> {args.outdir}"
+    )
     return written
 
 
@@ -404,11 +423,25 @@ def save_edit_outputs(outdir: Path, out, bundle, T: int, inversion: str = "style
     for name, img in files.items():
         save_atomic(img, outdir / name)
         paths.append(outdir / name)
-    report = {"inversion": inversion, "edit": edit, "source": spec.source, "target": spec.target, "edit_type": spec.edit_type, "tau_v": spec.tau_v,
-              "tau_c": spec.tau_c, "tau_s": spec.tau_s, "tau_u": spec.tau_u, "blend_words": spec.blend_words,
-              "eq_params": spec.eq_params, "guidance_scale": spec.guidance_scale, "num_ddim_steps": T,
-              "model": bundle.model_id, "untrained_model": bundle.untrained,
-              "dtype": str(bundle.dtype).removeprefix("torch."), "edit_seconds": round(out.seconds, 3)}
+    report = {
+        "inversion": inversion,
+        "edit": edit,
+        "source": spec.source,
+        "target": spec.target,
+        "edit_type": spec.edit_type,
+        "tau_v": spec.tau_v,
+        "tau_c": spec.tau_c,
+        "tau_s": spec.tau_s,
+        "tau_u": spec.tau_u,
+        "blend_words": spec.blend_words,
+        "eq_params": spec.eq_params,
+        "guidance_scale": spec.guidance_scale,
+        "num_ddim_steps": T,
+        "model": bundle.model_id,
+        "untrained_model": bundle.untrained,
+        "dtype": str(bundle.dtype).removeprefix("torch."),
+        "edit_seconds": round(out.seconds, 3),
+    }
     atomic_write_text(outdir / "edit.json", json.dumps(report, indent=2) + "\n")
     return paths + [outdir / "edit.json"]
 

@@ -26,10 +26,10 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
-from .flags import ArgumentParser
 from .elite import config_from_state_dict, metadata, unet_cross_attention_layers
 from .errors import UserError
 from .files import atomic_write, writable_file
+from .flags import ArgumentParser
 from .models import quiet_libraries
 from .runner import exit_code, package_notes_on_stdout
 

@@ -112,10 +112,19 @@ def edit_rows(idx: int | None = None, data_dir: Path = DEFAULT_DATA_DIR) -> list
             blend = tuple(blend.split())
         blend = validate.blend_words(blend or None, f"{where}: column 'blend_word'")
         base = _image_row(row, Path(data_dir), where)
-        out.append(EditRow(
-            base.case_number, base.prompt, base.image_path,
-            validate.prompt(row["target"], f"{where}: column 'target'").strip(), blend,
-            _literal(row["eq_params"], "eq_params", where), _number(row["tau_v"], "tau_v", where),
-            _literal(row["tau_c"], "tau_c", where), _number(row["tau_s"], "tau_s", where), _number(row["tau_u"], "tau_u", where), row["edit_type"].strip(),
-        ))
+        out.append(
+            EditRow(
+                base.case_number,
+                base.prompt,
+                base.image_path,
+                validate.prompt(row["target"], f"{where}: column 'target'").strip(),
+                blend,
+                _literal(row["eq_params"], "eq_params", where),
+                _number(row["tau_v"], "tau_v", where),
+                _literal(row["tau_c"], "tau_c", where),
+                _number(row["tau_s"], "tau_s", where),
+                _number(row["tau_u"], "tau_u", where),
+                row["edit_type"].strip(),
+            )
+        )
     return out

@@ -13,10 +13,18 @@ import torch
 from tqdm.auto import tqdm
 
 from . import seq_aligner
-from .attention_control import (BatchLayout, LocalBlend, PromptToPromptController, RefinementEdit, ReplacementEdit,
-                       ReweightEdit, controlled, install_attention_control)
-
+from .attention_control import (
+    BatchLayout,
+    LocalBlend,
+    PromptToPromptController,
+    RefinementEdit,
+    ReplacementEdit,
+    ReweightEdit,
+    controlled,
+    install_attention_control,
+)
 from .ddim import DDIMSchedule, guided
+
 # EDIT_TYPES and TAU_* re-exported: callers import the edit defaults from here too
 from .defaults import EDIT_TYPES, GUIDANCE_SCALE, TAU_C, TAU_S, TAU_U, TAU_V  # noqa: F401
 from .encoders import encode_prompts

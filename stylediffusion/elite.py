@@ -14,8 +14,9 @@ text encoder and the UNet's cross-attention.
   maximum) and by lambda, is added to the layer's output.
 
 State-dict keys are those of the authors' ``global_mapper.pt`` / ``local_mapper.pt``
-(``mapping_0.0.weight`` ... ``mapping_patch_4.6.bias``, ``down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.weight``
-...): ``convert_elite`` turns those pickles into safetensors once; this module reads only safetensors.
+(``mapping_0.0.weight`` ... ``mapping_patch_4.6.bias``,
+``down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.weight`` ...): ``convert_elite`` turns those
+pickles into safetensors once; this module reads only safetensors.
 The placeholder's embedding enters through the text encoder's token-embedding output (a forward hook
 on the embedding layer, no replaced ``forward``); the projections and local values through the
 project's attention processors (``attention_control``).

@@ -1,11 +1,12 @@
 """Model families, described once: how each turns prompts into UNet conditioning, and its default size.
 
-| family  | text encoding                                                   | added conditioning                     | default size |
-|---------|-----------------------------------------------------------------|----------------------------------------|--------------|
-| SD 1.x  | CLIP ViT-L/14 text tower, last hidden state (77 x 768)          | none                                   | 512²         |
-| SD 2.x  | OpenCLIP ViT-H text tower, last hidden state (77 x 1024)        | none                                   | 512² / 768²  |
-| SDXL    | CLIP ViT-L (77 x 768) and OpenCLIP bigG (77 x 1280), penultimate | pooled bigG projection (1280) and six  | 1024²        |
-|         | hidden states of both, concatenated (77 x 2048)                 | time ids (original size, crop, target) |              |
+| family | text encoding                                        | added conditioning                | default size |
+|--------|------------------------------------------------------|-----------------------------------|--------------|
+| SD 1.x | CLIP ViT-L/14 text tower, last hidden (77x768)       | none                              | 512²         |
+| SD 2.x | OpenCLIP ViT-H text tower, last hidden (77x1024)     | none                              | 512² / 768²  |
+| SDXL   | CLIP ViT-L (77x768) and OpenCLIP bigG (77x1280),     | pooled bigG projection (1280) and | 1024²        |
+|        | penultimate hidden states, concatenated (77x2048)    | six time ids (original size,      |              |
+|        |                                                      | crop, target)                     |              |
 
 The default size is always the UNet's sample size times the VAE factor (``ModelBundle.default_image_size``);
 ``--image_size`` / ``image_size=`` runs at another (``check_image_size``), recorded in the model identity.
@@ -87,7 +88,10 @@ class SDXLFamily(ModelFamily):
     def encode_prompts(self, bundle, prompts: list[str]) -> torch.Tensor:
         """(n, 78, 2048) float32: both encoders' penultimate hidden states, then the pooled row."""
         states, pooled = [], None
-        for tokenizer, encoder in ((bundle.tokenizer, bundle.text_encoder), (bundle.tokenizer_2, bundle.text_encoder_2)):
+        for tokenizer, encoder in (
+            (bundle.tokenizer, bundle.text_encoder),
+            (bundle.tokenizer_2, bundle.text_encoder_2),
+        ):
             ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                             return_tensors="pt").input_ids.to(bundle.device)
             out = encoder(ids, output_hidden_states=True)

@@ -142,7 +142,9 @@ def add_elite_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--elite_global", default=None, help="converted global mapper (.safetensors)")
     g.add_argument("--elite_local", default=None, help="converted local mapper (.safetensors), optional")
     g.add_argument("--elite_reference", default=None, help="image of the concept (default: the source image)")
-    g.add_argument("--elite_mask", default=None, help="object mask of the reference (white = object), for --elite_local")
+    g.add_argument(
+        "--elite_mask", default=None, help="object mask of the reference (white = object), for --elite_local"
+    )
     g.add_argument("--elite_lambda", type=finite_float(minimum=0.0, maximum=20.0), default=None,
                    help="weight of the local values (0.8)")
     g.add_argument("--elite_placeholder", default=None, help="the target prompt's placeholder word ('*')")

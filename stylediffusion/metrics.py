@@ -129,7 +129,11 @@ def ssim(a: Any, b: Any, mask: Any = None) -> float:
 # ----------------------------------------------------------------------------- LPIPS
 @functools.lru_cache(maxsize=4)
 def _lpips_module(net: str, device: str):
-    m = optional.load("torchmetrics.image.lpip").LearnedPerceptualImagePatchSimilarity(net_type=net, normalize=True).to(device)
+    m = (
+        optional.load("torchmetrics.image.lpip")
+        .LearnedPerceptualImagePatchSimilarity(net_type=net, normalize=True)
+        .to(device)
+    )
     return _freeze(m)
 
 

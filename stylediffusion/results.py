@@ -72,9 +72,11 @@ def read_inversion(path, partial: bool = False) -> tuple[dict[str, torch.Tensor]
     if complete == partial:
         if partial:
             raise UserError(f"'{path}' is a finished inversion, not a partial one.")
-        raise UserError(f"'{path}' is an unfinished inversion ({meta.get('trained_steps')}/{meta.get('num_ddim_steps')} "
-                        f"steps trained): finish it by training again with the same settings and the final file's "
-                        f"path (--is_train True on the command line, editor.invert(..., checkpoint=...) in Python).")
+        raise UserError(
+            f"'{path}' is an unfinished inversion ({meta.get('trained_steps')}/{meta.get('num_ddim_steps')} "
+            f"steps trained): finish it by training again with the same settings and the final file's "
+            f"path (--is_train True on the command line, editor.invert(..., checkpoint=...) in Python)."
+        )
     return tensors, meta
 
 
@@ -189,7 +191,9 @@ class Inversion:
             mappers = None
             if "mapping_steps" in info:
                 mappers = MappingNetworks(MappingConfig(**meta["mapping_config"]), int(info["mapping_steps"]))
-                mappers.load_state_dict({k[len("mappers."):]: v for k, v in tensors.items() if k.startswith("mappers.")})
+                mappers.load_state_dict(
+                    {k[len("mappers.") :]: v for k, v in tensors.items() if k.startswith("mappers.")}
+                )
                 mappers.eval()
             uncond = None
             if "uncond_steps" in info:

@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from .errors import UserError, one_line
 from .files import FILESYSTEM_ERRNOS, filesystem_error
 
-
 _startup = {"active": False}
 
 

@@ -9,7 +9,6 @@ import torch
 from tqdm.auto import tqdm
 
 from .attention_control import BatchLayout, CrossAttentionRecorder, controlled, install_attention_control
-
 from .ddim import DDIMSchedule, guided
 from .models import ModelBundle
 

@@ -18,9 +18,26 @@ import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from .defaults import (DTYPE_NAMES, EDIT, EDIT_TYPES, GUIDANCE_SCALE, IMAGE_ENCODER, LEARNING_RATE, MAX_GUIDANCE,
-                       MAX_SEED, MODEL, NUM_DDIM_STEPS, NUM_INNER_STEPS, SEED, TAU_C, TAU_S, TAU_U, TAU_V, VARIANT,
-                       VARIANTS)
+from .defaults import (
+    DTYPE_NAMES,
+    EDIT,
+    EDIT_TYPES,
+    GUIDANCE_SCALE,
+    IMAGE_ENCODER,
+    LEARNING_RATE,
+    MAX_GUIDANCE,
+    MAX_SEED,
+    MODEL,
+    NUM_DDIM_STEPS,
+    NUM_INNER_STEPS,
+    SEED,
+    TAU_C,
+    TAU_S,
+    TAU_U,
+    TAU_V,
+    VARIANT,
+    VARIANTS,
+)
 
 SURFACES = ("cli", "api", "page")
 
@@ -109,8 +126,8 @@ _SETTINGS = (
     Setting("eq_params", None, "re-weighting: \"{'words': ['red'], 'values': [2]}\"", "literal",
             label="re-weighting of target words"),
     # the methods
-    Setting("inversion", None, "inversion method (see --list_methods; default: the edit's own, spdinv for --edit elite, "
-            "else stylediffusion)", keyword="method", label="inversion method"),
+    Setting("inversion", None, "inversion method (see --list_methods; default: the edit's own, spdinv for "
+            "--edit elite, else stylediffusion)", keyword="method", label="inversion method"),
     Setting("edit", EDIT, "edit method (see --list_methods)", keyword="method", label="edit method"),
     Setting("method_option", (), "method-specific option, repeatable (e.g. sdedit_strength=0.6, embedding=key_value, "
             "generated_seed=3); see --list_methods and docs/methods.md", metavar="KEY=VALUE", label="option"),

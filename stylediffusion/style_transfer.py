@@ -156,8 +156,10 @@ def check_style_inversion(inv) -> None:
         raise UserError("this StyleDiffusion inversion lacks its mapping networks, image features, prompt or T: "
                         "make it with editor.invert (or load it with Inversion.load).")
     if len(inv.mappers) != inv.num_steps:
-        raise UserError(f"this StyleDiffusion inversion holds {len(inv.mappers)} mapping networks for T={inv.num_steps}: "
-                        f"it is damaged; invert the style image again.")
+        raise UserError(
+            f"this StyleDiffusion inversion holds {len(inv.mappers)} mapping networks for T={inv.num_steps}: "
+            f"it is damaged; invert the style image again."
+        )
 
 
 @dataclass
@@ -223,8 +225,13 @@ def transfer_latents(bundle: ModelBundle, schedule: DDIMSchedule, style: Inversi
 
 
 @torch.no_grad()
-def style_reconstruction(bundle: ModelBundle, schedule: DDIMSchedule, style: Inversion, guidance_scale: float = GUIDANCE_SCALE,
-                         progress: bool = True) -> torch.Tensor:
+def style_reconstruction(
+    bundle: ModelBundle,
+    schedule: DDIMSchedule,
+    style: Inversion,
+    guidance_scale: float = GUIDANCE_SCALE,
+    progress: bool = True,
+) -> torch.Tensor:
     """The style image regenerated from its own z*_T with its learned values: (1, C, h, w)."""
     spec = EditSpec(style.source, style.source, guidance_scale=guidance_scale)
     result = run_edit(bundle, schedule, style.z_T, spec, mappers=style.mappers.to(bundle.device),

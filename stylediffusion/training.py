@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .attention_control import BatchLayout, CrossAttentionRecorder, controlled, install_attention_control
-
 from .ddim import DDIMSchedule, guided
 from .defaults import GUIDANCE_SCALE, LEARNING_RATE, NUM_INNER_STEPS
 from .errors import UserError
@@ -120,9 +119,25 @@ class StepReport:
     loss: float
 
 
-def fit_step(bundle: ModelBundle, schedule: DDIMSchedule, z: torch.Tensor, i: int, eps_u: torch.Tensor, mapper,
-             image_features: torch.Tensor, cond: torch.Tensor, target: torch.Tensor, reference: list,
-             state, recorder, cfg: TrainConfig, scaler, num_iterations: int, bar, what: str = "training") -> tuple[int, float]:
+def fit_step(
+    bundle: ModelBundle,
+    schedule: DDIMSchedule,
+    z: torch.Tensor,
+    i: int,
+    eps_u: torch.Tensor,
+    mapper,
+    image_features: torch.Tensor,
+    cond: torch.Tensor,
+    target: torch.Tensor,
+    reference: list,
+    state,
+    recorder,
+    cfg: TrainConfig,
+    scaler,
+    num_iterations: int,
+    bar,
+    what: str = "training",
+) -> tuple[int, float]:
     """Adam on M_i alone at the pivot ``z`` for up to ``num_iterations`` iterations (early stop as released);
     (iterations run, last loss). ``what`` names the loss in the error line."""
     mapper.requires_grad_(True)

@@ -115,8 +115,14 @@ def blend_words(value, what: str | None = None):
     if value is None:
         return None
     words = tuple(value.split()) if isinstance(value, str) else value
-    if not isinstance(words, (tuple, list)) or len(words) != 2 or not all(isinstance(w, str) and w.strip() for w in words):
-        raise UserError(f"{_bare(what or spelled('blend_word'))} needs two words (source word, target word), got {_short(value)}.")
+    if (
+        not isinstance(words, (tuple, list))
+        or len(words) != 2
+        or not all(isinstance(w, str) and w.strip() for w in words)
+    ):
+        raise UserError(
+            f"{_bare(what or spelled('blend_word'))} needs two words (source word, target word), got {_short(value)}."
+        )
     return tuple(words)
 
 

@@ -11,7 +11,9 @@ from PIL import Image
 from . import seq_aligner
 
 
-def word_attention_maps(maps: torch.Tensor, prompt: str, tokenizer, grid_hw: tuple[int, int]) -> list[tuple[str, np.ndarray]]:
+def word_attention_maps(
+    maps: torch.Tensor, prompt: str, tokenizer, grid_hw: tuple[int, int]
+) -> list[tuple[str, np.ndarray]]:
     """(queries, tokens) averaged cross-attention -> one [0, 1] map per word of the prompt."""
     out = []
     for k, word in enumerate(seq_aligner.words(prompt)):

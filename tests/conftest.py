@@ -37,3 +37,14 @@ def testbed_editor():
     from stylediffusion import StyleDiffusionEditor
 
     return StyleDiffusionEditor.from_pretrained("testbed", device="cpu", progress=False)
+
+
+@pytest.fixture(scope="session")
+def noise_photo(tmp_path_factory):
+    """A 64x64 PNG of uniform noise (an image file with no structure, for the surfaces' round trips)."""
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("noise_photo") / "photo.png"
+    Image.fromarray((np.random.default_rng(3).random((64, 64, 3)) * 255).astype(np.uint8)).save(path)
+    return path

@@ -83,7 +83,9 @@ def _save(model, folder: Path, config: dict, weights: str, config_name: str = "c
 
         model.save_pretrained(folder, safe_serialization=True)
         for path in folder.glob("*.safetensors"):
-            name = "pytorch_model.bin" if path.name == "model.safetensors" else path.name.replace(".safetensors", ".bin")
+            name = (
+                "pytorch_model.bin" if path.name == "model.safetensors" else path.name.replace(".safetensors", ".bin")
+            )
             torch.save(load_file(str(path)), path.with_name(name))
             path.unlink()
     (folder / config_name).write_text(json.dumps(config, indent=2) + "\n")
@@ -97,9 +99,21 @@ def _copy_config_files(src: Path, dest: Path) -> None:
             shutil.copyfile(path, target)
 
 
+def random_unet(config: dict):
+    """A UNet with random weights from ``config``, its output scaled down as in ``models.tiny_components``
+    (so that a random UNet's inversion stays self-consistent)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_config(config)
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(0.3)
+        unet.conv_out.bias.mul_(0.3)
+    return unet
+
+
 def build_folder(layout: str, dest: Path, weights: str = "plain", seed: int = 0) -> Path:
     """A diffusers folder laid out as ``layout`` on the hub, with reduced random weights."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
     dest = Path(dest)
@@ -108,11 +122,7 @@ def build_folder(layout: str, dest: Path, weights: str = "plain", seed: int = 0)
         shutil.copyfile(TOKENIZER_FILES / name, dest / "tokenizer" / name)
     configs = reduced_configs(layout)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_config(configs["unet"])
-    with torch.no_grad():  # as in models.tiny_components: keep a random UNet's inversion self-consistent
-        unet.conv_out.weight.mul_(0.3)
-        unet.conv_out.bias.mul_(0.3)
-    _save(unet, dest / "unet", configs["unet"], weights)
+    _save(random_unet(configs["unet"]), dest / "unet", configs["unet"], weights)
     _save(AutoencoderKL.from_config(configs["vae"]), dest / "vae", configs["vae"], weights)
     text_cfg = {k: v for k, v in configs["text_encoder"].items() if not k.startswith("_")}
     _save(CLIPTextModel(CLIPTextConfig(**text_cfg)), dest / "text_encoder", configs["text_encoder"], weights)

@@ -15,8 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
-
-from layouts import FIXTURES, TOKENIZER_FILES, _copy_config_files, _replace_values, _save, hub_config
+from layouts import FIXTURES, TOKENIZER_FILES, _copy_config_files, _replace_values, _save, hub_config, random_unet
 
 SDXL_LAYOUT = "sdxl-base-1.0"
 TEXT_WIDTHS = (16, 32)  # text_encoder (CLIP ViT-L, 768 on the hub), text_encoder_2 (bigG, 1280)
@@ -44,7 +43,7 @@ def reduced_sdxl_configs() -> dict[str, dict]:
 
 def build_sdxl_folder(dest: Path, weights: str = "plain", seed: int = 0) -> Path:
     """An SDXL base 1.0 folder as on the hub, with reduced random weights (see the module docstring)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     dest = Path(dest)
@@ -54,11 +53,7 @@ def build_sdxl_folder(dest: Path, weights: str = "plain", seed: int = 0) -> Path
             shutil.copyfile(TOKENIZER_FILES / name, dest / sub / name)
     configs = reduced_sdxl_configs()
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_config(configs["unet"])
-    with torch.no_grad():  # as in layouts.build_folder: keep a random UNet's inversion self-consistent
-        unet.conv_out.weight.mul_(0.3)
-        unet.conv_out.bias.mul_(0.3)
-    _save(unet, dest / "unet", configs["unet"], weights)
+    _save(random_unet(configs["unet"]), dest / "unet", configs["unet"], weights)
     vae = AutoencoderKL.from_config(configs["vae"])
     with torch.no_grad():  # as in models.tiny_components: a random VAE's latents to unit variance (what the
         # hub's 0.13025 does for the trained VAE), so DDIM meets latents of the size it does on real images

@@ -124,7 +124,9 @@ def test_invert_then_edit_in_a_real_browser(server, tmp_path):
             page.locator("#steps input").fill(str(T))
             page.locator("#inner-steps input").fill(str(K))
             page.locator("#invert").click()
-            expect(page.locator("#invert-status")).to_contain_text("PSNR", timeout=900_000 if UPDATE_SCREENSHOT else None)
+            expect(page.locator("#invert-status")).to_contain_text(
+                "PSNR", timeout=900_000 if UPDATE_SCREENSHOT else None
+            )
             expect(page.locator("#invert-status")).to_contain_text("trained now")
             expect(page.locator("#reconstruction img")).to_be_visible()
             phase("inverted")

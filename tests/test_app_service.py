@@ -41,7 +41,9 @@ def header_only_png(path: Path, width: int, height: int) -> Path:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -166,11 +168,15 @@ def test_case_table_has_the_23_cases():
 def test_limits_are_the_operators(app, editor, tmp_path):
     strict = DemoApp(editor, tmp_path, limits=ServiceLimits(max_steps=3, max_inner_steps=1, max_targets=1,
                                                             max_prompt_chars=50))
-    for call, flag in ((lambda: strict.invert(scene(), PROMPT, "stylediffusion", 4, 1), "--max_steps"),
-                       (lambda: strict.invert(scene(), PROMPT, "stylediffusion", 3, 2), "--max_inner_steps"),
-                       (lambda: strict.edit(scene(), PROMPT, "stylediffusion", 3, 1, f"{BLUE}\n{BLUE}"), "--max_targets"),
-                       (lambda: strict.invert(scene(), PROMPT + " and twenty more characters", "stylediffusion", 3, 1),
-                        "--max_prompt_chars")):
+    for call, flag in (
+        (lambda: strict.invert(scene(), PROMPT, "stylediffusion", 4, 1), "--max_steps"),
+        (lambda: strict.invert(scene(), PROMPT, "stylediffusion", 3, 2), "--max_inner_steps"),
+        (lambda: strict.edit(scene(), PROMPT, "stylediffusion", 3, 1, f"{BLUE}\n{BLUE}"), "--max_targets"),
+        (
+            lambda: strict.invert(scene(), PROMPT + " and twenty more characters", "stylediffusion", 3, 1),
+            "--max_prompt_chars",
+        ),
+    ):
         with pytest.raises(UserError, match=flag):
             call()
     assert "limit of 3" in str(pytest.raises(UserError, strict.invert, scene(), PROMPT, "stylediffusion", 4, 1).value)

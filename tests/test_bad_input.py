@@ -51,7 +51,8 @@ def png_header_only(path: Path, width: int, height: int) -> None:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    chunks = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunks)
 
 
 def write_index(folder: Path, edit_rows: list[str], prompt_rows: list[str] | None = None, raw: bytes | None = None):
@@ -197,7 +198,8 @@ CASES = [
     ("pie_id_with_slash", "escape", "bench", lambda d: pie_args(d, mapping_file(d, {"a/b": GOOD_ENTRY}))),
     ("pie_id_dotdot", "escape", "bench", lambda d: pie_args(d, mapping_file(d, {"..": GOOD_ENTRY}))),
     ("pie_id_nul", "escape", "bench", lambda d: pie_args(d, mapping_file(d, {"a\u0000b": GOOD_ENTRY}))),
-    ("pie_edit_type_escape", "escape", "bench", lambda d: pie_args(d, mapping_file(d, entry(editing_type_id="../../x")))),
+    ("pie_edit_type_escape", "escape", "bench",
+     lambda d: pie_args(d, mapping_file(d, entry(editing_type_id="../../x")))),
     ("option_value_path_with_retrain", "escape", "cli",
      lambda d: direct(d, "--method_option", f"embedding=../../{WORLD.victim.stem}", "--retrain")),
     ("option_variant_path", "escape", "cli", lambda d: direct(d, "--method_option", "variant=../x", "--retrain")),
@@ -292,10 +294,10 @@ CASES = [
      lambda d: load_image(WORLD.bomb, 32)),
     # --- the index files
     ("index_case_word", "index", "cli", lambda d: indexed(d, [GOOD_ROW.replace("0,", "zero,", 1)])),
-    ("index_not_utf8", "index", "cli", lambda d: indexed(d, raw=(EDIT_COLUMNS + "\n0,a caf\xe9,x,y,,,.5,.6,.6,0,Replacement\n")
-                                                             .encode("latin-1"))),
-    ("index_field_too_large", "index", "cli", lambda d: indexed(d, raw=(EDIT_COLUMNS + "\n0,\"" + "a" * 200_000 + "\"\n")
-                                                                  .encode())),
+    ("index_not_utf8", "index", "cli",
+     lambda d: indexed(d, raw=(EDIT_COLUMNS + "\n0,a caf\xe9,x,y,,,.5,.6,.6,0,Replacement\n").encode("latin-1"))),
+    ("index_field_too_large", "index", "cli",
+     lambda d: indexed(d, raw=(EDIT_COLUMNS + "\n0,\"" + "a" * 200_000 + "\"\n").encode())),
     ("index_literal_malformed", "index", "cli", lambda d: indexed(d, [GOOD_ROW.replace(",,,", ",,\"{'words': [\",")])),
     ("index_empty_prompt", "index", "cli", lambda d: indexed(d, [GOOD_ROW.replace(SOURCE, " ")])),
     ("index_empty_target", "index", "cli", lambda d: indexed(d, [GOOD_ROW.replace(TARGET, "")])),

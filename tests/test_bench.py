@@ -23,7 +23,13 @@ FAST = ["--model", "tiny", "--num_ddim_steps", "3", "--num_inner_steps", "2", "-
 
 # id -> (editing_type_id, original prompt, editing prompt, blended word, mask rectangle rows/cols of 512)
 ENTRIES = {
-    "000000000000": ("0", "a cat sitting on the grass", "a [dog] sitting on the grass", "cat dog", (100, 300, 150, 400)),
+    "000000000000": (
+        "0",
+        "a cat sitting on the grass",
+        "a [dog] sitting on the grass",
+        "cat dog",
+        (100, 300, 150, 400),
+    ),
     "000000000001": ("1", "a red car on a road", "a [blue] car on a road", "car car", (200, 400, 50, 250)),
     "111000000000": ("2", "a cup on a table", "a cup [of coffee] on a table", "", (0, 256, 0, 512)),
     "900000000000": ("9", "a photo of a house", "a [watercolor painting] of a house", "", (0, 512, 0, 512)),

@@ -53,7 +53,7 @@ def test_both_modes_ran_with_the_same_work(bench, run):
     assert written["failed_modes"] == {}
     assert set(written["modes"]) == {"reference", "fast"}
     assert written["train_iterations"] == iterations
-    for name, mode in written["modes"].items():
+    for _name, mode in written["modes"].items():
         phases = mode["phases"]
         assert set(phases) == {"inversion", "training", "edit"}
         for rec in phases.values():
@@ -118,12 +118,23 @@ def test_check_precision_flag_points_to_its_own_program(bench, capsys):
     assert "benchmarks/precision_check.py" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("program, argv, says", [
-    ("gpu_bench", ["--modes", "reference,slow"], "unknown --modes ['slow']"),
-    ("precision_check", ["--precision_dtypes", "bfloat16,int8"], "'int8' is not <dtype>"),
-    ("precision_check", ["--precision_image", "chelsea.jpg"], "--precision_image and --precision_prompt go together"),
-    ("precision_check", ["--precision_image", "nope.png", "--precision_prompt", "a cat"], "no file data/images/nope.png"),
-])
+@pytest.mark.parametrize(
+    "program, argv, says",
+    [
+        ("gpu_bench", ["--modes", "reference,slow"], "unknown --modes ['slow']"),
+        ("precision_check", ["--precision_dtypes", "bfloat16,int8"], "'int8' is not <dtype>"),
+        (
+            "precision_check",
+            ["--precision_image", "chelsea.jpg"],
+            "--precision_image and --precision_prompt go together",
+        ),
+        (
+            "precision_check",
+            ["--precision_image", "nope.png", "--precision_prompt", "a cat"],
+            "no file data/images/nope.png",
+        ),
+    ],
+)
 def test_bad_flags_are_one_line_and_exit_code_2(program, argv, says, capsys):
     with pytest.raises(SystemExit) as exit_info:
         _load_program(program).parse_args(argv)

@@ -155,9 +155,23 @@ def test_method_options_and_other_inversions_from_the_cli(photo, tmp_path, capsy
 
 
 def test_generated_image_editing_needs_no_image(tmp_path, capsys):
-    code, captured, out, _ = run_cli(FAST + ["--inversion", "generated", "--edit", "fpe", "--prompt", "a photo of a cat",
-                                             "--target", "a photo of a dog", "--method_option", "generated_seed=3"],
-                                     tmp_path, capsys)
+    code, captured, out, _ = run_cli(
+        FAST
+        + [
+            "--inversion",
+            "generated",
+            "--edit",
+            "fpe",
+            "--prompt",
+            "a photo of a cat",
+            "--target",
+            "a photo of a dog",
+            "--method_option",
+            "generated_seed=3",
+        ],
+        tmp_path,
+        capsys,
+    )
     assert code == 0, captured.err
     assert (out / "grid.png").is_file() and (out / "edited.png").is_file()
 
@@ -178,7 +192,20 @@ def test_dtype_auto_and_float16_training(photo, tmp_path, capsys):
                                              "--target", "a photo of a dog"], tmp_path, capsys)
     assert code == 0, captured.err
     assert json.loads((out / "edit.json").read_text())["dtype"] == "float32"
-    code, captured, out, _ = run_cli(FAST + ["--dtype", "float16", "--image_path", str(photo), "--prompt",
-                                             "a photo of a cat", "--target", "a photo of a dog"], tmp_path / "half", capsys)
+    code, captured, out, _ = run_cli(
+        FAST
+        + [
+            "--dtype",
+            "float16",
+            "--image_path",
+            str(photo),
+            "--prompt",
+            "a photo of a cat",
+            "--target",
+            "a photo of a dog",
+        ],
+        tmp_path / "half",
+        capsys,
+    )
     assert code == 0, captured.err
     assert json.loads((out / "edit.json").read_text())["dtype"] == "float16"

@@ -11,7 +11,10 @@ from stylediffusion.models import SD_SCHEDULER_CONFIG
 def test_exact_model_output_moves_exactly(prediction_type):
     sched = DDIMSchedule(DDIMScheduler(**{**SD_SCHEDULER_CONFIG, "prediction_type": prediction_type}), 10)
     g = torch.Generator().manual_seed(0)
-    x0, eps = torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64), torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64)
+    x0, eps = (
+        torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64),
+        torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64),
+    )
     i = 3
     a_t, a_s = sched.alpha(i), sched.alpha_prev(i)
     z_t = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps

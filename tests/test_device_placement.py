@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from device_standin import MetaStandsInForCuda
+
 from stylediffusion import StyleDiffusionEditor, UserError
 from stylediffusion.models import check_device, load_models, resolve_dtype
 
@@ -217,8 +217,12 @@ def test_edited_maps_multiply_the_values_in_float32():
     edit pass drift from the pass its offsets were computed with)."""
     from diffusers.models.attention_processor import Attention
 
-    from stylediffusion.attention_control import (AttentionController, AttentionState, BatchLayout,
-                                                  ControlledAttnProcessor)
+    from stylediffusion.attention_control import (
+        AttentionController,
+        AttentionState,
+        BatchLayout,
+        ControlledAttnProcessor,
+    )
 
     class ReadEveryMap(AttentionController):
         def needs_maps(self, place, state):
@@ -235,7 +239,8 @@ def test_edited_maps_multiply_the_values_in_float32():
         q, k, v = (lin(h).view(1, -1, 4, 16).transpose(1, 2)
                    for lin, h in ((attn.to_q, x), (attn.to_k, context), (attn.to_v, context)))
         probs = (q.float() @ k.float().transpose(-1, -2) * attn.scale).softmax(-1)
-        project = lambda o: attn.to_out[1](attn.to_out[0](o.transpose(1, 2).reshape(1, 64, 64).to(torch.bfloat16)))
+        def project(o):
+            return attn.to_out[1](attn.to_out[0](o.transpose(1, 2).reshape(1, 64, 64).to(torch.bfloat16)))
         assert torch.equal(out, project(probs @ v.float()))
         assert not torch.equal(out, project(probs.to(torch.bfloat16) @ v))  # what rounding the maps gives
 

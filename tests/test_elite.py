@@ -312,7 +312,9 @@ def test_api_edit_any_inversion(setup, tiny):
     with pytest.raises(UserError, match="elite_lambda"):
         editor.edit(inv, TARGET, method="elite", elite_lambda=float("nan"), **options(setup))
     with pytest.raises(UserError, match="cannot load the ELITE image encoder .*HF_HUB_OFFLINE"):
-        editor.edit(inv, TARGET, method="elite", **{**options(setup), "elite_image_encoder": elite.DEFAULT_IMAGE_ENCODER})
+        editor.edit(
+            inv, TARGET, method="elite", **{**options(setup), "elite_image_encoder": elite.DEFAULT_IMAGE_ENCODER}
+        )
     wide = elite.EliteMapper(kind="global", input_dim=32, hidden_dim=8, output_dim=48,
                              attention_layers=("down_blocks_0_attentions_0_transformer_blocks_0_attn2",),
                              attention_widths=(32,))
@@ -345,8 +347,15 @@ def test_testbed_word_path_equals_text_path(tmp_path):
     inv = editor.invert(ROOT / "data" / "images" / "testbed_red_triangle.png", source, method="ddim",
                         num_inference_steps=4)
     kw = dict(edit_type="Replacement", tau_c=0.4)
-    out = editor.edit(inv, "a large * triangle on a gray background", method="elite", elite_projections="unet",
-                      elite_global=str(tmp_path / "blue.safetensors"), elite_image_encoder=str(tmp_path / "vision"), **kw)
+    out = editor.edit(
+        inv,
+        "a large * triangle on a gray background",
+        method="elite",
+        elite_projections="unet",
+        elite_global=str(tmp_path / "blue.safetensors"),
+        elite_image_encoder=str(tmp_path / "vision"),
+        **kw,
+    )
     words = editor.edit(inv, "a large blue triangle on a gray background", method="p2p", **kw)
     assert torch.allclose(out.latents[0], words.latents[0], atol=1e-5)
 

@@ -42,10 +42,8 @@ def cli(tiny, monkeypatch, capsys):
 
 
 @pytest.fixture(scope="module")
-def photo(tmp_path_factory):
-    path = tmp_path_factory.mktemp("photo") / "photo.png"
-    Image.fromarray((np.random.default_rng(3).random((64, 64, 3)) * 255).astype(np.uint8)).save(path)
-    return path
+def photo(noise_photo):
+    return noise_photo
 
 
 @pytest.fixture(scope="module")
@@ -168,5 +166,7 @@ def test_demo_inverts_again_over_an_old_cache_file(editor, tmp_path):
     (tmp_path / f"{key}.demo.json").write_text(json.dumps({"prompt": SOURCE, "method": "ddim", "num_inference_steps": 2,
                                                            "num_inner_steps": 1, "psnr": 20.0, "seconds": 1.0}))
     assert app.cached(key) is None  # not a hit: the next Invert writes the current format over it
-    editor.invert(np.zeros((8, 8, 3)), SOURCE, method="ddim", num_inference_steps=2).save(tmp_path / f"{key}.safetensors")
+    editor.invert(np.zeros((8, 8, 3)), SOURCE, method="ddim", num_inference_steps=2).save(
+        tmp_path / f"{key}.safetensors"
+    )
     assert app.cached(key).cached  # the same entry in the current format is one

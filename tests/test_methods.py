@@ -14,8 +14,14 @@ import torch.nn.functional as F
 from ptp_utils import COND, install_attention_control
 from stylediffusion.editing import EditSpec
 from stylediffusion.errors import UserError
-from stylediffusion.methods import EDITS, INVERSIONS, MethodContext, get_edit, run_method
-from stylediffusion.methods import builtin  # noqa: F401  (registers every method)
+from stylediffusion.methods import (
+    EDITS,
+    INVERSIONS,
+    MethodContext,
+    builtin,  # noqa: F401  (registers every method)
+    get_edit,
+    run_method,
+)
 
 T = 5
 SPEC = EditSpec("a photo of a cat", "a photo of a dog")

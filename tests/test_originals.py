@@ -65,9 +65,24 @@ REPLACEMENT = [
     ('a photo of a cat.', 'a photo of a dog.', '0 1 2 3 4 5 6 7', ''),
     ('a photo of a cat.', 'a photo of a meerkat.', '0 1 2 3 4 5/3+6/3 5/3+6/3 5/3+6/3 7', 'original: tail not shifted'),
     ('a photo of a cat!', 'a photo of a dog?', '0 1 2 3 4 5 6 7', ''),
-    ('black and white dog playing red ball on black carpet', 'black and white tiger playing red ball on black carpet', '0 1 2 3 4 5 6 7 8 9 10 11', ''),
-    ('black and white dog playing red ball on black carpet', 'black and white cat playing red ball on black carpet', '0 1 2 3 4 5 6 7 8 9 10 11', ''),
-    ('black and white dog playing red ball on black carpet', 'black and white dog playing blue ball on black carpet', '0 1 2 3 4 5 6 7 8 9 10 11', ''),
+    (
+        'black and white dog playing red ball on black carpet',
+        'black and white tiger playing red ball on black carpet',
+        '0 1 2 3 4 5 6 7 8 9 10 11',
+        '',
+    ),
+    (
+        'black and white dog playing red ball on black carpet',
+        'black and white cat playing red ball on black carpet',
+        '0 1 2 3 4 5 6 7 8 9 10 11',
+        '',
+    ),
+    (
+        'black and white dog playing red ball on black carpet',
+        'black and white dog playing blue ball on black carpet',
+        '0 1 2 3 4 5 6 7 8 9 10 11',
+        '',
+    ),
     ('a cup of coffee on a table', 'a cup of tea on a table', '0 1 2 3 4 5 6 7 8', ''),
     ('a red car', 'a blue car', '0 1 2 3 4', ''),
     ('a meerkat', 'a capybara', '0 1 2/3+3/3 2/3+3/3 2/3+3/3 4', 'original: tail not shifted'),
@@ -333,8 +348,9 @@ def test_local_blend_starts_at_step_int_point_2_T(T, first_blended):
 
 
 def test_local_blend_words_and_threshold_from_the_edit(tok):
-    ctrl = build_controller(EditSpec("a photo of a cat.", "a photo of a armadillo.", blend_words=("cat.", "armadillo.")),
-                            tok, 30)
+    ctrl = build_controller(
+        EditSpec("a photo of a cat.", "a photo of a armadillo.", blend_words=("cat.", "armadillo.")), tok, 30
+    )
     lb = ctrl.local_blend
     assert lb.threshold == 0.3 and lb.start_step == 6
     assert lb.word_tokens[0].nonzero().flatten().tolist() == [5, 6]  # "cat" and "."

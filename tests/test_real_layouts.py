@@ -10,10 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import layouts
 import pytest
 import torch
 
-import layouts
 from stylediffusion.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,7 +61,7 @@ def test_fixtures_are_the_hub_files():
 
 @pytest.mark.parametrize("name", layouts.SD_LAYOUTS)
 def test_folder_loads_with_its_layers_features_schedule_and_prompts(folders, name):
-    from ptp_utils import CrossAttentionRecorder, controlled, install_attention_control, BatchLayout
+    from ptp_utils import BatchLayout, CrossAttentionRecorder, controlled, install_attention_control
     from stylediffusion.ddim import make_ddim_scheduler
     from stylediffusion.encoders import clip_image_features, encode_prompts
 

@@ -12,16 +12,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import layouts
 import pytest
+import sdxl_layouts
 import torch
 import torch.nn.functional as F
 
-import layouts
-import sdxl_layouts
 from stylediffusion.editing import EditSpec
 from stylediffusion.errors import UserError
-from stylediffusion.methods import EDITS, INVERSIONS, MethodContext, run_method
-from stylediffusion.methods import builtin  # noqa: F401  (registers every method)
+from stylediffusion.methods import (
+    EDITS,
+    INVERSIONS,
+    MethodContext,
+    builtin,  # noqa: F401  (registers every method)
+    run_method,
+)
 from stylediffusion.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,10 +153,10 @@ def test_ddim_inversion_then_sampling_at_w1_round_trips(xl, image):
     given the same model output; the whole trajectory, where sampling meets the UNet at the inverted
     latents, round-trips to DDIM's discretisation error (on this fixture 4.0 % at T = 5, 4.9 % at T = 10,
     1.1 % at T = 50)."""
+    from ptp_utils import BatchLayout
     from stylediffusion.ddim import DDIMSchedule
     from stylediffusion.encoders import encode_latent, encode_prompts
     from stylediffusion.sampling import ddim_inversion, guided_sampling, predict
-    from ptp_utils import BatchLayout
 
     T = 5
     schedule = DDIMSchedule(xl.scheduler, T)

@@ -1,8 +1,6 @@
 """One bad value through each surface: the message names the parameter as that caller spells it
 (``specs.spelled``): ``--tau_v`` on the command line, ``tau_v=`` from Python, the field's label on the page."""
-import numpy as np
 import pytest
-from PIL import Image
 
 from stylediffusion.bench import pie
 from stylediffusion.cli import build_parser, main
@@ -29,10 +27,8 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def photo(tmp_path_factory):
-    path = tmp_path_factory.mktemp("spelling") / "photo.png"
-    Image.fromarray((np.random.default_rng(0).random((48, 48, 3)) * 255).astype(np.uint8)).save(path)
-    return path
+def photo(noise_photo):
+    return noise_photo
 
 
 @pytest.fixture(scope="module")

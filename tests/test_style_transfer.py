@@ -117,8 +117,15 @@ def test_real_layout_style_trained_in_one_process_transferred_in_another(tmp_pat
               "--device", "cpu", "--progress", "False"]
 
     def cli(*args):
-        return subprocess.run([sys.executable, str(ROOT / "edit_w_ptp_v_clip.py"), *common, *args], check=False, cwd=tmp_path,
-                              env=ENV, capture_output=True, text=True, timeout=600)
+        return subprocess.run(
+            [sys.executable, str(ROOT / "edit_w_ptp_v_clip.py"), *common, *args],
+            check=False,
+            cwd=tmp_path,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
     train = cli("--is_train", "True")
     assert train.returncode == 0, train.stderr

@@ -73,7 +73,9 @@ def test_source_branch_is_exact_and_costs_fewer_backwards(tiny, image, inverted)
     assert F.mse_loss(out.latents[:1], plus.z0).item() < 1e-9 * plus.z0.pow(2).mean().item()
     assert not torch.allclose(out.latents[1], out.latents[0])  # the target row is edited, not pinned
     # without the offsets the learned values alone do not reconstruct exactly: the offsets are doing the work
-    no_offsets = type(plus)(**{**vars(plus), "extras": {"latent_offsets": torch.zeros_like(plus.extras["latent_offsets"])}})
+    no_offsets = type(plus)(
+        **{**vars(plus), "extras": {"latent_offsets": torch.zeros_like(plus.extras["latent_offsets"])}}
+    )
     loose = run_method(ctx, SPEC, NAME, "p2p", inverted=no_offsets)
     assert F.mse_loss(loose.latents[:1], plus.z0).item() > 1e3 * F.mse_loss(out.latents[:1], plus.z0).item()
 
@@ -85,7 +87,9 @@ def test_checkpoint_round_trip_and_settings_refused(tiny, image, tmp_path):
     assert ck.is_file()
     again = INVERSIONS[NAME].invert(ctx)
     assert torch.equal(again.extras["latent_offsets"], first.extras["latent_offsets"])
-    assert all(torch.equal(a, b) for a, b in zip(again.mappers.state_dict().values(), first.mappers.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(again.mappers.state_dict().values(), first.mappers.state_dict().values())
+    )
     ctx.options = {"sdplus_budget": 0.5}
     with pytest.raises(UserError, match="other stylediffusion_plus settings"):
         INVERSIONS[NAME].invert(ctx)

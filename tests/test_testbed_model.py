@@ -39,8 +39,11 @@ def test_generation_follows_the_caption_colour(testbed):
 
     # the captions avoid the backgrounds the shipped models are known to miss (docs/testbed.md): the
     # plain black one (v2) and the checkered one (v3); both draw the colour on striped and gradient ones
-    captions = [("red", "a large red circle on a gradient background"), ("blue", "a large blue square on a gray background"),
-                ("yellow", "a large yellow star on a striped gray background")]
+    captions = [
+        ("red", "a large red circle on a gradient background"),
+        ("blue", "a large blue square on a gray background"),
+        ("yellow", "a large yellow star on a striped gray background"),
+    ]
     schedule = DDIMSchedule(testbed.scheduler, 30)
     z = torch.randn(len(captions), 4, 16, 16, generator=torch.Generator().manual_seed(0))
     cond = encode_prompts(testbed, [c for _, c in captions])

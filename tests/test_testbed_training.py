@@ -7,13 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_testbed_attention import _init_folder
 
 from benchmarks.testbed_training import components, export, loop, losses, stages, train
 from benchmarks.testbed_training import evaluate as E
 from stylediffusion.testbed import model as M
 from stylediffusion.testbed import world as W
-
-from test_testbed_attention import _init_folder
 
 
 def _encode(te, caption):

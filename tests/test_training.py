@@ -67,7 +67,9 @@ def test_trained_inversion_reconstructs_far_better_than_ddim(tiny, image, traine
     plain = guided_sampling(tiny, schedule, inv.z_T, encode_prompts(tiny, [PROMPT]), encode_prompts(tiny, [""]), 7.5)
     mse_sd = torch.mean((recon - z0) ** 2).item()
     mse_ddim = torch.mean((plain[0] - z0) ** 2).item()
-    print(f"reconstruction MSE: StyleDiffusion {mse_sd:.4g}, DDIM at w=7.5 {mse_ddim:.4g}, ratio {mse_ddim / mse_sd:.1f}x")
+    print(
+        f"reconstruction MSE: StyleDiffusion {mse_sd:.4g}, DDIM at w=7.5 {mse_ddim:.4g}, ratio {mse_ddim / mse_sd:.1f}x"
+    )
     assert mse_ddim / mse_sd >= 10
 
 

@@ -173,7 +173,9 @@ def training_backgrounds(texture_weight: int) -> Tuple[str, ...]:
 
 def train_unet(args):
     tok = M.build_tokenizer()
-    unet = M.build_unet()  # before the stage seeds torch: a fresh run's starting weights draw from the process's generator
+    unet = (
+        M.build_unet()
+    )  # before the stage seeds torch: a fresh run's starting weights draw from the process's generator
     te, vae, init_hashes = frozen_text_encoder_and_vae(args, unet)
     st = TrainingStage(args, "unet", {"unet": unet}, list(unet.parameters()), args.lr or 1e-3)
     record_unet_settings(st, args, init_hashes, vae.config.scaling_factor)
@@ -338,7 +340,12 @@ class UNetTrainingStep:
         each term's value appended to the stage's record."""
         args, meta = self.args, self.st.meta
         scene_rows, scene_targets = captioned_word_targets(
-            scenes, dropped, self.caption_tokens, self.tok, background=args.attn_background or args.attn_share_weight > 0)
+            scenes,
+            dropped,
+            self.caption_tokens,
+            self.tok,
+            background=args.attn_background or args.attn_share_weight > 0,
+        )
         if args.attn_weight > 0:
             rows, tokens, discs = words_of_inside_loss(scenes, scene_rows, scene_targets, args.attn_background)
             weights = signal[torch.as_tensor(rows, dtype=torch.long)] if rows else None

@@ -48,7 +48,12 @@ from .loop import STAGES
 from .stages import train_clip, train_unet, train_vae, train_vae_decoder
 
 # (steps, batch, probability of a two-object scene) of a stage when the flags leave them out
-STAGE_DEFAULTS = {"clip": (500, 128, 0.5), "vae": (1100, 32, 0.5), "unet": (2500, 32, 0.3), "vae_decoder": (600, 32, 0.5)}
+STAGE_DEFAULTS = {
+    "clip": (500, 128, 0.5),
+    "vae": (1100, 32, 0.5),
+    "unet": (2500, 32, 0.3),
+    "vae_decoder": (600, 32, 0.5),
+}
 STAGE_TRAINERS = {"clip": train_clip, "vae": train_vae, "unet": train_unet, "vae_decoder": train_vae_decoder}
 
 

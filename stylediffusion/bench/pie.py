@@ -17,8 +17,8 @@ Outputs (``--outdir OUT``)::
 from __future__ import annotations
 
 import argparse
-import logging
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass, replace
@@ -40,7 +40,8 @@ from ..metrics import DEFAULT_CLIP, DEFAULT_DINO
 from ..runner import started
 from ..specs import asked_from
 from . import options
-from .report import METRICS, NA, read_reasons as _read_reasons, write_reports
+from .report import METRICS, NA, write_reports
+from .report import read_reasons as _read_reasons
 from .sharding import RowLog, init_shard, merge_parts, part_path, resume
 
 logger = logging.getLogger(__name__)
@@ -298,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_edit_args(p, "PIE-Bench (word counts decide Replacement/Refinement) and the README defaults")
     g = p.add_argument_group("metrics")
     g.add_argument("--clip_model", default=DEFAULT_CLIP, help="CLIP for the CLIP scores (hub id, folder or none)")
-    g.add_argument("--dino_model", default=DEFAULT_DINO, help="DINO ViT for structure distance (hub id, folder or none)")
+    g.add_argument(
+        "--dino_model", default=DEFAULT_DINO, help="DINO ViT for structure distance (hub id, folder or none)"
+    )
     g.add_argument("--lpips", type=str2bool, default=True, metavar="True|False", help="compute LPIPS / NS-LPIPS")
     g.add_argument("--lpips_net", choices=("alex", "vgg", "squeeze"), default="squeeze",
                    help="LPIPS backbone (PIE-Bench: squeeze; NS-LPIPS always uses alex, as the authors' script)")

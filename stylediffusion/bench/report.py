@@ -150,8 +150,11 @@ def write_reports(outdir: Path, rows: Sequence[dict] | None = None, notes: Seque
     outdir = Path(outdir)
     rows = read_rows(outdir / "results.csv") if rows is None else rows
     if notes is None:
-        notes = [f"{m} / {k}: n/a because {v}" for m, per in sorted(read_reasons(outdir / "metrics_unavailable.json").items())
-                 for k, v in sorted(per.items())]
+        notes = [
+            f"{m} / {k}: n/a because {v}"
+            for m, per in sorted(read_reasons(outdir / "metrics_unavailable.json").items())
+            for k, v in sorted(per.items())
+        ]
     summary = summarize(rows)
     write_csv_atomic(outdir / "summary.csv", summary, SUMMARY_COLUMNS)
     md = atomic_write_text(outdir / "summary.md", summary_markdown(summary, notes))

@@ -243,10 +243,20 @@ def _process_transfer(args, mine, method: str, shard, part: Path) -> None:
         ckpt = options.checkpoint_file(Path(args.outdir) / "checkpoints", f"case{case}", args, bundle,
                                        {"variant": args.variant, **inversion_options})
         t0 = time.perf_counter()
-        inverted = editor.invert(row.image_path, row.prompt, method=args.inversion, num_inference_steps=args.num_ddim_steps,
-                                 num_inner_steps=args.num_inner_steps, guidance_scale=args.guidance_scale,
-                                 lr=args.lr, attention_loss=args.attention_loss, early_stop=args.early_stop,
-                                 checkpoint=ckpt, seed=args.seed, **inversion_options)
+        inverted = editor.invert(
+            row.image_path,
+            row.prompt,
+            method=args.inversion,
+            num_inference_steps=args.num_ddim_steps,
+            num_inner_steps=args.num_inner_steps,
+            guidance_scale=args.guidance_scale,
+            lr=args.lr,
+            attention_loss=args.attention_loss,
+            early_stop=args.early_stop,
+            checkpoint=ckpt,
+            seed=args.seed,
+            **inversion_options,
+        )
         out = editor.transfer_style(inverted, args.content_image, args.content_prompt,
                                     guidance_scale=args.guidance_scale, style_reconstruction=False, **transfer)
         title = (f"case {case} [{method}]: style '{row.prompt}', content {args.content_image.name}"

@@ -4,11 +4,25 @@ The registry is filled when this package is imported: each method module only de
 and the ``register`` lines below are the one list of what exists (in the order ``--list_methods``
 shows them, which is also the order an edit defined for every inversion lists them in).
 """
-from . import attention_edits, builtin, directinv, elite, generated, npi, nulltext, sdedit, spdinv
-from . import stylediffusion_plus
-from .registry import (EDITS, INVERSIONS, EditMethod, InversionMethod, Inverted, MethodContext, MethodOption,
-                       MethodOutput, check_method_options, default_inversion, describe_methods, edit_loop_inputs,
-                       get_edit, get_inversion, register, run_method)
+from . import attention_edits, builtin, directinv, elite, generated, npi, nulltext, sdedit, spdinv, stylediffusion_plus
+from .registry import (
+                       EDITS,
+                       INVERSIONS,
+                       EditMethod,
+                       InversionMethod,
+                       Inverted,
+                       MethodContext,
+                       MethodOption,
+                       MethodOutput,
+                       check_method_options,
+                       default_inversion,
+                       describe_methods,
+                       edit_loop_inputs,
+                       get_edit,
+                       get_inversion,
+                       register,
+                       run_method,
+)
 
 register(builtin.StyleDiffusionInversion())
 register(stylediffusion_plus.StyleDiffusionPlusInversion())
@@ -29,5 +43,5 @@ register(sdedit.SDEditEdit())
 register(elite.EliteEdit())
 
 __all__ = ["EDITS", "INVERSIONS", "EditMethod", "InversionMethod", "Inverted", "MethodContext", "MethodOption",
-           "MethodOutput", "check_method_options", "default_inversion", "describe_methods", "edit_loop_inputs", "get_edit", "get_inversion",
-           "register", "run_method"]
+           "MethodOutput", "check_method_options", "default_inversion", "describe_methods", "edit_loop_inputs",
+           "get_edit", "get_inversion", "register", "run_method"]

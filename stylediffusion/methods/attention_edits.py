@@ -23,7 +23,6 @@ from contextlib import contextmanager
 import torch
 
 from ..attention_control import COND, UNCOND, AttentionController, install_attention_control
-
 from ..editing import EditSpec, num_steps_for, run_edit
 from .common import option
 from .registry import EditMethod, Inversion, MethodContext, MethodOption, MethodOutput, edit_loop_inputs

@@ -8,7 +8,6 @@ import logging
 from dataclasses import replace
 
 from ..attention_control import AttentionController
-
 from ..defaults import VARIANT, VARIANTS
 from ..editing import EditSpec, run_edit
 from ..encoders import encode_latent, encode_prompts
@@ -16,8 +15,15 @@ from ..inversion import load_inversion, train_inversion
 from ..sampling import ddim_inversion, guided_sampling
 from ..training import EMBEDDINGS, embedding_inputs
 from .common import learned_embedding
-from .registry import (EditMethod, Inversion, InversionMethod, MethodContext, MethodOption, MethodOutput,
-                       edit_loop_inputs)
+from .registry import (
+    EditMethod,
+    Inversion,
+    InversionMethod,
+    MethodContext,
+    MethodOption,
+    MethodOutput,
+    edit_loop_inputs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +79,10 @@ class StyleDiffusionInversion(InversionMethod):
     paper = "Li et al., StyleDiffusion: Prompt-Embedding Inversion (2023)"
     defaults = ("T=30, K=100, lr 1e-2, modulate mapping, attention loss on; options variant=modulate|replace, "
                 "embedding=value|key|key_value (the paper's key and key+value ablations, Fig. 14)")
-    options = (MethodOption("variant", VARIANT, choices=VARIANTS), MethodOption("embedding", "value", choices=EMBEDDINGS))
+    options = (
+        MethodOption("variant", VARIANT, choices=VARIANTS),
+        MethodOption("embedding", "value", choices=EMBEDDINGS),
+    )
 
     def invert(self, ctx: MethodContext) -> Inversion:
         return stylediffusion_inversion(ctx)

@@ -15,12 +15,11 @@ from __future__ import annotations
 import torch
 
 from ..attention_control import BatchLayout
-
 from ..ddim import guided
+from ..editing import EditHooks
 from ..encoders import encode_latent, encode_prompts
 from ..sampling import ddim_inversion, predict
 from .common import checkpointed
-from ..editing import EditHooks
 from .registry import Inversion, InversionMethod, MethodContext
 
 

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..attention_control import BatchLayout, CrossAttentionRecorder, controlled, install_attention_control
-
 from ..ddim import guided
 from ..editing import EditHooks
 from ..encoders import encode_latent, encode_prompts
@@ -102,9 +101,11 @@ class NullTextHooks(EditHooks):
 class NullTextInversion(InversionMethod):
     name = "nulltext"
     paper = "Mokady et al., Null-text Inversion for Editing Real Images (CVPR 2023)"
-    defaults = ("T from --num_ddim_steps (paper 50), guidance 7.5, <=10 Adam iterations/step, lr 1e-2(1-i/100), "
-                "early stop 1e-5+2e-5 i; options nulltext_iterations=10, nulltext_attention_loss=false (StyleDiffusion "
-                "ablation, Fig. 15); with --edit p2p and tau_u>0 it is the paper's 'Null-text + P2Plus' ablation (Fig. 14)")
+    defaults = (
+        "T from --num_ddim_steps (paper 50), guidance 7.5, <=10 Adam iterations/step, lr 1e-2(1-i/100), "
+        "early stop 1e-5+2e-5 i; options nulltext_iterations=10, nulltext_attention_loss=false (StyleDiffusion "
+        "ablation, Fig. 15); with --edit p2p and tau_u>0 it is the paper's 'Null-text + P2Plus' ablation (Fig. 14)"
+    )
     options = (MethodOption("nulltext_iterations", 10, minimum=0, maximum=10_000),
                MethodOption("nulltext_attention_loss", False))
 

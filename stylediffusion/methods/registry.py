@@ -264,8 +264,10 @@ def describe_methods() -> str:
     lines = ["inversions:"]
     lines += [f"  {m.name:<15} {m.paper}" + (f"  [{m.defaults}]" if m.defaults else "") for m in INVERSIONS.values()]
     lines.append("edits:")
-    lines += [f"  {m.name:<15} {m.paper}  (with: {', '.join(m.inversions)})" + (f"  [{m.defaults}]" if m.defaults else "")
-              for m in EDITS.values()]
+    lines += [
+        f"  {m.name:<15} {m.paper}  (with: {', '.join(m.inversions)})" + (f"  [{m.defaults}]" if m.defaults else "")
+        for m in EDITS.values()
+    ]
     return "\n".join(lines)
 
 

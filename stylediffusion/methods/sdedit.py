@@ -13,7 +13,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ..attention_control import BatchLayout
-
 from ..ddim import guided
 from ..editing import EditSpec, value_steps_for
 from ..encoders import encode_prompts

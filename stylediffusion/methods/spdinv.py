@@ -18,12 +18,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..attention_control import BatchLayout
-
+from ..editing import EditHooks
 from ..encoders import encode_latent, encode_prompts
 from ..sampling import predict
 from ..training import gradient_scaler
 from .common import checkpointed, option, stack, unstack
-from ..editing import EditHooks
 from .npi import NegativePromptHooks
 from .registry import Inversion, InversionMethod, MethodContext, MethodOption
 

@@ -157,13 +157,24 @@ def stylediffusion_plus_inversion(ctx: MethodContext) -> Inversion:
 
     def compute():
         t0 = time.perf_counter()
-        z0, traj, mappers, offsets, reports = train_with_offsets(ctx, budget, features, cond, init, progress=ctx.progress)
-        return Inversion(NAME, z0, traj.z_T, mappers=mappers, image_features=features,
-                         extras={"latent_offsets": offsets},
-                         metadata={"mapping_config": mcfg.to_dict(), "train_seconds": round(time.perf_counter() - t0, 3),
-                                   "inner_iterations": sum(r["iterations"] for r in reports),
-                                   "final_losses": [float(f"{r['loss']:.4g}") for r in reports],
-                                   "residual_mse": [float(f"{r['residual_mse']:.4g}") for r in reports]})
+        z0, traj, mappers, offsets, reports = train_with_offsets(
+            ctx, budget, features, cond, init, progress=ctx.progress
+        )
+        return Inversion(
+            NAME,
+            z0,
+            traj.z_T,
+            mappers=mappers,
+            image_features=features,
+            extras={"latent_offsets": offsets},
+            metadata={
+                "mapping_config": mcfg.to_dict(),
+                "train_seconds": round(time.perf_counter() - t0, 3),
+                "inner_iterations": sum(r["iterations"] for r in reports),
+                "final_losses": [float(f"{r['loss']:.4g}") for r in reports],
+                "residual_mse": [float(f"{r['residual_mse']:.4g}") for r in reports],
+            },
+        )
 
     inv = checkpointed(ctx, NAME, settings, compute)
     if inv.mappers is None or inv.mappers.cfg != mcfg or len(inv.mappers) != ctx.num_steps:

@@ -29,8 +29,8 @@ import numpy as np
 from .world import (
     BACKGROUNDS,
     OBJECT_COLOURS,
-    Background,
     SHAPES,
+    Background,
     Scene,
     SceneObject,
     background_image,
