@@ -175,7 +175,8 @@ def checkpoint_path(args, job: Job, model_label: str, options: dict | None = Non
     if args.checkpoint is not None:
         return args.checkpoint
     return args.checkpoint_dir / checkpoint_name(job.name, model_label, args.num_ddim_steps, args.num_inner_steps,
-                                                 args.inversion, options)
+                                                 args.inversion, options,
+                                                 trains_inner_steps=get_inversion(args.inversion).trains_inner_steps)
 
 
 def check_output_paths(args, jobs: list[Job]) -> None:

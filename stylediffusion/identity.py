@@ -131,24 +131,25 @@ def slug(text: str) -> str:
 
 
 def checkpoint_name(case: str, model_label: str, num_steps: int, num_inner_steps: int,
-                    inversion: str = "stylediffusion", options: dict | None = None) -> str:
+                    inversion: str = "stylediffusion", options: dict | None = None,
+                    trains_inner_steps: bool = False) -> str:
     """The file name of an inversion, for the CLI and every benchmark runner alike.
 
     Everything that changes the learned tensors and that users vary by flag is in the name, so runs
-    with other settings are kept apart instead of refused: T, the method, StyleDiffusion's K, variant
-    and embedding, and any other method option (hashed). Settings not in the name (learning
+    with other settings are kept apart instead of refused: T, the method, K for the methods that train
+    for K iterations (``trains_inner_steps``, ``InversionMethod.trains_inner_steps``), StyleDiffusion's
+    variant and embedding, and any other method option (hashed). Settings not in the name (learning
     rate, guidance, loss switches) are in the checkpoint's identity, and a mismatch is refused.
     """
     options = {k: v for k, v in (options or {}).items() if not k.startswith("_") and not callable(v)}
     parts = [slug(case), slug(model_label), f"T{int(num_steps)}"]
     variant = options.pop("variant", VARIANT)
     embedding = options.pop("embedding", "value")
-    if inversion != "stylediffusion":
+    if inversion != "stylediffusion":  # the authors' method keeps the authors' name: no method part
         parts.append(slug(inversion))
-        if inversion == "stylediffusion_plus":  # trains for a share of K iterations too
-            parts.append(f"K{int(num_inner_steps)}")
-    else:  # only StyleDiffusion trains for K iterations
+    if trains_inner_steps:
         parts.append(f"K{int(num_inner_steps)}")
+    if inversion == "stylediffusion":
         parts += [slug(variant)] if variant != VARIANT else []
         parts += [slug(embedding)] if embedding != "value" else []
     if options:

@@ -51,6 +51,7 @@ from .errors import UserError
 from .image_io import image_grid
 from .methods.attention_edits import (
     PlugAndPlayAttention,
+    decoder_downscales,
     feature_injection,
     transformer_layers,
 )
@@ -88,13 +89,6 @@ def transfer_options(options: dict) -> dict:
                         f"{', '.join(o.describe() for o in TRANSFER_OPTIONS)}).")
     return {name: opt.default if options.get(name) is None else opt.convert(options[name])
             for name, opt in declared.items()}
-
-
-def decoder_downscales(unet) -> list[int]:
-    """For each decoder block, the downscale (relative to the latent) its ResNets run at: 2 ** the number of
-    upsamplers still to come (SD1 at 64x64: 8, 4, 2, 1)."""
-    ups = list(unet.up_blocks)
-    return [2 ** sum(1 for b in ups[k:] if getattr(b, "upsamplers", None)) for k in range(len(ups))]
 
 
 def feature_modules(unet, downscale: int, layers: str = "one") -> list:

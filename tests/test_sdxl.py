@@ -187,6 +187,14 @@ def test_every_inversion_runs_and_edits_on_sdxl(xl, image, inverted, inversion):
     assert out.latents.shape == (2, 4, 8, 8) and torch.isfinite(out.latents).all()
 
 
+def test_pnp_takes_the_latent_4_level_on_sdxl(xl):
+    """SDXL's decoder has no latent/8 block: PnP's level (latent/4) is its first block, up_blocks[0]."""
+    from stylediffusion.methods.attention_edits import decoder_downscales, pnp_feature_module
+
+    assert decoder_downscales(xl.unet) == [4, 2, 1]
+    assert pnp_feature_module(xl.unet) is xl.unet.up_blocks[0].resnets[1].conv2
+
+
 @pytest.mark.parametrize("edit", list(EDITS))
 def test_every_edit_runs_on_sdxl(xl, image, inverted, edit):
     inversion = next(name for name in ("stylediffusion", "ddim", *INVERSIONS) if name in EDITS[edit].inversions)

@@ -18,7 +18,7 @@ from stylediffusion.cli import main
 from stylediffusion.errors import UserError
 from stylediffusion.methods.attention_edits import (
     pnp_attention_layers,
-    pnp_feature_block,
+    pnp_feature_module,
     transformer_layers,
 )
 from stylediffusion.style_transfer import (
@@ -48,7 +48,9 @@ def style_inversion(editor):
 def test_layers_are_chosen_by_resolution_and_default_to_pnp(tiny):
     unet = tiny.unet
     assert decoder_downscales(unet) == [8, 4, 2, 1]  # SD1's decoder at a 64 latent: 8x8, 16x16, 32x32, 64x64
-    assert feature_modules(unet, 4) == [pnp_feature_block(unet).conv2]  # up_blocks[1].resnets[1], before the skip
+    assert feature_modules(unet, 4) == [pnp_feature_module(unet)]  # up_blocks[1].resnets[1], before the skip
+    # PnP (pnp_utils.py) injects the ResNet's residual, conv2's output, not the block's output after the skip
+    assert pnp_feature_module(unet) is unet.up_blocks[1].resnets[1].conv2
     assert attention_layers(unet, 4) == pnp_attention_layers(unet)
     assert attention_layers(unet, 8, "all") == {idx for idx, _ in transformer_layers(unet)}
     finer = [idx for idx, name in transformer_layers(unet) if name.startswith(("up_blocks.2.", "up_blocks.3."))]

@@ -88,7 +88,8 @@ def checkpoint_file(folder: Path, name: str, args, bundle, options: dict | None 
     """Where the inversion of ``name`` lives; ``options``: the inversion's own options when the run's
     --method_option pairs hold others too (a style transfer's ``transfer_*``), default all of them."""
     return Path(folder) / checkpoint_name(name, bundle.label, args.num_ddim_steps, args.num_inner_steps,
-                                          args.inversion, method_options(args) if options is None else options)
+                                          args.inversion, method_options(args) if options is None else options,
+                                          trains_inner_steps=get_inversion(args.inversion).trains_inner_steps)
 
 
 def method_options(args) -> dict:

@@ -9,12 +9,13 @@ from z_T, the inversion's hooks applied), with their own controller:
 - MasaCtrl (Cao et al., ICCV 2023): from step ``masactrl_start_step`` (4) and transformer layer
   ``masactrl_start_layer`` (10 of SD1's 16; round(10/16 L) for a UNet with L layers) on, the target
   rows' self-attention queries attend to the source row's keys and values (per guidance branch).
-- Plug-and-Play (Tumanyan et al., CVPR 2023): for steps i < ``pnp_feature_fraction`` T (0.8) the output
-  of the decoder ResBlock ``up_blocks[1].resnets[1]`` (PnP's "layer 4" at SD1's 16x16 level, latent/4;
-  on SDXL the block at the same resolution, ``up_blocks[0].resnets[1]``) of each
-  target row is replaced by the source row's of the same branch; for steps i < ``pnp_attention_fraction``
-  T (0.5) the target's self-attention maps (= injecting the source's queries and keys) are replaced in
-  every decoder self-attention layer but the first (SD1: up_blocks 1 [attentions 1, 2], 2 and 3).
+- Plug-and-Play (Tumanyan et al., CVPR 2023): for steps i < ``pnp_feature_fraction`` T (0.8) the residual
+  (``conv2``'s output, before the skip is added) of the decoder ResBlock ``up_blocks[1].resnets[1]``
+  (PnP's "layer 4" at SD1's 16x16 level, latent/4; on SDXL the block at the same resolution,
+  ``up_blocks[0].resnets[1]``) of each target row is replaced by the source row's of the same branch;
+  for steps i < ``pnp_attention_fraction`` T (0.5) the target's self-attention maps (= injecting the
+  source's queries and keys) are replaced in every decoder self-attention layer but the first (SD1:
+  up_blocks 1 [attentions 1, 2], 2 and 3).
 """
 from __future__ import annotations
 
@@ -100,12 +101,20 @@ def pnp_attention_layers(unet) -> set[int]:
     return set(up[1:])
 
 
-def pnp_feature_block(unet):
-    """PnP's injected ResBlock: the second resnet of the decoder block at latent/4 (SD1: up_blocks[1], the
-    16x16 level at 512²; SDXL: up_blocks[0], 32x32 at 1024²). Decoder block j of n works at
-    latent / 2^(n-1-j), so latent/4 is block n-3."""
-    block = unet.up_blocks[min(max(len(unet.up_blocks) - 3, 0), len(unet.up_blocks) - 1)]
-    return block.resnets[min(1, len(block.resnets) - 1)]
+def decoder_downscales(unet) -> list[int]:
+    """For each decoder block, the downscale (relative to the latent) its ResNets run at: 2 ** the number of
+    upsamplers still to come (SD1 at 64x64: 8, 4, 2, 1)."""
+    ups = list(unet.up_blocks)
+    return [2 ** sum(1 for b in ups[k:] if getattr(b, "upsamplers", None)) for k in range(len(ups))]
+
+
+def pnp_feature_module(unet, downscale: int = 4):
+    """PnP's injected feature: the ``conv2`` output (the residual, before the skip is added) of the second
+    ResNet of the decoder block at latent/``downscale`` (SD1: up_blocks[1], the 16x16 level at 512²; SDXL:
+    up_blocks[0], 32x32 at 1024²); a UNet without that level: its coarsest decoder block."""
+    levels = decoder_downscales(unet)
+    block = unet.up_blocks[levels.index(downscale) if downscale in levels else 0]
+    return block.resnets[min(1, len(block.resnets) - 1)].conv2
 
 
 @contextmanager
@@ -147,7 +156,7 @@ def pnp_edit(ctx: MethodContext, inv: Inversion, spec: EditSpec) -> MethodOutput
     feature_steps = num_steps_for(option(ctx, "pnp_feature_fraction"), T)
     controller = PlugAndPlayAttention(num_steps_for(option(ctx, "pnp_attention_fraction"), T),
                                       pnp_attention_layers(unet))
-    with feature_injection(unet, pnp_feature_block(unet), feature_steps):
+    with feature_injection(unet, pnp_feature_module(unet), feature_steps):
         return _edit(ctx, inv, spec, controller)
 
 
@@ -177,7 +186,7 @@ class MasaCtrlEdit(EditMethod):
 class PlugAndPlayEdit(EditMethod):
     name = "pnp"
     paper = "Tumanyan et al., Plug-and-Play Diffusion Features (CVPR 2023)"
-    defaults = ("pnp_feature_fraction=0.8 (up_blocks[1].resnets[1] output), pnp_attention_fraction=0.5 "
+    defaults = ("pnp_feature_fraction=0.8 (up_blocks[1].resnets[1]'s residual), pnp_attention_fraction=0.5 "
                 "(decoder self-attention maps but the first layer)")
     options = (MethodOption("pnp_feature_fraction", 0.8, minimum=0.0, maximum=1.0),
                MethodOption("pnp_attention_fraction", 0.5, minimum=0.0, maximum=1.0))

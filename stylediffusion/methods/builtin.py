@@ -76,6 +76,7 @@ def word_swap_edit(ctx: MethodContext, inv: Inversion, spec: EditSpec) -> Method
 
 class StyleDiffusionInversion(InversionMethod):
     name = "stylediffusion"
+    trains_inner_steps = True
     paper = "Li et al., StyleDiffusion: Prompt-Embedding Inversion (2023)"
     defaults = ("T=30, K=100, lr 1e-2, modulate mapping, attention loss on; options variant=modulate|replace, "
                 "embedding=value|key|key_value (the paper's key and key+value ablations, Fig. 14)")

@@ -118,6 +118,7 @@ class InversionMethod:
     paper: str = ""
     defaults: str = ""  # one line for --list_methods
     options: tuple[MethodOption, ...] = ()
+    trains_inner_steps: bool = False  # whether it trains for K (``num_inner_steps``) iterations: K names its files
     denoising_steps: bool = False  # whether ``invert`` samples (and calls ``ctx.step_callback`` after each step)
 
     def invert(self, ctx: MethodContext) -> Inversion:

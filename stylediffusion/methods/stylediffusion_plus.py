@@ -186,6 +186,7 @@ def stylediffusion_plus_inversion(ctx: MethodContext) -> Inversion:
 
 class StyleDiffusionPlusInversion(InversionMethod):
     name = NAME
+    trains_inner_steps = True  # a share (sdplus_budget) of StyleDiffusion's K
     paper = ("StyleDiffusion's learned values (Li et al., 2023) trained on the DDIM trajectory, their residual "
              "closed per step as DirectInversion does (Ju et al., 2024)")
     defaults = ("T=30, K_i as StyleDiffusion's times sdplus_budget=0.25, warm start, attention loss on, "
