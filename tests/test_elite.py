@@ -324,6 +324,24 @@ def test_api_edit_any_inversion(setup, tiny):
         editor.edit(inv, TARGET, method="elite", **{**options(setup), "elite_global": str(other)})
 
 
+def test_the_reference_is_encoded_once_for_several_targets(setup, tiny, monkeypatch):
+    """ELITE's image encoder (a ViT-L on real models) runs once per reference picture, not once per target."""
+    from stylediffusion import StyleDiffusionEditor
+
+    calls = []
+    real = elite.image_hidden_states
+    monkeypatch.setattr(elite, "image_hidden_states", lambda encoder, pixels: calls.append(1) or real(encoder, pixels))
+    editor = StyleDiffusionEditor(tiny, progress=False)
+    inv = editor.invert(setup["folder"] / "cat.png", SOURCE, method="ddim", num_inference_steps=2)
+    first = editor.edit(inv, [TARGET, TARGET], method="elite", edit_type="Refinement", **options(setup))
+    assert len(calls) == 1
+    again = editor.edit(inv, TARGET, method="elite", edit_type="Refinement", **options(setup))
+    assert len(calls) == 1 and torch.equal(again.latents[0], first.latents[0])
+    other = editor.invert(setup["mask"], SOURCE, method="ddim", num_inference_steps=2)
+    editor.edit(other, TARGET, method="elite", edit_type="Refinement", **options(setup))
+    assert len(calls) == 2  # another picture is encoded
+
+
 def test_testbed_word_path_equals_text_path(tmp_path):
     """On the test bed: a global mapper (authors' layout) whose word 0 is the token embedding of "blue" makes
     the ELITE edit of 'a large * triangle ...' exactly the Prompt-to-Prompt edit of 'a large blue triangle ...'

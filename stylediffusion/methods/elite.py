@@ -16,6 +16,7 @@ Networks, weight files and the attention parts: ``stylediffusion/elite.py``.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -117,7 +118,7 @@ def load_components(ctx: MethodContext) -> dict:
         _LOADED.clear()
         encoder = elite.load_image_encoder(option(ctx, "elite_image_encoder"), b.device, b.dtype)
         width = int(encoder.config.hidden_size)
-        parts = {"encoder": encoder, "local": None}
+        parts = {"encoder": encoder, "local": None, "features": {}}
         for kind, flag in (("global", "--elite_global"), ("local", "--elite_local")):
             path = option(ctx, f"elite_{kind}")
             if path:
@@ -137,6 +138,23 @@ def _reference(ctx: MethodContext, inv: Inversion) -> torch.Tensor:
     return decode_latent(ctx.bundle, inv.z0)  # a generation: its own picture
 
 
+# Hidden states of this many reference images are kept with the loaded encoder (an edit of several
+# targets, or a demo session editing one image again, encodes its reference once).
+MAX_CACHED_REFERENCES = 4
+
+
+def reference_hidden_states(parts: dict, pixels: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The image encoder's selected hidden states of ``pixels``, computed once per picture (keyed by its
+    bytes) and kept with the components they were computed by."""
+    key = (hashlib.sha256(pixels.detach().float().cpu().numpy().tobytes()).hexdigest(), tuple(pixels.shape), dtype)
+    cache = parts["features"]
+    if key not in cache:
+        if len(cache) >= MAX_CACHED_REFERENCES:
+            cache.pop(next(iter(cache)))
+        cache[key] = [h.to(dtype) for h in elite.image_hidden_states(parts["encoder"], pixels)]
+    return cache[key]
+
+
 @torch.no_grad()
 def elite_edit(ctx: MethodContext, inv: Inversion, spec: EditSpec) -> MethodOutput:
     """(``run_method`` has checked the inputs through ``EliteEdit.check`` before any work.)"""
@@ -145,7 +163,7 @@ def elite_edit(ctx: MethodContext, inv: Inversion, spec: EditSpec) -> MethodOutp
     encoder, global_mapper = parts["encoder"], parts["global"]
     position = elite.placeholder_position(spec.target, option(ctx, "elite_placeholder"), b.tokenizer)
     reference = _reference(ctx, inv).to(b.device)
-    features = [h.to(global_mapper.dtype) for h in elite.image_hidden_states(encoder, reference)]
+    features = reference_hidden_states(parts, reference, global_mapper.dtype)
     word = global_mapper(features)[0, option(ctx, "elite_word")]
     target_text = elite.encode_with_word(b, spec.target, position, word)
     local = None
@@ -153,7 +171,7 @@ def elite_edit(ctx: MethodContext, inv: Inversion, spec: EditSpec) -> MethodOutp
         mask = (load_image(Path(option(ctx, "elite_mask")), b.image_size)[0].mean(dim=1, keepdim=True) > 0)
         mask = mask.to(b.device)
         obj = (reference + 1) * mask - 1  # the object on black, as ELITE's reference images
-        hidden = [h.to(parts["local"].dtype) for h in elite.image_hidden_states(encoder, obj)]
+        hidden = reference_hidden_states(parts, obj, parts["local"].dtype)
         tokens = parts["local"](hidden) * elite.patch_mask(mask, encoder).to(parts["local"].dtype)
         local = elite.LocalValues(tokens, parts["local"], float(option(ctx, "elite_lambda")))
     inputs = edit_loop_inputs(ctx, inv)
