@@ -300,8 +300,7 @@ class DemoApp:
         """Write a new cache entry (held by the request), then hold the folder to its bound. A full disk or
         a bound that cannot be met (everything else in use) removes what was written: one line, nothing
         half-kept."""
-        kind_sizes = [e.size for n, e in self.store.entries().items() if n.startswith(EDITS) == name.startswith(EDITS)]
-        self.store.make_room(max(kind_sizes, default=0))  # room first: the bound holds while it is written
+        self.store.make_room(room_for=name)  # room first: the bound holds while it is written
         try:
             write()
         except UserError as err:
@@ -313,7 +312,7 @@ class DemoApp:
                                 "--cache_max_mb.") from None
             raise
         self.store.make_room()
-        if not self.store.fits():
+        if self.store.total > self.store.max_bytes:
             self.store.remove(name)
             raise UserError(f"the demo's cache is at its bound of {self.cache_max_mb:g} MB and what is in it is "
                             "in use by other sessions: try again in a few minutes, or the operator can raise "

@@ -39,6 +39,7 @@ class BoundedCache:
         self.max_bytes = int(max_bytes)
         self._pins: dict[str, int] = {}
         self._lock = threading.Lock()
+        self.total = 0  # the folder's bytes after the last make_room (what it found, less what it removed)
 
     # ------------------------------------------------------------------ what is there
     def entries(self) -> dict[str, Entry]:
@@ -98,12 +99,17 @@ class BoundedCache:
                     pass
 
     # ------------------------------------------------------------------ the bound
-    def make_room(self, extra_bytes: int = 0) -> list[str]:
+    def make_room(self, extra_bytes: int = 0, room_for: str | None = None) -> list[str]:
         """Remove least recently used entries no one holds until the folder plus ``extra_bytes`` fits the
-        bound; returns the names removed. Entries in use stay, even if the bound cannot then be met."""
+        bound; returns the names removed and leaves the folder's size in ``total``. Entries in use stay, even
+        if the bound cannot then be met. ``room_for``: an entry about to be written; room is made for the
+        largest entry of its kind (inversions or edit downloads) on top of ``extra_bytes``. One walk of the
+        folder."""
         removed = []
         with self._lock:
             entries = sorted(self.entries().values(), key=lambda e: e.last_used)
+            if room_for is not None:
+                extra_bytes += max((e.size for e in entries if _is_edit(e.name) == _is_edit(room_for)), default=0)
             total = sum(e.size for e in entries) + extra_bytes
             for entry in entries:
                 if total <= self.max_bytes:
@@ -113,6 +119,7 @@ class BoundedCache:
                 self._remove(entry)
                 total -= entry.size
                 removed.append(entry.name)
+            self.total = total - extra_bytes
         return removed
 
     def fits(self) -> bool:
@@ -134,6 +141,10 @@ class BoundedCache:
                     path.unlink(missing_ok=True)
             except OSError:
                 pass
+
+
+def _is_edit(name: str) -> bool:
+    return name.startswith(EDITS)
 
 
 def megabytes(value: float) -> int:

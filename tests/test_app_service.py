@@ -250,7 +250,7 @@ def test_cache_evicts_least_recently_used_never_an_entry_in_use_and_across_resta
     assert BoundedCache(tmp_path, 0).size() <= 1500 and (tmp_path / "README.txt").exists()
 
 
-def test_a_session_keeps_its_inversion_while_others_fill_the_cache(editor, tmp_path):
+def test_a_session_keeps_its_inversion_while_others_fill_the_cache(editor, tmp_path, monkeypatch):
     demo = DemoApp(editor, tmp_path)
     pictures = []
     for k in range(3):
@@ -263,6 +263,11 @@ def test_a_session_keeps_its_inversion_while_others_fill_the_cache(editor, tmp_p
         demo.invert(picture, PROMPT, "stylediffusion", 2, 1, session="b")
     assert demo.store.size() <= demo.store.max_bytes and len(demo.store.entries()) == 2
     assert demo.cached(mine.key) is not None  # the oldest, but session a's
+    walks = []
+    real_entries = type(demo.store).entries
+    monkeypatch.setattr(type(demo.store), "entries", lambda store: walks.append(1) or real_entries(store))
+    demo._keep("0" * 24, lambda: None)  # keeping one result walks the cache folder twice: before and after
+    assert len(walks) == 2
     assert demo.edit(pictures[0], PROMPT, "stylediffusion", 2, 1, BLUE, session="a").edits
 
 
