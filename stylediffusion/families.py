@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from .errors import UserError
@@ -185,25 +185,19 @@ def force_zeros_for_empty_prompt(model: str) -> bool:
     return bool(config.get("force_zeros_for_empty_prompt", True))
 
 
-def load_second_text_encoder(model: str, load_component, prefer_half: bool) -> dict:
+def load_second_text_encoder(model: str, load_component, prefer_half: bool, unet_config) -> dict:
     """``text_encoder_2`` and ``tokenizer_2`` of an SDXL folder or hub id, or {} for SD 1.x/2.x.
 
-    ``load_component`` is models._load_component (safetensors only, fp16 variant where that is all).
+    ``load_component`` is models._load_component (safetensors only, fp16 variant where that is all);
+    ``unet_config`` the config of the UNet already loaded from ``model`` (SDXL's adds text and time ids).
     """
     local = Path(model)
     if local.is_dir() and "text_encoder_2" not in folder_components(model) and not (local / "text_encoder_2").is_dir():
         return {}
-    if not local.is_dir():
-        unet_config = _hub_unet_config(model)
-        if unet_config.get("addition_embed_type") != "text_time":
-            return {}
+    if not local.is_dir() and unet_config.get("addition_embed_type") != "text_time":
+        return {}
     return dict(text_encoder_2=load_component(CLIPTextModelWithProjection, model, "text_encoder_2", prefer_half),
                 tokenizer_2=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2"),
                 zero_empty_prompt=force_zeros_for_empty_prompt(model))
 
 
-def _hub_unet_config(model: str) -> dict:
-    try:
-        return dict(UNet2DConditionModel.load_config(model, subfolder="unet"))
-    except (OSError, ValueError):
-        return {}

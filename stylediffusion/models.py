@@ -323,7 +323,7 @@ def _load_pretrained_quietly(model: str, image_encoder: str | None, prefer_half:
             tokenizer=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer"),
             scheduler=make_ddim_scheduler(_scheduler_config(model)),
         )
-        parts.update(families.load_second_text_encoder(model, _load_component, prefer_half))  # SDXL
+        parts.update(families.load_second_text_encoder(model, _load_component, prefer_half, parts["unet"].config))
         if vae is not None:
             parts["vae"] = _load_vae(vae, prefer_half)
     except UserError:
