@@ -29,7 +29,7 @@ from transformers import CLIPVisionModel
 
 from . import families, validate
 from .ddim import make_ddim_scheduler
-from .defaults import GUIDANCE_SCALE, NUM_DDIM_STEPS, NUM_INNER_STEPS, TAU_C, TAU_S, TAU_U, TAU_V
+from .defaults import GUIDANCE_SCALE, MAX_SEED, NUM_DDIM_STEPS, NUM_INNER_STEPS, TAU_C, TAU_S, TAU_U, TAU_V
 from .editing import EditSpec, build_controller, default_edit_type
 from .encoders import check_prompt_length, decode_latent
 from .errors import UserError
@@ -258,7 +258,7 @@ class StyleDiffusionEditor:
         if generator is not None and seed is not None:
             raise UserError("invert got both seed= and generator=: pass one (generator=torch.Generator()"
                             ".manual_seed(s) draws what seed=s does).")
-        seed = 0 if seed is None else validate.number(seed, "seed", minimum=0, maximum=2**63 - 1, integer=True)
+        seed = 0 if seed is None else validate.number(seed, "seed", minimum=0, maximum=MAX_SEED, integer=True)
         if callback_on_step_end is not None and not inversion_method.denoising_steps:
             raise UserError(f"invert with method={method!r} runs no denoising steps, so callback_on_step_end "
                             f"would never be called (the inversions that have them: "
@@ -477,7 +477,7 @@ class StyleDiffusionEditor:
                 yield torch.default_generator
                 generator.set_state(torch.default_generator.get_state())
             else:
-                torch.manual_seed(int(torch.randint(0, 2**63 - 1, (1,), generator=generator, device=generator.device)))
+                torch.manual_seed(int(torch.randint(0, MAX_SEED, (1,), generator=generator, device=generator.device)))
                 yield generator
 
     def _step_callback(self, callback, tensor_inputs, schedule):
@@ -580,7 +580,7 @@ def _generator(generator) -> torch.Generator | None:
         return generator
     if isinstance(generator, bool) or not isinstance(generator, int):
         raise UserError(f"generator must be a torch.Generator or an int seed, got {type(generator).__name__}.")
-    return torch.Generator().manual_seed(validate.number(generator, "generator", minimum=0, maximum=2**63 - 1,
+    return torch.Generator().manual_seed(validate.number(generator, "generator", minimum=0, maximum=MAX_SEED,
                                                          integer=True))
 
 

@@ -24,7 +24,7 @@ from .errors import UserError
 from .files import atomic_write_text, writable_file, writable_folder
 from .flags import ArgumentParser, add_elite_arguments, add_settings, elite_options, method_options, str2bool
 from .identity import checkpoint_name
-from .image_io import check_image_readable, image_grid, load_image, save_atomic
+from .image_io import check_image_readable, image_grid, save_atomic
 from .methods import default_inversion, describe_methods, get_edit, get_inversion
 from .methods.registry import check_method_options, split_method_options
 from .models import check_device, load_models, quiet_libraries, resolve_dtype, tune_backends
@@ -272,12 +272,6 @@ def run(args) -> list[Path]:
     return written
 
 
-def log_image_notes(path: Path | None, image_size: int) -> None:
-    """What loading the image changed (converted, centre-cropped, resized)."""
-    for note in [] if path is None else load_image(path, image_size)[1]:
-        logger.info(f"note: {note}")
-
-
 def job_checkpoint(args, job: Job, model_label: str, options: dict) -> Path | None:
     """The job's inversion file (deleted first with --retrain); None when --is_train finds it trained."""
     T = args.num_ddim_steps
@@ -305,9 +299,9 @@ def invert_job(args, editor, job: Job, ckpt: Path, options: dict):
 
 
 def run_job(args, plan: RunPlan, job: Job, editor) -> list[Path]:
-    """One image: its notes, its inversion, then each of its edits; returns the files written."""
+    """One image: its inversion (the editor logs what reading the image changed), then each of its edits;
+    returns the files written."""
     bundle = editor.bundle
-    log_image_notes(job.image_path, bundle.image_size)
     ckpt = job_checkpoint(args, job, bundle.label, plan.options)
     if ckpt is None:
         return []
@@ -365,8 +359,6 @@ def run_style_transfer(args) -> list[Path]:
     T = args.num_ddim_steps
     editor = StyleDiffusionEditor(bundle, progress=args.progress)
     started()
-    for path in (job.image_path, args.content_image):  # both are centre-cropped and resized to the model's size
-        log_image_notes(path, bundle.image_size)
     ckpt = checkpoint_path(args, job, bundle.label, options)
     if args.checkpoint is None:
         validate.inside(args.checkpoint_dir, ckpt, "the checkpoint")

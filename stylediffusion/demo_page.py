@@ -18,6 +18,7 @@ from .demo_limits import ServiceLimits
 from .errors import UserError, one_line
 from .files import atomic_write_text
 from .image_io import _to_8bit, save_atomic
+from .validate import _short  # the one shortened repr of a bad value in messages
 
 # Modes a PNG stores as they are; an upload in another mode (CMYK, YCbCr, LAB, HSV, F...) is converted
 # once, before it is hashed, so the picture kept for a page reload is the picture that was inverted.
@@ -25,11 +26,6 @@ _PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
 _ALPHA_MODES = {"PA": "RGBA", "RGBa": "RGBA", "La": "LA"}  # the others (CMYK, YCbCr, LAB, HSV, RGBX) -> RGB
 # No text field is read beyond this many characters (the limits on prompts and targets then apply).
 MAX_FIELD_CHARS = 1_000_000
-
-
-def _short(value, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _field_text(value, what: str, max_chars: int) -> str:

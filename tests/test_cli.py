@@ -73,6 +73,7 @@ def test_direct_mode_converts_and_says_so(tmp_path, capsys):
                                              "--target", "a photo of a dog"], tmp_path, capsys)
     assert code == 0, captured.err
     assert "converted to RGB" in captured.out and "centre-cropped" in captured.out
+    assert captured.out.count("centre-cropped") == 1  # said once: by the editor that reads the image
     assert (out / "edited.png").is_file()
     rgba = tmp_path / "rgba.png"
     Image.new("RGBA", (64, 64), (255, 0, 0, 128)).save(rgba)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..defaults import MAX_SEED
 from ..editing import EditSpec
 from ..encoders import encode_prompts
 from ..models import ModelBundle
@@ -52,7 +53,7 @@ class GeneratedImage(InversionMethod):
     name = "generated"
     paper = "text-to-image generation from a seed (no inversion; P2P's synthetic-image setting)"
     defaults = "generated_seed=0; z0 = the guided generation of the source prompt"
-    options = (MethodOption("generated_seed", 0, minimum=0, maximum=2**63 - 1),)
+    options = (MethodOption("generated_seed", 0, minimum=0, maximum=MAX_SEED),)
     denoising_steps = True
 
     def invert(self, ctx: MethodContext) -> Inversion:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ..attention_control import BatchLayout
 from ..ddim import guided
+from ..defaults import MAX_SEED
 from ..editing import EditSpec, value_steps_for
 from ..encoders import encode_prompts
 from ..errors import UserError
@@ -61,7 +62,7 @@ class SDEditEdit(EditMethod):
     paper = "Meng et al., SDEdit (ICLR 2022); with stylediffusion: the paper's Fig. 18 ablation"
     defaults = "sdedit_strength=0.5, sdedit_seed=0, guidance 7.5"
     options = (MethodOption("sdedit_strength", 0.5, minimum=0.0, maximum=1.0),
-               MethodOption("sdedit_seed", 0, minimum=0, maximum=2**63 - 1))
+               MethodOption("sdedit_seed", 0, minimum=0, maximum=MAX_SEED))
     defined_for = ("ddim", "stylediffusion")
 
     def edit(self, ctx: MethodContext, inv: Inversion, spec: EditSpec) -> MethodOutput:
