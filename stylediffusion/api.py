@@ -124,8 +124,10 @@ class StyleDiffusionEditor:
         networks, DDIM math and losses stay float32). ``seed`` seeds the random weights of ``"tiny"``.
         ``vae``: a VAE hub id or folder in place of the model's (e.g. ``madebyollin/sdxl-vae-fp16-fix``),
         run in ``torch_dtype``; the model's own VAE runs in float32. ``image_size``: pixels to run at
-        (default: the model's; 1024 for SDXL). ``model=`` and ``dtype=`` are the former names of
-        ``pretrained_model_name_or_path`` and ``torch_dtype``: still taken, with a deprecation warning.
+        (default: the model's; 1024 for SDXL). ``dtype=`` is the same as ``torch_dtype=``: diffusers
+        0.42 names it ``dtype`` and deprecates ``torch_dtype``, which most diffusers code still passes, so
+        both are taken without a warning (not both at once). ``model=`` is the former name of
+        ``pretrained_model_name_or_path``: still taken, with a deprecation warning.
         """
         if model is not None:
             if pretrained_model_name_or_path != DEFAULT_MODEL:
@@ -136,9 +138,8 @@ class StyleDiffusionEditor:
             pretrained_model_name_or_path = model
         if dtype is not None:
             if torch_dtype is not None:
-                raise UserError("from_pretrained got both torch_dtype= and dtype=: pass torch_dtype only "
-                                "(dtype= is its former name).")
-            logger.warning("from_pretrained(dtype=...) is deprecated: pass torch_dtype=, as in diffusers.")
+                raise UserError("from_pretrained got both torch_dtype= and dtype=: pass one of them (they are "
+                                "the same setting; diffusers 0.42 calls it dtype).")
             torch_dtype = dtype
         device = _resolve_device(device)
         bundle = load_models(str(pretrained_model_name_or_path), image_encoder, device=device,
