@@ -51,17 +51,25 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, required=True, help="the run's --n")
     p.add_argument("--results", type=Path, required=True, help="the run's results.csv")
     args = p.parse_args(argv)
+    if not args.results.is_file():
+        p.error(f"--results {str(args.results)!r} is not a file: pass the results.csv of a testbed_inversion.py run")
+    if args.n < 1:
+        p.error("--n must be at least 1")
     torch.set_num_threads(1)
     editor = StyleDiffusionEditor.from_pretrained(args.model, device="cpu", torch_dtype=torch.float32, progress=False)
     ceilings = vae_ceilings(editor, args.seed, args.n)
     with args.results.open(newline="") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["scene"]) < args.n]
+        rows = [r for r in csv.DictReader(f) if r.get("scene", "").isdigit() and int(r["scene"]) < args.n]
+    if not rows or not {"method", "psnr"} <= set(rows[0]):
+        p.error(f"--results {str(args.results)!r} holds no rows of a testbed_inversion.py run for these scenes")
     methods = list(dict.fromkeys(r["method"] for r in rows))
     gaps = defaultdict(list)
     print("| scene | VAE ceiling | " + " | ".join(f"{m} − ceiling" for m in methods) + " |")
     print("|---" * (len(methods) + 2) + "|")
     for s, ceiling in enumerate(ceilings):
         got = {r["method"]: float(r["psnr"]) for r in rows if int(r["scene"]) == s}
+        if set(got) != set(methods):
+            p.error(f"--results has no row of {sorted(set(methods) - set(got))} for scene {s}: is --n the run's?")
         for m in methods:
             gaps[m].append(got[m] - ceiling)
         print(f"| {s} | {ceiling:.2f} dB | " + " | ".join(f"{got[m] - ceiling:+.3f} dB" for m in methods) + " |")

@@ -65,7 +65,7 @@ _OLD_CALLBACKS = ("on_step", "callback", "callback_steps")
 
 
 def _resolve_device(device) -> torch.device:
-    return check_device(device, "device")
+    return check_device(device)
 
 
 def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:

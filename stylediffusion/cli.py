@@ -167,7 +167,7 @@ def resolve_jobs(args) -> list[Job]:
 
 
 def _device(name: str):
-    return check_device(name, "--device")
+    return check_device(name)
 
 
 def checkpoint_path(args, job: Job, model_label: str, options: dict | None = None) -> Path:

@@ -25,6 +25,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisio
 from . import defaults, families, identity
 from .ddim import make_ddim_scheduler
 from .errors import UserError
+from .specs import given, named, spelled
 
 ASSETS = Path(__file__).parent / "assets"
 TOKENIZER_DIR = ASSETS / "clip_tokenizer"
@@ -376,26 +377,29 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.bfloat16 if native_bf16(device) else torch.float16
     if name not in DTYPE_NAMES:
-        raise UserError(f"--dtype {name!r} is not one of {', '.join(DTYPE_NAMES)}.")
+        raise UserError(f"{given('dtype', name)} is not one of {', '.join(DTYPE_NAMES)}.")
     return getattr(torch, name)
 
 
-def check_device(name: str | torch.device, flag: str = "--device") -> torch.device:
+def check_device(name: str | torch.device, flag: str | None = None) -> torch.device:
     """``name`` as a torch device the machine has ("auto": the first CUDA GPU, else the CPU), or a
-    UserError saying which devices there are (one place for the CLI, the API, the runners and the demo)."""
+    UserError saying which devices there are (one place for the CLI, the API, the runners and the demo);
+    ``flag``: how the message names it (default: as the caller spells ``device``)."""
+    flag = flag or spelled("device")
     if name is None or str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError) as err:
-        raise UserError(f"{flag} {str(name)!r} is not a device: use cpu, cuda or cuda:N.") from err
+        raise UserError(f"{named(flag, str(name))} is not a device: use cpu, cuda or cuda:N.") from err
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise UserError(f"{flag} {str(name)!r} was asked for but no CUDA GPU is visible; use {flag} cpu.")
+            raise UserError(f"{named(flag, str(name))} was asked for but no CUDA GPU is visible; use "
+                            f"{named(flag, 'cpu')}.")
         if device.index is not None and device.index >= count:
             visible = "cuda:0" if count == 1 else f"cuda:0 ... cuda:{count - 1}"
-            raise UserError(f"{flag} {str(name)!r} was asked for but this machine shows {count} CUDA GPU"
+            raise UserError(f"{named(flag, str(name))} was asked for but this machine shows {count} CUDA GPU"
                             f"{'s' if count > 1 else ''} ({visible}): pick one of those (CUDA_VISIBLE_DEVICES "
                             f"renumbers them from 0).")
     return device

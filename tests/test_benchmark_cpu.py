@@ -225,3 +225,18 @@ def test_sd15_training_cost_from_shapes():
     assert reference["flops"]["call_learned"] > reference["flops"]["call_plain"] + 16 * 0.03e12
     assert fast["flops"]["train_iteration"] < 2.2 * fast["flops"]["call_plain"]
     assert reference["flops"]["train_iteration"] > 1.7 * fast["flops"]["train_iteration"]
+
+
+def test_vae_ceiling_reads_a_committed_run_and_refuses_other_files(capsys, tmp_path):
+    """The figure docs/testbed.md quotes: stylediffusion_plus on the VAE's round trip, Null-text above it."""
+    ceiling = _load_program("testbed_vae_ceiling")
+    results = ROOT / "docs" / "testbed_bench" / "sdplus" / "inversion_T50_seed4321" / "results.csv"
+    ceiling.main(["--seed", "4321", "--n", "2", "--results", str(results)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].startswith("| 0 | 40.99 dB |") and "+1.096 dB" in lines[3]  # scene 1: Null-text above it
+    assert all("| +0.000 dB |" in line or "| -0.000 dB |" in line for line in lines[2:4])
+    for argv in (["--results", str(tmp_path / "missing.csv")], ["--results", str(ROOT / "README.md")],
+                 ["--n", "7", "--results", str(results)]):
+        with pytest.raises(SystemExit) as err:
+            ceiling.main(["--seed", "4321", "--n", "2", *argv])
+        assert err.value.code == 2

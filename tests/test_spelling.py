@@ -86,3 +86,14 @@ def test_one_description_gives_the_flags_of_the_cli_and_bench():
     for name in shared - {"progress"}:  # a benchmark shows no progress bars unless asked
         assert cli[name] == bench[name] == SETTINGS[name].flag_default or name == "method_option", name
     assert cli["progress"] is True and bench["progress"] is False
+
+
+def test_from_pretrained_names_its_keywords_not_the_flags(capsys):
+    from stylediffusion import StyleDiffusionEditor
+
+    with pytest.raises(UserError, match=r"^dtype='float64' is not one of auto"):
+        StyleDiffusionEditor.from_pretrained("tiny", device="cpu", torch_dtype="float64", progress=False)
+    with pytest.raises(UserError, match=r"^device='gpu9' is not a device"):
+        StyleDiffusionEditor.from_pretrained("tiny", device="gpu9", progress=False)
+    assert main(["--model", "tiny", "--device", "gpu9", "--idx", "0"]) == 2
+    assert "--device 'gpu9' is not a device" in capsys.readouterr().err

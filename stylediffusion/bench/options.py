@@ -72,7 +72,7 @@ def check_method(args) -> dict:
 
 
 def load_bundle(args, device: str):
-    device = str(check_device(device, "--device"))
+    device = str(check_device(device))
     # No cuDNN autotuning here (tune_backends): it may pick other kernels in each process, and the
     # shards of a run should compute what one process computes (docs/benchmarks.md).
     torch.backends.cudnn.benchmark = False
